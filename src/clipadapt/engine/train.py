@@ -1,0 +1,181 @@
+"""The one training loop every trainable method uses.
+
+AdamW (or SGD) with a per-iteration cosine schedule and optional warmup, shuffling from a private
+seeded generator, optional epoch selection on validation accuracy, mixed precision on CUDA, and a
+loud stop when the loss stops being finite. A method supplies only its loss for a batch of row
+indices; everything generic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from clipadapt.exceptions import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the method's constructor maps its hyperparameters onto these).
+
+    Attributes:
+        epochs: passes over the training rows.
+        batch_size: rows per step (the last, smaller batch is kept).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        optimizer: "adamw" or "sgd".
+        eps, betas: AdamW settings; momentum: SGD momentum.
+        warmup_iters: iterations of warmup before the cosine schedule starts.
+        warmup_lr: constant warmup learning rate (CoOp style); None means linear warmup to lr.
+        select_on_val: keep the epoch with the best validation score (needs ``val_score``).
+        patience: stop after this many epochs without validation improvement (None: never).
+        seed: seeds the private generator used for shuffling.
+        amp: autocast to bfloat16 on CUDA (ignored on CPU, where training stays float32).
+    """
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    warmup_iters: int = 0
+    warmup_lr: float | None = None
+    select_on_val: bool = False
+    patience: int | None = None
+    seed: int = 1
+    amp: bool = True
+
+
+@dataclass
+class TrainHistory:
+    """Per-epoch record of a training run."""
+
+    loss: list[float] = field(default_factory=list)
+    val_score: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    steps: int = 0
+
+
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=config.lr, betas=config.betas, eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    raise TrainingError(f"unknown optimizer {config.optimizer!r}; use 'adamw' or 'sgd'")
+
+
+def _lr_at(step: int, total: int, config: TrainConfig) -> float:
+    if step < config.warmup_iters:
+        if config.warmup_lr is not None:
+            return config.warmup_lr
+        return config.lr * (step + 1) / config.warmup_iters
+    span = max(total - config.warmup_iters, 1)
+    progress = (step - config.warmup_iters) / span
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_loop(
+    parameters: Iterable[nn.Parameter],
+    batch_loss: Callable[[Tensor, int], Tensor],
+    num_rows: int,
+    config: TrainConfig,
+    *,
+    val_score: Callable[[], float] | None = None,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+    what: str = "training",
+) -> TrainHistory:
+    """Optimise ``parameters`` to minimise ``batch_loss`` over shuffled mini-batches.
+
+    Args:
+        parameters: the trainable tensors (their values are updated in place).
+        batch_loss: maps (row indices (B,) int64 on ``device``, epoch) to a scalar loss.
+        num_rows: number of training rows indexed by ``batch_loss``.
+        config: optimisation settings.
+        val_score: returns a validation score (higher is better), called after each epoch when
+            epoch selection or early stopping is on.
+        device: where row indices are created.
+        on_epoch: callback (epoch, mean loss, validation score or None), e.g. for TensorBoard.
+        what: a name for messages ("tip_adapter_f training").
+
+    Returns:
+        A :class:`TrainHistory`. With ``select_on_val`` the parameters end at the best epoch.
+
+    Raises:
+        TrainingError: the loss became NaN or Inf (the message names the learning rate).
+    """
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        raise TrainingError(f"{what}: nothing to train (no parameter requires grad)")
+    if num_rows <= 0:
+        raise TrainingError(f"{what}: no training rows")
+    optimizer = _make_optimizer(params, config)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(config.seed))
+    iters_per_epoch = math.ceil(num_rows / config.batch_size)
+    total = config.epochs * iters_per_epoch
+    use_amp = config.amp and torch.device(device).type == "cuda"
+    history = TrainHistory()
+    best_state: list[Tensor] | None = None
+    best_score = -math.inf
+    stale = 0
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.randperm(num_rows, generator=generator).to(device)
+        running, count = 0.0, 0
+        for start in range(0, num_rows, config.batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, total, config)
+            index = order[start : start + config.batch_size]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = batch_loss(index, epoch)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{what} diverged at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}); "
+                    f"lower the learning rate (lr={config.lr:g}) or check the input features"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach()) * index.numel()
+            count += index.numel()
+            step += 1
+        mean_loss = running / max(count, 1)
+        history.loss.append(mean_loss)
+        score = None
+        if val_score is not None and (config.select_on_val or config.patience is not None):
+            score = float(val_score())
+            history.val_score.append(score)
+            if score > best_score:
+                best_score, stale = score, 0
+                history.best_epoch = epoch
+                if config.select_on_val:
+                    best_state = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+        if on_epoch is not None:
+            on_epoch(epoch, mean_loss, score)
+        log.debug("%s epoch %d loss %.4f val %s", what, epoch + 1, mean_loss, score)
+        if config.patience is not None and stale >= config.patience:
+            break
+    history.steps = step
+    if best_state is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state, strict=True):
+                p.copy_(saved)
+    return history

@@ -1,0 +1,1 @@
+"""Few-shot adaptation methods. Each module registers one method with ``@register_method``."""

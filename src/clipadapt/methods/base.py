@@ -1,0 +1,513 @@
+"""The adapter interface every method implements, and the method registry.
+
+A method is one class in one file under ``clipadapt/methods/``, decorated with
+:func:`register_method`. Hyperparameters are explicit keyword arguments of ``__init__`` with
+documented defaults (scikit-learn's rule: the constructor only stores them); learned state lives
+in attributes ending in ``_``. The base class owns everything that is not the method's maths:
+input checks, seeding, timing, save/load, parameter handling.
+
+Subclasses implement:
+
+- ``_fit(train, text, val)``: learn state from normalised float32 tensors on one device;
+- ``_logits(features)``: (N, D) normalised float32 -> (N, C) logits;
+- optionally ``_get_state()`` / ``_set_state()`` when the state is more than tensors and JSON
+  values in ``*_`` attributes, and ``_trainable_parameters()`` for trainable methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import importlib
+import inspect
+import json
+import logging
+import pkgutil
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from clipadapt._utils import atomic_path, atomic_write_json, clean_name
+from clipadapt.data.sets import (
+    EvaluationSet,
+    LabeledFeatures,
+    TextFeatures,
+    TrainSet,
+    ValidationSet,
+    check_feature_matrix,
+)
+from clipadapt.exceptions import (
+    BundleError,
+    CheckpointError,
+    ConfigError,
+    NotFittedError,
+    UnknownMethodError,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class MethodCard:
+    """What the registry, ``list-methods`` and the shared checks know about a method.
+
+    Attributes:
+        name: registry name (snake_case, the module's name).
+        summary: one line for ``list-methods``.
+        paper: short citation; ``arxiv``: arXiv id or URL.
+        needs: what ``fit`` needs: any of "train", "text", "val", "prompt_features",
+            "negative_features", "description_features", "text_encoder".
+        trainable: whether fit runs gradient descent (then ``num_trainable_params() > 0``).
+        searched: hyperparameters chosen on validation data, with their grid described.
+        uses_views: reads augmented views of the train rows when present.
+        deterministic: CPU runs with the same seed give bitwise-identical logits.
+        max_tiny_seconds: budget for fit + predict on the check-suite fixture.
+        expected_failed_checks: {check name: written reason} exemptions from the suite.
+    """
+
+    name: str
+    summary: str
+    paper: str = ""
+    arxiv: str = ""
+    needs: tuple[str, ...] = ("train", "text")
+    trainable: bool = False
+    searched: dict[str, str] = field(default_factory=dict)
+    uses_views: bool = False
+    deterministic: bool = True
+    max_tiny_seconds: float = 60.0
+    expected_failed_checks: dict[str, str] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+_DISCOVERED = False
+
+
+def register_method(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator adding a method to the registry under ``cls.card.name``."""
+    card = getattr(cls, "card", None)
+    if not isinstance(card, MethodCard):
+        raise TypeError(f"{cls.__name__} needs a `card = MethodCard(...)` class attribute")
+    if not issubclass(cls, Adapter):
+        raise TypeError(f"{cls.__name__} must subclass clipadapt.Adapter")
+    name = clean_name(card.name)
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"method name {name!r} is already registered by {existing.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module of ``clipadapt.methods`` once so their decorators run."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import clipadapt.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"clipadapt.methods.{info.name}")
+
+
+def list_methods(filter: str = "*", trainable: bool | None = None) -> list[str]:
+    """Registered method names matching a wildcard pattern, sorted.
+
+    Example:
+        >>> list_methods("*adapter*")  # doctest: +SKIP
+        ['clip_adapter', 'tip_adapter', 'tip_adapter_f']
+    """
+    _discover()
+    names = sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, clean_name(filter) or "*"))
+    if trainable is not None:
+        names = [n for n in names if _REGISTRY[n].card.trainable == trainable]
+    return names
+
+
+def get_method_class(name: str) -> type[Adapter]:
+    _discover()
+    key = clean_name(name)
+    if key not in _REGISTRY:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[key]
+
+
+def method_card(name: str) -> MethodCard:
+    """The :class:`MethodCard` of a registered method."""
+    return get_method_class(name).card
+
+
+def create_method(name: str, **params: Any) -> Adapter:
+    """Build a registered method; ``None``-valued params are dropped (timm's rule).
+
+    Raises:
+        UnknownMethodError: the name is not registered (the message lists the names).
+        ConfigError: an unknown hyperparameter or a value of the wrong type.
+    """
+    cls = get_method_class(name)
+    method = cls()
+    method.set_params(**{k: v for k, v in params.items() if v is not None})
+    return method
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Parse ``name:key=value,key=value`` (values read as YAML scalars) into (name, params).
+
+    Example:
+        >>> parse_method_spec("node_adapter:solver=rk4,steps=8")
+        ('node_adapter', {'solver': 'rk4', 'steps': 8})
+    """
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ConfigError(f"method spec {spec!r} has no method name (expected name:key=value,...)")
+    params: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in _split_options(rest))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"method option {item!r} in {spec!r} is not of the form key=value "
+                f"(example: {name}:alpha=1.0,beta=5.5)"
+            )
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"cannot read the value of {key!r} in {spec!r}: {error}") from None
+    return name, params
+
+
+def _split_options(text: str) -> list[str]:
+    """Split on commas that are not inside brackets, so lists like ``grid=[1,2]`` survive."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char in "[(" :
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def check_is_fitted(method: Adapter) -> None:
+    if not getattr(method, "fitted_", False):
+        raise NotFittedError(
+            f"This {type(method).__name__} ({method.card.name}) instance is not fitted yet. "
+            "Call 'fit' before using it."
+        )
+
+
+def _coerce(name: str, value: Any, default: Any, owner: str) -> Any:
+    """Check a hyperparameter value against the type of its default."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return type(default)(value)
+    else:
+        return value
+    raise ConfigError(
+        f"{owner}: option {name}={value!r} has the wrong type; expected "
+        f"{type(default).__name__} (default {default!r})"
+    )
+
+
+class Adapter:
+    """Base class of every few-shot adaptation method (scikit-learn-style estimator).
+
+    Public surface: ``fit(train, text, val=None) -> self``, ``logits(features) -> (N, C)``,
+    ``predict``, ``score``, ``save(dir)``, ``load(dir)``, ``num_trainable_params()``,
+    ``get_params``/``set_params``/``clone``.
+    """
+
+    card: ClassVar[MethodCard]
+
+    # ------------------------------------------------------------------ parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        names = []
+        for p in signature.parameters.values():
+            if p.name == "self":
+                continue
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"{cls.__name__}.__init__ must list its hyperparameters explicitly")
+            names.append(p.name)
+        return sorted(names)
+
+    @classmethod
+    def _defaults(cls) -> dict[str, Any]:
+        signature = inspect.signature(cls.__init__)
+        return {
+            p.name: p.default
+            for p in signature.parameters.values()
+            if p.name != "self" and p.default is not inspect.Parameter.empty
+        }
+
+    def get_params(self) -> dict[str, Any]:
+        """The hyperparameters (constructor arguments) and their current values."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> Adapter:
+        """Set hyperparameters; unknown names or wrong types raise ConfigError. Returns self."""
+        valid = self._param_names()
+        defaults = self._defaults()
+        for key, value in params.items():
+            if key not in valid:
+                raise ConfigError(
+                    f"{self.card.name} has no option {key!r}; valid options: {', '.join(valid)}"
+                )
+            setattr(self, key, _coerce(key, value, defaults.get(key), self.card.name))
+        return self
+
+    def clone(self) -> Adapter:
+        """A new, unfitted method with the same hyperparameters."""
+        return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        defaults = self._defaults()
+        changed = {k: v for k, v in self.get_params().items() if defaults.get(k, object()) != v}
+        inner = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
+        return f"{type(self).__name__}({inner})"
+
+    # ------------------------------------------------------------------ lifecycle
+    def fit(
+        self, train: LabeledFeatures, text: TextFeatures, val: ValidationSet | None = None
+    ) -> Adapter:
+        """Fit on K-shot training features and class text features.
+
+        Args:
+            train: the K-shot rows, (N, D) features + (N,) labels, optional (V, N, D) views.
+            text: per-class text features, (C, D) at least.
+            val: optional validation rows; the only data used to choose hyperparameters.
+
+        Returns:
+            self.
+
+        Raises:
+            TypeError: ``val`` is an :class:`EvaluationSet` (evaluation data may not be used).
+            BundleError / MissingTensorError: inconsistent shapes or a needed tensor is missing.
+        """
+        if isinstance(train, EvaluationSet) or isinstance(val, EvaluationSet):
+            raise TypeError(
+                f"{self.card.name}.fit received evaluation data; pass a ValidationSet for val "
+                "(evaluation rows are scored once, never fitted or searched on)"
+            )
+        if not isinstance(text, TextFeatures):
+            raise TypeError(f"text must be TextFeatures, got {type(text).__name__}")
+        if not isinstance(train, LabeledFeatures):
+            raise TypeError(f"train must be LabeledFeatures, got {type(train).__name__}")
+        if val is not None and not isinstance(val, ValidationSet):
+            if type(val) is LabeledFeatures:
+                val = ValidationSet(val.features, val.labels, val.views, val.name)
+            else:
+                raise TypeError(f"val must be a ValidationSet, got {type(val).__name__}")
+        num_classes, dim = text.num_classes, text.dim
+        for part in (train, val):
+            if part is None:
+                continue
+            if part.dim != dim:
+                raise BundleError(
+                    f"{part.name}_features: width {part.dim} does not match text_features width "
+                    f"{dim}; features and text must come from the same backbone"
+                )
+            part.check_labels(num_classes)
+        if len(train) == 0:
+            raise BundleError(f"{train.name}: no training rows")
+        device = train.device
+        text = text.to(device)
+        if val is not None:
+            val = val.to(device)
+        if not isinstance(train, TrainSet):
+            train = TrainSet(train.features, train.labels, train.views, train.name)
+        self._reset()
+        started = time.perf_counter()
+        self._fit(train, text, val)
+        self.fit_seconds_ = time.perf_counter() - started
+        self.n_classes_ = num_classes
+        self.dim_ = dim
+        self.fitted_ = True
+        return self
+
+    def _reset(self) -> None:
+        for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, key)
+        self.best_params_ = {}
+
+    def logits(self, features: Tensor, batch_size: int = 8192) -> Tensor:
+        """Class logits for image features.
+
+        Args:
+            features: (N, D) image features (any float dtype; normalised here).
+            batch_size: rows per chunk, to bound memory on large test sets.
+
+        Returns:
+            (N, C) float32 logits on the input's device.
+        """
+        check_is_fitted(self)
+        x = check_feature_matrix(features, "features", self.dim_)
+        with torch.no_grad():
+            chunks = [self._logits(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        if not chunks:
+            return torch.zeros(0, self.n_classes_, device=x.device)
+        return torch.cat(chunks).float()
+
+    def predict(self, features: Tensor) -> Tensor:
+        """(N,) predicted class indices."""
+        return self.logits(features).argmax(dim=-1)
+
+    def score(self, features: Tensor, labels: Tensor) -> float:
+        """Top-1 accuracy in percent."""
+        if features.shape[0] == 0:
+            raise BundleError("cannot compute an accuracy on an empty set")
+        return float((self.predict(features) == labels.to(features.device)).float().mean() * 100)
+
+    def num_trainable_params(self) -> int:
+        """Number of scalars trained by ``fit`` (0 for training-free methods)."""
+        return sum(p.numel() for p in self._trainable_parameters())
+
+    def _trainable_parameters(self) -> Iterable[nn.Parameter]:
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                yield from (p for p in value.parameters() if p.requires_grad)
+            elif isinstance(value, nn.Parameter) and value.requires_grad:
+                yield value
+
+    def _generator(self, device: torch.device | str = "cpu", offset: int = 0) -> torch.Generator:
+        """A private RNG seeded from the ``seed`` hyperparameter (no global RNG is touched)."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(getattr(self, "seed", 0)) * 1_000_003 + offset)
+        return generator
+
+    # ------------------------------------------------------------------ to implement
+    def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
+        raise NotImplementedError
+
+    def _logits(self, features: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ persistence
+    def _get_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Fitted state as (tensors, JSON values). Default: the public ``*_`` attributes."""
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if not key.endswith("_") or key.startswith("_"):
+                continue
+            if isinstance(value, Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            elif isinstance(value, nn.Module):
+                for sub, tensor in value.state_dict().items():
+                    tensors[f"{key}.{sub}"] = tensor.detach().cpu().contiguous()
+                meta.setdefault("__modules__", []).append(key)
+            else:
+                meta[key] = value
+        return tensors, meta
+
+    def _set_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        modules = set(meta.pop("__modules__", []))
+        for key, value in meta.items():
+            setattr(self, key, value)
+        if modules:
+            self._build_modules()
+        for key, tensor in tensors.items():
+            head, _, sub = key.partition(".")
+            if head in modules:
+                continue
+            setattr(self, key, tensor)
+        for head in modules:
+            module: nn.Module = getattr(self, head)
+            prefix = f"{head}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def _build_modules(self) -> None:
+        """Recreate the ``nn.Module`` attributes (shapes from meta) before loading their weights."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _build_modules")
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``state.safetensors`` (no pickle) into ``directory``."""
+        check_is_fitted(self)
+        from clipadapt import __version__
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, meta = self._get_state()
+        config = {
+            "method": self.card.name,
+            "params": self.get_params(),
+            "state": meta,
+            "clipadapt_version": __version__,
+        }
+        try:
+            json.dumps(config)
+        except TypeError as error:
+            raise CheckpointError(f"{self.card.name}: state is not JSON-serialisable: {error}") from None
+        with atomic_path(directory / STATE_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_json(directory / CONFIG_FILE, config)
+        return directory
+
+
+def load(directory: str | Path) -> Adapter:
+    """Load a fitted method saved with :meth:`Adapter.save` (safetensors + JSON, no pickle).
+
+    Raises:
+        CheckpointError: the folder does not hold a saved adapter.
+    """
+    from clipadapt import __version__
+
+    directory = Path(directory)
+    config_path, state_path = directory / CONFIG_FILE, directory / STATE_FILE
+    if not config_path.is_file() or not state_path.is_file():
+        raise CheckpointError(
+            f"{directory}: not a saved adapter (expected {CONFIG_FILE} and {STATE_FILE}; "
+            "create one with `clipadapt fit --out DIR`)"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        method_name = config["method"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{config_path}: malformed adapter config ({error})") from None
+    try:
+        tensors = load_file(str(state_path))
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{state_path}: not a readable safetensors file ({error})") from None
+    if config.get("clipadapt_version") != __version__:
+        warnings.warn(
+            f"{directory} was saved by clipadapt {config.get('clipadapt_version')}, "
+            f"this is {__version__}; results may differ",
+            stacklevel=2,
+        )
+    method = create_method(method_name, **config.get("params", {}))
+    method._set_state(tensors, dict(config.get("state", {})))
+    return method
