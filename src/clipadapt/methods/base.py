@@ -8,14 +8,22 @@ input checks, seeding, timing, save/load, parameter handling.
 
 Subclasses implement:
 
-- ``_fit(train, text, val)``: learn state from normalised float32 tensors on one device;
+- ``_fit(train, text, val)``: learn state from normalised float32 tensors on one device
+  (``text`` is None for image-only methods fitted without text; ``self.n_classes_`` and
+  ``self.dim_`` are already set when ``_fit`` runs);
 - ``_logits(features)``: (N, D) normalised float32 -> (N, C) logits;
 - optionally ``_get_state()`` / ``_set_state()`` when the state is more than tensors and JSON
-  values in ``*_`` attributes, and ``_trainable_parameters()`` for trainable methods.
+  values in ``*_`` attributes, ``_trainable_parameters()`` for trainable methods,
+  ``_grad_logits(features)`` when ``_logits`` detaches the trained tensors, and
+  ``search_space()`` to expose the concrete grid of the searched hyperparameters.
+
+Every registered method is enrolled in the shared check suite
+(:mod:`clipadapt.testing.checks`, ``docs/method-checks.md``).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
 import importlib
@@ -23,9 +31,11 @@ import inspect
 import json
 import logging
 import pkgutil
+import re
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,6 +57,7 @@ from clipadapt.exceptions import (
     BundleError,
     CheckpointError,
     ConfigError,
+    MissingTensorError,
     NotFittedError,
     UnknownMethodError,
 )
@@ -57,6 +68,22 @@ STATE_FILE = "state.safetensors"
 CONFIG_FILE = "config.json"
 
 
+#: The values ``MethodCard.needs`` may contain, and what each one asks of ``fit``'s arguments.
+KNOWN_NEEDS: dict[str, str] = {
+    "train": "K-shot training rows (`train_features`, `train_labels`)",
+    "text": "class text features (`text_features`)",
+    "val": "validation rows (`val_features`, `val_labels`)",
+    "prompt_features": "per-prompt text features (`text_features_all`)",
+    "negative_features": "negative-prompt text features (`negative_text_features`)",
+    "description_features": "class description features (`description_features`)",
+    "text_encoder": "the text tower (prompt learning)",
+}
+
+# needs that are read from TextFeatures attributes of the same name
+_TEXT_NEEDS = ("prompt_features", "negative_features", "description_features", "text_encoder")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
 @dataclass(frozen=True)
 class MethodCard:
     """What the registry, ``list-methods`` and the shared checks know about a method.
@@ -65,14 +92,20 @@ class MethodCard:
         name: registry name (snake_case, the module's name).
         summary: one line for ``list-methods``.
         paper: short citation; ``arxiv``: arXiv id or URL.
-        needs: what ``fit`` needs: any of "train", "text", "val", "prompt_features",
-            "negative_features", "description_features", "text_encoder".
+        needs: what ``fit`` needs, a subset of :data:`KNOWN_NEEDS`: "train", "text", "val",
+            "prompt_features", "negative_features", "description_features", "text_encoder".
+            A method whose needs lack "text" (and every text-derived need) is image-only and
+            may be fitted with ``text=None``.
         trainable: whether fit runs gradient descent (then ``num_trainable_params() > 0``).
         searched: hyperparameters chosen on validation data, with their grid described.
         uses_views: reads augmented views of the train rows when present.
         deterministic: CPU runs with the same seed give bitwise-identical logits.
         max_tiny_seconds: budget for fit + predict on the check-suite fixture.
         expected_failed_checks: {check name: written reason} exemptions from the suite.
+        param_formula: the number of trainable scalars as an arithmetic expression of ``C``
+            (classes), ``D`` (feature width), ``K`` (shots per class) and the method's integer
+            or float hyperparameters, e.g. ``"C * D"`` or ``"2 * D * (D // reduction)"``.
+            Empty means "not declared" (training-free methods count 0).
     """
 
     name: str
@@ -86,6 +119,106 @@ class MethodCard:
     deterministic: bool = True
     max_tiny_seconds: float = 60.0
     expected_failed_checks: dict[str, str] = field(default_factory=dict)
+    param_formula: str = ""
+
+    @property
+    def needs_text(self) -> bool:
+        """Whether ``fit`` needs ``text`` (False: image-only, ``text=None`` is allowed)."""
+        return "text" in self.needs or any(need in self.needs for need in _TEXT_NEEDS)
+
+    def validate(self) -> None:
+        """Check the card is well formed.
+
+        Raises:
+            ConfigError: a malformed name, an unknown need, an empty exemption reason, a
+                non-positive time budget or an unparsable ``param_formula``.
+        """
+        where = f"method card {self.name!r}"
+        if not _NAME_RE.match(self.name) or clean_name(self.name) != self.name:
+            raise ConfigError(f"{where}: the name must be snake_case (lower case, digits, '_')")
+        if not self.summary.strip():
+            raise ConfigError(f"{where}: summary is empty")
+        unknown = [need for need in self.needs if need not in KNOWN_NEEDS]
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown needs {unknown}; valid needs: {', '.join(KNOWN_NEEDS)}"
+            )
+        if not self.max_tiny_seconds > 0:
+            raise ConfigError(f"{where}: max_tiny_seconds must be positive")
+        for check, reason in self.expected_failed_checks.items():
+            if not check.startswith("check_") or not isinstance(reason, str) or not reason.strip():
+                raise ConfigError(
+                    f"{where}: expected_failed_checks entries are {{'check_name': 'reason'}}; "
+                    f"got {check!r}: {reason!r}"
+                )
+        if self.param_formula:
+            _parse_formula(self.param_formula, where)
+
+    def trainable_params(self, C: int, D: int, K: int, params: dict[str, Any] | None = None) -> int:
+        """Evaluate ``param_formula`` at (C, D, K) and the given hyperparameters.
+
+        Returns:
+            The declared number of trainable scalars (0 for an undeclared training-free method).
+
+        Raises:
+            ConfigError: the formula is empty for a trainable method, or uses an unknown name.
+        """
+        if not self.param_formula:
+            if self.trainable:
+                raise ConfigError(f"method card {self.name!r} declares no param_formula")
+            return 0
+        tree = _parse_formula(self.param_formula, f"method card {self.name!r}")
+        names = {"C": C, "D": D, "K": K}
+        for key, value in (params or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                names.setdefault(key, value)
+        return int(_eval_formula(tree.body, names, self.param_formula))
+
+
+_FORMULA_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+}
+
+
+def _parse_formula(formula: str, where: str) -> ast.Expression:
+    try:
+        tree = ast.parse(formula, mode="eval")
+    except SyntaxError as error:
+        raise ConfigError(
+            f"{where}: param_formula {formula!r} is not an expression ({error})"
+        ) from None
+    for node in ast.walk(tree):
+        allowed = (ast.Expression, ast.BinOp, ast.Constant, ast.Name, ast.Load, ast.operator)
+        if not isinstance(node, allowed) or (
+            isinstance(node, ast.operator) and type(node) not in _FORMULA_OPS
+        ):
+            raise ConfigError(
+                f"{where}: param_formula {formula!r} may only use numbers, names and + - * / // **"
+            )
+    return tree
+
+
+def _eval_formula(node: ast.AST, names: dict[str, Any], formula: str) -> Any:
+    # a tiny arithmetic evaluator: no eval(), so a card cannot run code
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise ConfigError(
+                f"param_formula {formula!r}: unknown name {node.id!r} (use C, D, K or a numeric "
+                "hyperparameter)"
+            )
+        return names[node.id]
+    if isinstance(node, ast.BinOp):
+        left = _eval_formula(node.left, names, formula)
+        right = _eval_formula(node.right, names, formula)
+        return _FORMULA_OPS[type(node.op)](left, right)
+    raise ConfigError(f"param_formula {formula!r}: unsupported expression")
 
 
 _REGISTRY: dict[str, type[Adapter]] = {}
@@ -135,6 +268,11 @@ def list_methods(filter: str = "*", trainable: bool | None = None) -> list[str]:
 
 
 def get_method_class(name: str) -> type[Adapter]:
+    """The class registered under ``name`` (normalised: lower case, '-' becomes '_').
+
+    Raises:
+        UnknownMethodError: the name is not registered (the message lists the names).
+    """
     _discover()
     key = clean_name(name)
     if key not in _REGISTRY:
@@ -194,7 +332,7 @@ def _split_options(text: str) -> list[str]:
     """Split on commas that are not inside brackets, so lists like ``grid=[1,2]`` survive."""
     parts, depth, current = [], 0, []
     for char in text:
-        if char in "[(" :
+        if char in "[(":
             depth += 1
         elif char in "])":
             depth -= 1
@@ -208,6 +346,7 @@ def _split_options(text: str) -> list[str]:
 
 
 def check_is_fitted(method: Adapter) -> None:
+    """Raise :class:`NotFittedError` (naming the method) unless ``method`` has been fitted."""
     if not getattr(method, "fitted_", False):
         raise NotFittedError(
             f"This {type(method).__name__} ({method.card.name}) instance is not fitted yet. "
@@ -302,37 +441,64 @@ class Adapter:
 
     # ------------------------------------------------------------------ lifecycle
     def fit(
-        self, train: LabeledFeatures, text: TextFeatures, val: ValidationSet | None = None
+        self,
+        train: LabeledFeatures,
+        text: TextFeatures | None = None,
+        val: ValidationSet | None = None,
+        *,
+        num_classes: int | None = None,
     ) -> Adapter:
-        """Fit on K-shot training features and class text features.
+        """Fit on K-shot training features and, when the method uses them, class text features.
+
+        Image-only methods (the card's ``needs`` lacks "text") may be fitted with
+        ``text=None``, e.g. on bundles that have no ``text_features``. The number of classes is
+        then ``num_classes`` when given, else one more than the largest label in ``train`` and
+        ``val`` (so pass ``num_classes`` when the highest classes may have no rows). With text,
+        C is ``text.num_classes`` and a different ``num_classes`` is an error.
+
+        The global torch RNG is forked and seeded from the ``seed`` hyperparameter (0 without
+        one) around the method's own fitting code, so module initialisation is reproducible and
+        the caller's RNG state is left unchanged.
 
         Args:
             train: the K-shot rows, (N, D) features + (N,) labels, optional (V, N, D) views.
-            text: per-class text features, (C, D) at least.
+            text: per-class text features, (C, D) at least; None for image-only methods.
             val: optional validation rows; the only data used to choose hyperparameters.
+            num_classes: C when fitting without text (checked against ``text`` otherwise).
 
         Returns:
             self.
 
         Raises:
-            TypeError: ``val`` is an :class:`EvaluationSet` (evaluation data may not be used).
-            BundleError / MissingTensorError: inconsistent shapes or a needed tensor is missing.
+            TypeError: ``val`` is an :class:`EvaluationSet` (evaluation data may not be used),
+                or an argument has the wrong type.
+            MissingTensorError: the card needs text, validation rows or an optional text tensor
+                that is not given (the message names the bundle tensor).
+            BundleError: inconsistent widths, labels out of range, or no training rows.
+
+        Example:
+            >>> train = bundle.group("train_4shot", "train")  # doctest: +SKIP
+            >>> create_method("tip_adapter").fit(train, bundle.text()).logits(x)  # doctest: +SKIP
         """
+        name = self.card.name
         if isinstance(train, EvaluationSet) or isinstance(val, EvaluationSet):
             raise TypeError(
-                f"{self.card.name}.fit received evaluation data; pass a ValidationSet for val "
+                f"{name}.fit received evaluation data; pass a ValidationSet for val "
                 "(evaluation rows are scored once, never fitted or searched on)"
             )
-        if not isinstance(text, TextFeatures):
-            raise TypeError(f"text must be TextFeatures, got {type(text).__name__}")
         if not isinstance(train, LabeledFeatures):
             raise TypeError(f"train must be LabeledFeatures, got {type(train).__name__}")
+        if text is not None and not isinstance(text, TextFeatures):
+            raise TypeError(f"text must be TextFeatures or None, got {type(text).__name__}")
         if val is not None and not isinstance(val, ValidationSet):
             if type(val) is LabeledFeatures:
                 val = ValidationSet(val.features, val.labels, val.views, val.name)
             else:
                 raise TypeError(f"val must be a ValidationSet, got {type(val).__name__}")
-        num_classes, dim = text.num_classes, text.dim
+        self._check_needs(text, val)
+        if len(train) == 0:
+            raise BundleError(f"{train.name}: no training rows")
+        num_classes, dim = self._resolve_classes(train, text, val, num_classes)
         for part in (train, val):
             if part is None:
                 continue
@@ -342,22 +508,80 @@ class Adapter:
                     f"{dim}; features and text must come from the same backbone"
                 )
             part.check_labels(num_classes)
-        if len(train) == 0:
-            raise BundleError(f"{train.name}: no training rows")
         device = train.device
-        text = text.to(device)
+        if text is not None:
+            text = text.to(device)
         if val is not None:
             val = val.to(device)
         if not isinstance(train, TrainSet):
             train = TrainSet(train.features, train.labels, train.views, train.name)
         self._reset()
+        self.n_classes_ = num_classes
+        self.dim_ = dim
         started = time.perf_counter()
-        self._fit(train, text, val)
+        with self._seeded_global_rng(device):
+            self._fit(train, text, val)
         self.fit_seconds_ = time.perf_counter() - started
         self.n_classes_ = num_classes
         self.dim_ = dim
         self.fitted_ = True
         return self
+
+    def _check_needs(self, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        """Raise MissingTensorError naming the first input the card needs but was not given."""
+        name = self.card.name
+        if text is None and self.card.needs_text:
+            image_only = [n for n in list_methods() if not get_method_class(n).card.needs_text]
+            raise MissingTensorError(
+                f"{name} needs `text_features` (C, D) class text features, which were not given "
+                "(the bundle may have no text side); image-only methods run without them: "
+                f"{', '.join(image_only) or 'none registered'}"
+            )
+        if "val" in self.card.needs and (val is None or len(val) == 0):
+            raise MissingTensorError(
+                f"{name} needs validation rows (`val_features`, `val_labels`) to choose its "
+                "hyperparameters; give the bundle a `val` group or pass --val-set"
+            )
+        for need in _TEXT_NEEDS:
+            if need in self.card.needs and text is not None:
+                text.require(need, name)
+
+    def _resolve_classes(
+        self,
+        train: LabeledFeatures,
+        text: TextFeatures | None,
+        val: ValidationSet | None,
+        num_classes: int | None,
+    ) -> tuple[int, int]:
+        """(C, D) from the text features, or from ``num_classes`` / the labels without text."""
+        if num_classes is not None and (
+            not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
+        ):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if text is not None:
+            if num_classes is not None and num_classes != text.num_classes:
+                raise BundleError(
+                    f"num_classes={num_classes} but text_features has {text.num_classes} rows"
+                )
+            return text.num_classes, text.dim
+        if num_classes is None:
+            tops = [
+                int(part.labels.max()) for part in (train, val) if part is not None and len(part)
+            ]
+            num_classes = max(tops) + 1
+        return num_classes, train.dim
+
+    @contextmanager
+    def _seeded_global_rng(self, device: torch.device) -> Iterator[None]:
+        """Fork the global torch RNG of ``device`` (and the CPU), seed it, restore it after."""
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        seed = getattr(self, "seed", 0)
+        seed = 0 if seed is None else int(seed)
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed * 1_000_003 + 7)
+            if cuda:
+                torch.cuda.manual_seed(seed * 1_000_003 + 7)
+            yield
 
     def _reset(self) -> None:
         for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
@@ -409,12 +633,29 @@ class Adapter:
         generator.manual_seed(int(getattr(self, "seed", 0)) * 1_000_003 + offset)
         return generator
 
+    def search_space(self) -> dict[str, list[Any]]:
+        """The candidate values of each hyperparameter searched on validation data.
+
+        The grid at the current hyperparameters, e.g. ``{"alpha": [0.1, 0.6, ...]}``; the
+        check suite verifies that ``best_params_`` lies inside it. Default: ``{}`` (no grid
+        exposed; a method with a card ``searched`` entry should override it).
+        """
+        return {}
+
     # ------------------------------------------------------------------ to implement
-    def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
         raise NotImplementedError
 
     def _logits(self, features: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _grad_logits(self, features: Tensor) -> Tensor:
+        """Logits with autograd reaching every trainable parameter (used by the checks).
+
+        Default: ``_logits``. Override when ``_logits`` detaches or folds the trained tensors
+        (for speed at inference) so gradients would not reach them.
+        """
+        return self._logits(features)
 
     # ------------------------------------------------------------------ persistence
     def _get_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -448,7 +689,9 @@ class Adapter:
         for head in modules:
             module: nn.Module = getattr(self, head)
             prefix = f"{head}."
-            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
 
     def _build_modules(self) -> None:
         """Recreate the ``nn.Module`` attributes (shapes from meta) before loading their weights."""
@@ -471,7 +714,9 @@ class Adapter:
         try:
             json.dumps(config)
         except TypeError as error:
-            raise CheckpointError(f"{self.card.name}: state is not JSON-serialisable: {error}") from None
+            raise CheckpointError(
+                f"{self.card.name}: state is not JSON-serialisable: {error}"
+            ) from None
         with atomic_path(directory / STATE_FILE) as tmp:
             save_file(tensors, str(tmp))
         atomic_write_json(directory / CONFIG_FILE, config)
@@ -508,6 +753,8 @@ def load(directory: str | Path) -> Adapter:
             f"this is {__version__}; results may differ",
             stacklevel=2,
         )
-    method = create_method(method_name, **config.get("params", {}))
+    # not create_method: it drops None values, which would turn a saved None into the default
+    method = get_method_class(method_name)()
+    method.set_params(**config.get("params", {}))
     method._set_state(tensors, dict(config.get("state", {})))
     return method
