@@ -110,7 +110,10 @@ class FeatureBundle:
         if self.path is not None and self.path.is_file():
             return sha256_file(self.path)[:16]
         return stable_hash(
-            {k: [list(v.shape), str(v.dtype), float(v.float().sum())] for k, v in self.tensors.items()}
+            {
+                k: [list(v.shape), str(v.dtype), float(v.float().sum())]
+                for k, v in self.tensors.items()
+            }
         )
 
     # ------------------------------------------------------------------ access
@@ -182,9 +185,14 @@ class FeatureBundle:
                         f"{self.where}: `{name}` must be a 1-D integer tensor, got "
                         f"{tuple(tensor.shape)} {tensor.dtype}"
                     )
-            elif name.endswith("_features") or name.endswith("_features_views") or name in (
-                "text_features_all",
-                "description_features",
+            elif (
+                name.endswith("_features")
+                or name.endswith("_features_views")
+                or name
+                in (
+                    "text_features_all",
+                    "description_features",
+                )
             ):
                 if not tensor.is_floating_point():
                     raise BundleError(
@@ -218,10 +226,17 @@ class FeatureBundle:
             try:
                 names = json.loads(raw)
             except json.JSONDecodeError as error:
-                raise BundleError(f"{self.where}: metadata `classnames` is not JSON ({error})") from None
+                raise BundleError(
+                    f"{self.where}: metadata `classnames` is not JSON ({error})"
+                ) from None
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise BundleError(f"{self.where}: metadata `classnames` must be a JSON list of strings")
-            if "text_features" in self.tensors and len(names) != self.tensors["text_features"].shape[0]:
+                raise BundleError(
+                    f"{self.where}: metadata `classnames` must be a JSON list of strings"
+                )
+            if (
+                "text_features" in self.tensors
+                and len(names) != self.tensors["text_features"].shape[0]
+            ):
                 raise BundleError(
                     f"{self.where}: {len(names)} class names but `text_features` has "
                     f"{self.tensors['text_features'].shape[0]} rows"

@@ -28,7 +28,9 @@ def check_feature_matrix(x: Tensor, what: str, dim: int | None = None) -> Tensor
         BundleError: not 2-D, wrong width, not floating point, or non-finite values.
     """
     if not isinstance(x, Tensor):
-        raise BundleError(f"{what}: expected a torch.Tensor of shape (N, D), got {type(x).__name__}")
+        raise BundleError(
+            f"{what}: expected a torch.Tensor of shape (N, D), got {type(x).__name__}"
+        )
     if x.ndim != 2:
         raise BundleError(f"{what}: expected shape (N, D), got {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -191,7 +193,9 @@ class TextFeatures:
         if self.prompt_features is not None:
             p = self.prompt_features
             if p.ndim != 3 or p.shape[0] != c or p.shape[2] != d:
-                raise BundleError(f"text_features_all: expected (C={c}, P, D={d}), got {tuple(p.shape)}")
+                raise BundleError(
+                    f"text_features_all: expected (C={c}, P, D={d}), got {tuple(p.shape)}"
+                )
             object.__setattr__(self, "prompt_features", normalize_rows(p))
         if self.negative_features is not None:
             neg = check_feature_matrix(self.negative_features, "negative_text_features", d)

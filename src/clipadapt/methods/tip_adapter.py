@@ -156,14 +156,18 @@ class TipAdapter(Adapter):
             )
             self.alpha_, self.beta_ = float(alpha), float(beta)
             self.best_params_ = {
-                "alpha": self.alpha_, "beta": self.beta_, "val_accuracy": acc,
+                "alpha": self.alpha_,
+                "beta": self.beta_,
+                "val_accuracy": acc,
                 "source": f"validation search on {val.name} ({len(val)} rows)",
             }
         else:
             self.alpha_, self.beta_ = float(self.alpha), float(self.beta)
             reason = "search disabled" if not self.search else "no validation data"
             self.best_params_ = {
-                "alpha": self.alpha_, "beta": self.beta_, "source": f"defaults ({reason})",
+                "alpha": self.alpha_,
+                "beta": self.beta_,
+                "source": f"defaults ({reason})",
             }
 
     def _logits(self, features: Tensor) -> Tensor:

@@ -73,7 +73,9 @@ def prepare_sets(
         )
     for role, name in (("train", choice.train_set), ("val", choice.val_set)):
         if name is not None and name != "none" and name == eval_name:
-            raise ConfigError(f"the {role} set and the evaluation set are both {name!r}; use disjoint groups")
+            raise ConfigError(
+                f"the {role} set and the evaluation set are both {name!r}; use disjoint groups"
+            )
     evaluation = bundle.group(eval_name, "eval")
     val: LabeledFeatures | None = None
     if choice.train_set is not None:
@@ -87,7 +89,9 @@ def prepare_sets(
         has_val = "val" in groups and choice.val_set is None
         val_pool = bundle.group("val", "val") if has_val else None
         draw = draw_few_shot(
-            pool.labels, shots, seed,
+            pool.labels,
+            shots,
+            seed,
             num_classes=bundle.num_classes,
             val_labels=None if val_pool is None else val_pool.labels,
             carve_val_from_train=choice.val_set is None,

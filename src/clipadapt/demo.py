@@ -1,0 +1,99 @@
+"""``clipadapt demo``: the embedded world end to end, offline.
+
+Generates the world datasets (cached), extracts their features with the shipped world model
+(cached), runs every registered method at the requested shots and seeds, and writes
+``results.jsonl``, ``table.md`` and ``accuracy_vs_shots.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from clipadapt.bench.report import markdown_table, plot_accuracy_vs_shots
+from clipadapt.bench.runner import Grid, run_grid
+
+log = logging.getLogger(__name__)
+
+
+def run_demo(
+    out: Path,
+    *,
+    size: str = "default",
+    shots: Sequence[int] = (1, 4, 16),
+    seeds: Sequence[int] = (1,),
+    methods: str = "*",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    datasets: Sequence[str] | None = None,
+    backbone: str = "world",
+) -> dict[str, Path]:
+    """Run the demo; returns the paths of the files it wrote."""
+    from clipadapt.data.datasets import load_dataset
+    from clipadapt.data.prompts import load_descriptions
+    from clipadapt.encoders.clip import ClipEncoder, resolve_backbone
+    from clipadapt.features.extract import extract_dataset
+    from clipadapt.methods.base import list_methods, method_card
+    from clipadapt.world.datasets import generate_world_datasets
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    print(f"[1/4] world datasets ({size}) -> {out / 'world-data'}")
+    folders = generate_world_datasets(out / "world-data", size=size)
+    if datasets is not None:
+        folders = [f for f in folders if f.name in set(datasets)]
+    encoder = ClipEncoder(resolve_backbone(backbone), device="auto")
+    print(f"[2/4] features with {encoder.backbone.display_name} -> {out / 'features'}")
+    bundles = []
+    for folder in folders:
+        dataset = load_dataset(str(folder))
+        descriptions = None
+        if dataset.descriptions is not None:
+            descriptions = load_descriptions(dataset.descriptions, dataset.classnames)
+        bundle, _ = extract_dataset(
+            dataset,
+            encoder,
+            out / "features" / f"{dataset.name}.safetensors",
+            cache_dir=cache,
+            descriptions=descriptions,
+            progress=progress,
+        )
+        bundles.append(bundle)
+    names = list_methods(methods)
+    if not names:
+        names = list_methods()
+    print(f"[3/4] methods: {', '.join(names)}; shots {list(shots)}; seeds {list(seeds)}")
+    results = out / "results.jsonl"
+    if results.exists():
+        results.unlink()
+    text_tower = encoder.text_tower()
+    records = []
+    for bundle in bundles:
+        grid = Grid(names, list(shots), list(seeds))
+        needs_tower = any("text_encoder" in method_card(n).needs for n in names)
+        records += run_grid(
+            bundle,
+            grid,
+            results,
+            rerun=True,
+            progress=progress,
+            keep_going=True,
+            text_encoder=text_tower if needs_tower else None,
+        )
+    ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    table = markdown_table(ok, with_std=len(seeds) > 1)
+    (out / "table.md").write_text(table, encoding="utf-8")
+    plot = plot_accuracy_vs_shots(ok, out / "accuracy_vs_shots.png")
+    print("[4/4] results\n")
+    print(table)
+    if failed:
+        print(f"{len(failed)} run(s) could not run:")
+        for r in {(r["method"], r["error"]) for r in failed}:
+            print(f"  {r[0]}: {r[1]}")
+    print(f"wrote {results}, {out / 'table.md'}, {plot} in {time.perf_counter() - started:.0f}s")
+    return {"results": results, "table": out / "table.md", "plot": plot}

@@ -1,0 +1,153 @@
+"""On-disk feature cache: safetensors shards plus a JSON manifest per (backbone, dataset, split).
+
+Layout: ``<cache>/<backbone>/<dataset>/<split>-<hash8>/{manifest.json, shard-00000.safetensors...}``
+where the hash covers everything that changes the features (backbone and checkpoint hash, the
+items, the transform and its views, the extractor version). Shards are written atomically and
+recorded in the manifest with their sha256 after they are complete; a shard whose checksum does not
+match is re-extracted, never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from clipadapt._utils import atomic_path, atomic_write_json, safe_name, sha256_file, stable_hash
+
+log = logging.getLogger(__name__)
+
+EXTRACTOR_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def default_cache_dir() -> Path:
+    """``$CLIPADAPT_CACHE`` or ``~/.cache/clipadapt``."""
+    import os
+
+    env = os.environ.get("CLIPADAPT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "clipadapt"
+
+
+@dataclass
+class ShardRecord:
+    file: str
+    sha256: str
+    kept: int
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SplitCache:
+    """The cache folder of one (backbone, dataset, split, transform) key."""
+
+    def __init__(self, root: Path, backbone: str, dataset: str, split: str, key: dict[str, Any]):
+        self.key = dict(key, extractor_version=EXTRACTOR_VERSION)
+        self.hash = stable_hash(self.key)
+        self.dir = (
+            Path(root)
+            / safe_name(backbone)
+            / safe_name(dataset)
+            / f"{safe_name(split)}-{self.hash[:8]}"
+        )
+        self.manifest_path = self.dir / MANIFEST
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        if self.manifest_path.is_file():
+            try:
+                manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+                if manifest.get("hash") == self.hash:
+                    return manifest
+                log.warning("%s belongs to another key; starting afresh", self.manifest_path)
+            except (json.JSONDecodeError, OSError) as error:
+                log.warning(
+                    "unreadable cache manifest %s (%s); starting afresh", self.manifest_path, error
+                )
+        return {"hash": self.hash, "key": self.key, "shards": {}}
+
+    def configure(self, num_items: int, shard_size: int) -> None:
+        if (
+            self.manifest.get("num_items") != num_items
+            or self.manifest.get("shard_size") != shard_size
+        ):
+            self.manifest.update(num_items=num_items, shard_size=shard_size, shards={})
+
+    @property
+    def num_shards(self) -> int:
+        n, size = self.manifest["num_items"], self.manifest["shard_size"]
+        return (n + size - 1) // size
+
+    def shard_range(self, shard: int) -> range:
+        size = self.manifest["shard_size"]
+        return range(shard * size, min((shard + 1) * size, self.manifest["num_items"]))
+
+    def shard_valid(self, shard: int) -> bool:
+        """True when the shard is recorded and its file matches the recorded checksum."""
+        record = self.manifest["shards"].get(str(shard))
+        if record is None:
+            return False
+        path = self.dir / record["file"]
+        if not path.is_file():
+            return False
+        if sha256_file(path) != record["sha256"]:
+            log.warning("cache shard %s does not match its checksum; re-extracting it", path)
+            return False
+        return True
+
+    def missing_shards(self) -> list[int]:
+        return [s for s in range(self.num_shards) if not self.shard_valid(s)]
+
+    def write_shard(self, shard: int, features: Tensor, index: Tensor, skipped: list[dict]) -> None:
+        name = f"shard-{shard:05d}.safetensors"
+        path = self.dir / name
+        with atomic_path(path) as tmp:
+            save_file({"features": features.contiguous(), "index": index.contiguous()}, str(tmp))
+        self.manifest["shards"][str(shard)] = {
+            "file": name,
+            "sha256": sha256_file(path),
+            "kept": int(index.numel()),
+            "skipped": skipped,
+        }
+        self.manifest["complete"] = len(self.manifest["shards"]) == self.num_shards
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    def read(self) -> tuple[Tensor, Tensor, list[dict]]:
+        """All shards concatenated: (features, kept item indices, skipped records)."""
+        feats, index, skipped = [], [], []
+        for shard in range(self.num_shards):
+            record = self.manifest["shards"][str(shard)]
+            tensors = load_file(str(self.dir / record["file"]))
+            feats.append(tensors["features"])
+            index.append(tensors["index"])
+            skipped.extend(record.get("skipped", []))
+        dim_axis = feats[0].ndim - 2  # views are (V, n, D): concatenate along n
+        return torch.cat(feats, dim=dim_axis), torch.cat(index), skipped
+
+
+class TextCache:
+    """Cached text features for a list of prompts, keyed by backbone and the prompts."""
+
+    def __init__(self, root: Path, backbone: str, backbone_key: dict[str, Any]):
+        self.dir = Path(root) / safe_name(backbone) / "text"
+        self.backbone_key = backbone_key
+
+    def get(self, prompts: list[str], encode: Any) -> Tensor:
+        key = stable_hash(
+            {"backbone": self.backbone_key, "prompts": prompts, "v": EXTRACTOR_VERSION}
+        )
+        path = self.dir / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                return load_file(str(path))["features"].float()
+            except Exception as error:  # a damaged file is recomputed, never trusted
+                log.warning("unreadable text cache %s (%s); re-encoding", path, error)
+        features = encode(prompts)
+        with atomic_path(path) as tmp:
+            save_file({"features": features.to(torch.float16).contiguous()}, str(tmp))
+        return features.to(torch.float16).float()
