@@ -588,7 +588,7 @@ def make_imagefolder_split(
     Per class, the sorted image paths are shuffled with a ``random.Random`` seeded by
     ``"{seed}:{classname}"`` (so adding a class leaves the other classes' splits unchanged), then
     ``round(n·test_fraction)`` go to test, ``round(n·val_fraction)`` to val (half rounds up)
-    and the rest, at least one, to train. Classes are the sorted sub-folder names (labels
+    and the rest, at least one, to train (val shrinks first when a class is too small). Classes are the sorted sub-folder names (labels
     0..C-1); images may sit in nested folders; hidden files and folders are ignored.
 
     Raises:
@@ -620,12 +620,10 @@ def make_imagefolder_split(
         n = len(files)
         n_test = _round_half_up(n * test_fraction)
         n_val = _round_half_up(n * val_fraction)
-        # Train keeps at least one image per class: the few-shot sampler needs it.
-        while n_test + n_val > n - 1:
-            if n_test >= n_val:
-                n_test -= 1
-            else:
-                n_val -= 1
+        # Train keeps at least one image per class (the few-shot sampler needs it); val gives
+        # way before test, since test is what gets scored.
+        n_val = min(n_val, n - 1 - min(n_test, n - 1))
+        n_test = min(n_test, n - 1 - n_val)
         parts = {"test": files[:n_test], "val": files[n_test : n_test + n_val]}
         parts["train"] = files[n_test + n_val :]
         for name, rows in parts.items():
