@@ -1,0 +1,575 @@
+"""HeGraphAdapter: a heterogeneous graph adapter over text and visual class nodes.
+
+Zhao, Jiang, Wang, Xu, Tang, "HeGraphAdapter: Tuning Multi-Modal Vision-Language Models with
+Heterogeneous Graph Adapter", arXiv:2410.07854. Implementation spec: specs/hegraph_adapter.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
+from clipadapt.engine.search import search_logit_blend
+from clipadapt.engine.train import train_loop
+from clipadapt.exceptions import ConfigError, MissingTensorError
+from clipadapt.methods._graph import (
+    GCNBlock,
+    aggregate,
+    block_param_count,
+    cache_keys,
+    class_means,
+    cosine,
+    make_train_config,
+    normalize_relation,
+    paper_schedule,
+    train_view_features,
+)
+from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.tip_adapter import cache_logits
+
+log = logging.getLogger(__name__)
+
+ALL_EDGES = ("pn", "vn", "pp", "vp", "np", "vv")
+"""The six relation types, named source→target: p→n, v→n, p→p, v→p, n→p, v→v."""
+
+_NEGATIVE_EDGES = frozenset({"pn", "vn", "np"})
+_VISUAL_EDGES = frozenset({"vn", "vp", "vv"})
+# Which block projects each relation's messages, per layout (spec §2.9).
+_BLOCKS = {
+    "five_blocks_bias": {"pn": "n", "vn": "n", "pp": "pp", "vp": "vp", "np": "np", "vv": "v"},
+    "three_W": {"pn": "n", "vn": "n", "pp": "p", "vp": "p", "np": "p", "vv": "v"},
+}
+DEFAULT_FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
+
+
+def relation_matrices(
+    positive: Tensor,
+    negative: Tensor | None,
+    visual: Tensor | None,
+    edges: tuple[str, ...] = ALL_EDGES,
+    neg_self_edge: str = "one_minus_cos",
+) -> dict[str, Tensor]:
+    """The six C x C relation matrices of spec §2.2, from frozen base node features.
+
+    ``R[i, j]`` is the weight of the edge from source node j into target node i. Intra-type
+    relations (p→p, v→v) have a zero diagonal (the self term is separate); v→p is the plain
+    cosine; the contrastive relations (p→n, v→n, n→p) use the cosine between classes and an
+    "opposite" weight on the own-class pair: ``1 - cos`` (default) or ``-cos``.
+
+    Args:
+        positive, negative, visual: (C, D) node features (negative/visual may be None when no
+            requested edge uses them).
+        edges: which relations to build (names in :data:`ALL_EDGES`).
+        neg_self_edge: "one_minus_cos" or "neg_cos".
+
+    Returns:
+        {edge name: (C, C) float32}.
+    """
+    if neg_self_edge not in ("one_minus_cos", "neg_cos"):
+        raise ConfigError(
+            f"hegraph_adapter: neg_self_edge must be 'one_minus_cos' or 'neg_cos', got {neg_self_edge!r}"
+        )
+    num_classes = positive.shape[0]
+    eye = torch.eye(num_classes, dtype=torch.bool, device=positive.device)
+
+    def zero_diag(sim: Tensor) -> Tensor:
+        return sim.masked_fill(eye, 0.0)
+
+    def opposite_diag(sim: Tensor) -> Tensor:
+        own = sim.diagonal()
+        own = 1.0 - own if neg_self_edge == "one_minus_cos" else -own
+        return torch.where(eye, torch.diag_embed(own), sim)
+
+    builders = {
+        "pp": lambda: zero_diag(cosine(positive, positive)),
+        "vv": lambda: zero_diag(cosine(visual, visual)),
+        "vp": lambda: cosine(positive, visual),
+        "pn": lambda: opposite_diag(cosine(negative, positive)),
+        "vn": lambda: opposite_diag(cosine(negative, visual)),
+        "np": lambda: opposite_diag(cosine(positive, negative)),
+    }
+    return {name: builders[name]() for name in edges}
+
+
+class HeteroGraph(nn.Module):
+    """The trainable projections of the heterogeneous GCN (one :class:`GCNBlock` per key)."""
+
+    def __init__(self, block_names: list[str], dim: int, num_classes: int, bias: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict(
+            {name: GCNBlock(dim, num_classes, bias) for name in sorted(block_names)}
+        )
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        for name in sorted(self.blocks):
+            self.blocks[name].reset_parameters(generator)
+
+
+@dataclass
+class GraphInputs:
+    """Everything the per-step propagation needs that does not change during training.
+
+    ``frozen[e]`` is the aggregated input ``c ⊙ X_t + Â X_s`` of relation e when both ends are
+    frozen; n→p keeps its adjacency and self term because its source (the updated negatives)
+    changes every step.
+    """
+
+    positive: Tensor  # (C, D) base positive nodes
+    negative: Tensor | None  # (C, D) base negative nodes
+    frozen: dict[str, Tensor]
+    np_adjacency: Tensor | None
+    np_self: Tensor | None
+    keys: Tensor  # (N, D) cache keys
+    key_labels: Tensor  # (N,)
+
+
+@register_method
+class HeGraphAdapter(Adapter):
+    """HeGraphAdapter (Zhao et al., 2024): heterogeneous graph of positive text, negative text
+    and visual class nodes, with a text classifier and a visual-bias cache classifier.
+
+    Per class there is a positive text node (mean of the class's description embeddings), a
+    negative text node ("a photo of no {class}") and a visual node (mean K-shot feature). Six
+    cosine relations (p→n, v→n, p→p, v→p, n→p, v→v; own-class contrastive edges weighted
+    ``1 - cos``) are computed once from the frozen features. Each step runs the hierarchical
+    aggregation once: negatives ``X^n' = X^n + β_pn M^{p→n} + β_vn M^{v→n}``, then positives
+    ``X^p' = X^p + α_pp M^{p→p} + α_vp M^{v→p} + α_np M^{n→p}`` (messages from the *updated*
+    negatives), then the visual bias ``M^v`` shifts every cache key, ``F' = norm(F + γ Y M^v)``.
+    Each ``M = tanh((c X_t + Â X_s) W + b)`` is a one-layer GCN with symmetric normalisation.
+    Loss ``CE(τ f X^p'ᵀ) + λ CE(s_vis exp(-β_tip (1 - f F'ᵀ)) Y)``; only the projections train.
+
+    Test time uses ``α_np = 0.1`` (the paper's test value) and fuses the two classifiers as
+    ``log((softmax(Z_text) + w softmax(Z_vis)) / (1 + w))`` (``fusion="prob"``) or
+    ``Z_text + w Z_vis`` (``fusion="logit"``). ``w`` is chosen on validation data over
+    ``fusion_grid`` when ``search_fusion`` and validation rows are given, else ``fusion_weight``
+    is used and ``best_params_['source']`` records that.
+
+    Ablations (paper §4.3): ``negative_nodes=False`` drops the negative nodes and their three
+    relations, ``visual_nodes=False`` drops the visual nodes, their relations and the visual
+    bias, ``edges`` keeps a subset of relations, ``classifier="text"`` is HeGraphAdapter(T),
+    ``positive_nodes="templates"`` uses ``text_features`` (the prompt or prompt-ensemble
+    embedding) instead of descriptions. (T-P) is ``edges=[pp, vp]``; (T-N) is
+    ``edges=[pn, vn, np]``. A bundle without ``negative_text_features`` or
+    ``description_features`` fails with the tensor's name unless one of these is asked for.
+
+    Args:
+        positive_nodes: "descriptions" (masked mean of ``description_features``) or "templates".
+        negative_nodes, visual_nodes: keep these node types.
+        edges: relation types to use (subset of pn, vn, pp, vp, np, vv).
+        beta_pn, beta_vn: weights of p→n and v→n into the negatives (0.5, 0.5; inferred).
+        alpha_pp, alpha_vp: weights of p→p and v→p into the positives (0.06, 0.24; Table 3).
+        alpha_np_train, alpha_np_test: weight of n→p in training (0.2) and at test (0.1; paper).
+        gamma: weight of the visual bias on the cache keys (0.5; inferred).
+        neg_self_edge: own-class contrastive weight, "one_minus_cos" or "neg_cos" (inferred).
+        source_degree: source-side degree, "column" sums of |R| or "row" sums (inferred).
+        block_layout: "five_blocks_bias" (5 x (D² + C·D), the paper's count up to 4·D) or
+            "three_W" (one bias-free W per target type).
+        classifier: "both" (text + cache, loss with ``loss_weight``) or "text" (the (T) variant).
+        loss_weight: λ, weight of the cache-classifier loss (0.1; paper).
+        logit_scale: τ of the text classifier (100, CLIP's frozen scale).
+        cache_beta, cache_scale: β_tip and s_vis of the cache classifier (1, 100; inferred).
+        fusion: "prob" or "logit" test-time combination (inferred).
+        fusion_weight: w used without validation search.
+        search_fusion, fusion_grid: search w on validation data over this grid.
+        epochs, lr: None = the paper's schedule (30 epochs, lr 1e-3; 100 epochs for EuroSAT,
+            DTD and FGVCAircraft, lr 1e-2 for FGVCAircraft) for ``dataset``.
+        dataset: dataset name used only to pick the paper's schedule.
+        batch_size, weight_decay: 32, 0.01 (inferred, CoOp family).
+        warmup_epochs, warmup_lr: constant-lr warmup (1 epoch at 1e-5; inferred).
+        use_views: visual nodes and cache keys from the mean of stored augmented views, and one
+            view per epoch as training queries.
+        seed: initialisation and shuffling seed.
+    """
+
+    card = MethodCard(
+        name="hegraph_adapter",
+        summary="HeGraphAdapter: heterogeneous GCN over positive/negative text and visual nodes "
+        "+ visual-bias cache",
+        paper="Zhao et al., HeGraphAdapter: Tuning Multi-Modal Vision-Language Models with "
+        "Heterogeneous Graph Adapter, 2024",
+        arxiv="2410.07854",
+        needs=("train", "text", "negative_features", "description_features"),
+        trainable=True,
+        searched={"fusion_weight": "fusion_grid (default 0, .1, .25, .5, 1, 2, 4, 10)"},
+        uses_views=True,
+        max_tiny_seconds=30,
+        param_formula="5 * (D * D + C * D)",
+    )
+
+    def __init__(
+        self,
+        positive_nodes: str = "descriptions",
+        negative_nodes: bool = True,
+        visual_nodes: bool = True,
+        edges: tuple[str, ...] = ALL_EDGES,
+        beta_pn: float = 0.5,
+        beta_vn: float = 0.5,
+        alpha_pp: float = 0.06,
+        alpha_vp: float = 0.24,
+        alpha_np_train: float = 0.2,
+        alpha_np_test: float = 0.1,
+        gamma: float = 0.5,
+        neg_self_edge: str = "one_minus_cos",
+        source_degree: str = "column",
+        block_layout: str = "five_blocks_bias",
+        classifier: str = "both",
+        loss_weight: float = 0.1,
+        logit_scale: float = 100.0,
+        cache_beta: float = 1.0,
+        cache_scale: float = 100.0,
+        fusion: str = "prob",
+        fusion_weight: float = 1.0,
+        search_fusion: bool = True,
+        fusion_grid: tuple[float, ...] = DEFAULT_FUSION_GRID,
+        epochs: int | None = None,
+        lr: float | None = None,
+        dataset: str = "",
+        batch_size: int = 32,
+        weight_decay: float = 0.01,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 1e-5,
+        use_views: bool = True,
+        seed: int = 1,
+    ) -> None:
+        self.positive_nodes = positive_nodes
+        self.negative_nodes = negative_nodes
+        self.visual_nodes = visual_nodes
+        self.edges = edges
+        self.beta_pn = beta_pn
+        self.beta_vn = beta_vn
+        self.alpha_pp = alpha_pp
+        self.alpha_vp = alpha_vp
+        self.alpha_np_train = alpha_np_train
+        self.alpha_np_test = alpha_np_test
+        self.gamma = gamma
+        self.neg_self_edge = neg_self_edge
+        self.source_degree = source_degree
+        self.block_layout = block_layout
+        self.classifier = classifier
+        self.loss_weight = loss_weight
+        self.logit_scale = logit_scale
+        self.cache_beta = cache_beta
+        self.cache_scale = cache_scale
+        self.fusion = fusion
+        self.fusion_weight = fusion_weight
+        self.search_fusion = search_fusion
+        self.fusion_grid = fusion_grid
+        self.epochs = epochs
+        self.lr = lr
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.warmup_epochs = warmup_epochs
+        self.warmup_lr = warmup_lr
+        self.use_views = use_views
+        self.seed = seed
+
+    # ------------------------------------------------------------------ configuration
+    def active_edges(self) -> tuple[str, ...]:
+        """The relations in use after the node-type switches, in the canonical order."""
+        unknown = sorted(set(self.edges) - set(ALL_EDGES))
+        if unknown:
+            raise ConfigError(
+                f"hegraph_adapter: unknown edge type(s) {unknown}; valid: {', '.join(ALL_EDGES)}"
+            )
+        keep = set(self.edges)
+        if not self.negative_nodes:
+            keep -= _NEGATIVE_EDGES
+        if not self.visual_nodes:
+            keep -= _VISUAL_EDGES
+        if self.classifier == "text":
+            keep.discard("vv")  # the visual bias only feeds the cache classifier
+        return tuple(e for e in ALL_EDGES if e in keep)
+
+    def _check_options(self) -> None:
+        choices = {
+            "positive_nodes": ("descriptions", "templates"),
+            "neg_self_edge": ("one_minus_cos", "neg_cos"),
+            "source_degree": ("column", "row"),
+            "block_layout": tuple(_BLOCKS),
+            "classifier": ("both", "text"),
+            "fusion": ("prob", "logit"),
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(
+                    f"hegraph_adapter: {name}={getattr(self, name)!r} is not one of {valid}"
+                )
+        if self.batch_size < 1:
+            raise ConfigError("hegraph_adapter: batch_size must be >= 1")
+
+    def _check_needs(self, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        # The card lists descriptions and negatives because the default configuration needs
+        # them; the explicit ablations (positive_nodes=templates, negative_nodes=false, an edge
+        # subset without negative relations) do not, so only what this configuration reads is
+        # required here, with a message naming the tensor and the ablation switch.
+        if text is None:
+            super()._check_needs(text, val)
+            return
+        self._check_options()
+        self._positive(text)
+        if set(self.active_edges()) & _NEGATIVE_EDGES:
+            self._negative(text)
+
+    def search_space(self) -> dict[str, list[float]]:
+        """``{"fusion_weight": fusion_grid}`` (empty for the text-only classifier)."""
+        if self.classifier == "text" or not self.search_fusion:
+            return {}
+        return {"fusion_weight": [float(w) for w in self.fusion_grid]}
+
+    def _block_names(self) -> list[str]:
+        mapping = _BLOCKS[self.block_layout]
+        return sorted({mapping[e] for e in self.active_edges()})
+
+    @staticmethod
+    def param_count(
+        dim: int,
+        num_classes: int,
+        block_layout: str = "five_blocks_bias",
+        edges: tuple[str, ...] = ALL_EDGES,
+    ) -> int:
+        """Trainable scalars for a layout and edge set: 5(D² + C·D) for the full default.
+
+        Example:
+            >>> HeGraphAdapter.param_count(1024, 1000)  # RN50, ImageNet
+            10362880
+        """
+        bias = block_layout == "five_blocks_bias"
+        blocks = {_BLOCKS[block_layout][e] for e in edges}
+        return len(blocks) * block_param_count(dim, num_classes, bias)
+
+    # ------------------------------------------------------------------ nodes
+    def _positive(self, text: TextFeatures) -> Tensor:
+        if self.positive_nodes == "templates":
+            return text.class_features
+        try:
+            descriptions = text.require("description_features", self.card.name)
+        except MissingTensorError as error:
+            raise MissingTensorError(
+                f"{error}; or run the documented ablation without descriptions explicitly with "
+                "positive_nodes=templates (e.g. --method hegraph_adapter:positive_nodes=templates)"
+            ) from None
+        mask = text.description_mask.to(descriptions.dtype)
+        return normalize_rows((descriptions * mask[..., None]).sum(dim=1))
+
+    def _negative(self, text: TextFeatures) -> Tensor:
+        try:
+            return text.require("negative_features", self.card.name)
+        except MissingTensorError as error:
+            raise MissingTensorError(
+                f"{error}; or run the documented ablation without negative nodes explicitly with "
+                "negative_nodes=false (e.g. --method hegraph_adapter:negative_nodes=false)"
+            ) from None
+
+    def _graph_inputs(self, train: TrainSet, text: TextFeatures) -> GraphInputs:
+        edges = self.active_edges()
+        positive = self._positive(text)
+        negative = self._negative(text) if set(edges) & _NEGATIVE_EDGES else None
+        visual = None
+        if set(edges) & _VISUAL_EDGES:
+            visual = class_means(
+                train_view_features(train, self.use_views), train.labels, text.num_classes
+            )
+        relations = relation_matrices(positive, negative, visual, edges, self.neg_self_edge)
+        nodes = {"p": positive, "n": negative, "v": visual}
+        frozen: dict[str, Tensor] = {}
+        np_adjacency = np_self = None
+        for name, relation in relations.items():
+            adjacency, self_coef = normalize_relation(relation, self.source_degree)
+            source, target = nodes[name[0]], nodes[name[1]]
+            if name == "vv":
+                self_coef = None  # Eq. 5: the visual aggregation has no self term
+            if name == "np":
+                np_adjacency, np_self = adjacency, self_coef
+                continue
+            frozen[name] = aggregate(adjacency, self_coef, target, source)
+        return GraphInputs(
+            positive=positive,
+            negative=negative,
+            frozen=frozen,
+            np_adjacency=np_adjacency,
+            np_self=np_self,
+            keys=cache_keys(train, self.use_views),
+            key_labels=train.labels,
+        )
+
+    # ------------------------------------------------------------------ the graph
+    def _propagate(self, inputs: GraphInputs, alpha_np: float) -> tuple[Tensor, Tensor | None]:
+        """One pass of the hierarchical aggregation: negatives → positives → visual bias.
+
+        Returns:
+            (updated positive nodes X^p' (C, D), visual bias M^v (C, D) or None).
+        """
+        blocks = self.graph_.blocks
+        mapping = _BLOCKS[self.block_layout]
+        frozen = inputs.frozen
+
+        def message(edge: str, aggregated: Tensor) -> Tensor:
+            return blocks[mapping[edge]](aggregated)
+
+        negative = inputs.negative
+        if "pn" in frozen or "vn" in frozen:
+            updates = [
+                w * message(e, frozen[e])
+                for e, w in (("pn", self.beta_pn), ("vn", self.beta_vn))
+                if e in frozen
+            ]
+            negative = negative + sum(updates)
+        positive = inputs.positive
+        updates = [
+            w * message(e, frozen[e])
+            for e, w in (("pp", self.alpha_pp), ("vp", self.alpha_vp))
+            if e in frozen
+        ]
+        if inputs.np_adjacency is not None:
+            aggregated = aggregate(inputs.np_adjacency, inputs.np_self, inputs.positive, negative)
+            updates.append(alpha_np * message("np", aggregated))
+        if updates:
+            positive = positive + sum(updates)
+        bias = message("vv", frozen["vv"]) if "vv" in frozen else None
+        return positive, bias
+
+    def _biased_keys(self, inputs: GraphInputs, bias: Tensor | None) -> Tensor:
+        if bias is None:
+            return inputs.keys
+        return normalize_rows(inputs.keys + self.gamma * bias[inputs.key_labels])
+
+    def _classifier_logits(
+        self, features: Tensor, text_weights: Tensor, keys: Tensor, key_labels: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        z_text = self.logit_scale * features @ normalize_rows(text_weights).T
+        if self.classifier == "text":
+            return z_text, None
+        affinity = features @ keys.T
+        z_vis = self.cache_scale * cache_logits(
+            affinity, key_labels, text_weights.shape[0], self.cache_beta
+        )
+        return z_text, z_vis
+
+    # ------------------------------------------------------------------ fit
+    def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
+        self._check_options()
+        device = train.device
+        num_classes, dim = text.num_classes, text.dim
+        inputs = self._graph_inputs(train, text)
+        self._inputs = inputs  # private: kept for _grad_logits, never saved
+        self.n_classes_, self.dim_ = num_classes, dim
+        self._build_modules()
+        self.graph_.to(device)
+        self.graph_.reset_parameters(self._generator("cpu"))
+        epochs, lr, schedule = paper_schedule(self.dataset, self.epochs, self.lr, 30, 100)
+        queries = train_view_features(train, self.use_views)
+        labels = train.labels
+
+        def batch_loss(index: Tensor, epoch: int) -> Tensor:
+            positive, bias = self._propagate(inputs, self.alpha_np_train)
+            keys = self._biased_keys(inputs, bias)
+            batch = queries[epoch % queries.shape[0]].index_select(0, index)
+            z_text, z_vis = self._classifier_logits(batch, positive, keys, inputs.key_labels)
+            target = labels.index_select(0, index)
+            loss = F.cross_entropy(z_text.float(), target)
+            if z_vis is not None:
+                loss = loss + self.loss_weight * F.cross_entropy(z_vis.float(), target)
+            return loss
+
+        config = make_train_config(
+            epochs=epochs,
+            lr=lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            warmup_lr=self.warmup_lr,
+            num_rows=len(train),
+            seed=self.seed,
+        )
+        history = train_loop(
+            list(self.graph_.parameters()),
+            batch_loss,
+            len(train),
+            config,
+            device=device,
+            what="hegraph_adapter training",
+        )
+        self.train_loss_ = [float(v) for v in history.loss]
+        with torch.no_grad():
+            positive, bias = self._propagate(inputs, self.alpha_np_test)
+            self.text_weights_ = normalize_rows(positive).detach()
+            self.cache_keys_ = self._biased_keys(inputs, bias).detach().clone()
+        self.cache_labels_ = inputs.key_labels.clone()
+        self._choose_fusion(val)
+        self.best_params_.update(
+            {"epochs": epochs, "lr": lr, "schedule": schedule, "edges": list(self.active_edges())}
+        )
+
+    def _choose_fusion(self, val: ValidationSet | None) -> None:
+        if self.classifier == "text":
+            self.fusion_weight_ = 0.0
+            self.best_params_ = {"fusion_weight": 0.0, "source": "text classifier only"}
+            return
+        if self.search_fusion and val is not None and len(val) > 0 and self.fusion_grid:
+            base, extra = self._fusion_terms(val.features)
+            grid = [float(w) for w in self.fusion_grid]
+            _, j, acc = search_logit_blend(base, [extra], grid, val)
+            self.fusion_weight_ = grid[j]
+            self.best_params_ = {
+                "fusion_weight": self.fusion_weight_,
+                "val_accuracy": acc,
+                "source": f"validation search on {val.name} ({len(val)} rows)",
+            }
+        else:
+            self.fusion_weight_ = float(self.fusion_weight)
+            reason = "search disabled" if not self.search_fusion else "no validation data"
+            self.best_params_ = {
+                "fusion_weight": self.fusion_weight_,
+                "source": f"defaults ({reason})",
+            }
+
+    def _fusion_terms(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(base, extra) whose ``base + w * extra`` has the fused prediction's argmax."""
+        z_text, z_vis = self._classifier_logits(
+            features, self.text_weights_, self.cache_keys_, self.cache_labels_
+        )
+        if self.fusion == "prob":
+            return z_text.softmax(dim=-1), z_vis.softmax(dim=-1)
+        return z_text, z_vis
+
+    # ------------------------------------------------------------------ predict
+    def _logits(self, features: Tensor) -> Tensor:
+        return self._fused(features, self.text_weights_, self.cache_keys_)
+
+    def _grad_logits(self, features: Tensor) -> Tensor:
+        """Test-time logits recomputed through the graph, so gradients reach every block."""
+        inputs = getattr(self, "_inputs", None)
+        if inputs is None:
+            raise RuntimeError(
+                "hegraph_adapter: gradient logits need the graph inputs of a fit in this session"
+            )
+        positive, bias = self._propagate(inputs, self.alpha_np_test)
+        return self._fused(features, normalize_rows(positive), self._biased_keys(inputs, bias))
+
+    def _fused(self, features: Tensor, text_weights: Tensor, keys: Tensor) -> Tensor:
+        z_text, z_vis = self._classifier_logits(features, text_weights, keys, self.cache_labels_)
+        w = float(self.fusion_weight_)
+        if z_vis is None or w == 0.0:
+            return z_text
+        if self.fusion == "logit":
+            return z_text + w * z_vis
+        # log of the mixture of the two classifiers' probabilities, computed stably
+        mixture = torch.logaddexp(
+            z_text.log_softmax(dim=-1), z_vis.log_softmax(dim=-1) + math.log(w)
+        )
+        return mixture - math.log1p(w)
+
+    def _build_modules(self) -> None:
+        self.graph_ = HeteroGraph(
+            self._block_names(),
+            int(self.dim_),
+            int(self.n_classes_),
+            bias=self.block_layout == "five_blocks_bias",
+        )
