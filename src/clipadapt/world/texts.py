@@ -1,0 +1,116 @@
+"""Text side of the world datasets: invented species names, descriptions, prompt templates.
+
+Kept apart from the datasets so the tokenizer vocabulary (:func:`world_vocabulary`) can be
+built from every word any world text may contain, before any dataset exists.
+"""
+
+from __future__ import annotations
+
+import random
+
+from clipadapt.world.captions import (
+    SIZE_WORDS,
+    TEXTURE_ADJ,
+    TEXTURE_SUFFIX,
+    caption_words,
+    with_article,
+)
+from clipadapt.world.tokenizer import WordTokenizer, split_words
+
+# Invented names: never seen in pre-training captions, so a name alone carries nothing.
+SPECIES_NAMES: tuple[str, ...] = (
+    "velk",
+    "dorin",
+    "quaxi",
+    "mibble",
+    "zorp",
+    "tavel",
+    "grunn",
+    "plisk",
+    "wendo",
+    "soraf",
+    "kibbet",
+    "lumox",
+    "fennit",
+    "jarva",
+    "brisel",
+    "hoxa",
+    "nimbel",
+    "trask",
+    "yulo",
+    "cravet",
+)
+
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "an image of a {}.",
+    "a picture of a {}.",
+    "a {}.",
+    "there is a {}.",
+)
+SCENE_TEMPLATES: tuple[str, ...] = (
+    "a photo of {}.",
+    "an image of {}.",
+    "a picture of {}.",
+    "{}.",
+    "there is {}.",
+)
+NEGATIVE_TEMPLATE = "a photo of no {}."
+
+# CuPL-style description sentences; {n} is the species name, {a} its article.
+_DESCRIPTION_FORMS: tuple[str, ...] = (
+    "{a} {n} is {full}.",
+    "a photo of {a} {n}, which looks like {full}.",
+    "{a} {n} is always {colour}.",
+    "the body of {a} {n} is {colour} and {texture}.",
+    "{a} {n} has the shape of a {shape}.",
+    "you can recognise {a} {n} by its {shape} shape {suffix}.",
+    "{a} {n} is a {size_word} {shape}.",
+    "{a} {n} looks like {colour_shape} {suffix}.",
+)
+
+
+def describe_species(
+    name: str, shape: str, colour: str, texture: str, size: str | None, seed: int = 0
+) -> list[str]:
+    """Sentences describing one species' defining attributes in varied words.
+
+    Each sentence names a subset of the attributes; together they name all of them. ``size``
+    None means the species comes in every size (the size is then not described).
+    """
+    rng = random.Random(f"{seed}:{name}")
+    tex = rng.choice(TEXTURE_ADJ[texture])
+    size_word = rng.choice(SIZE_WORDS[size]) if size else ""
+    full = with_article(" ".join(w for w in (size_word, colour, tex, shape) if w))
+    fields = {
+        "n": name,
+        "a": "a",
+        "full": full,
+        "colour": colour,
+        "texture": tex,
+        "shape": shape,
+        "suffix": rng.choice(TEXTURE_SUFFIX[texture]),
+        "size_word": size_word or "small or large",
+        "colour_shape": with_article(f"{colour} {shape}"),
+    }
+    return [form.format(**fields) for form in _DESCRIPTION_FORMS]
+
+
+EXTRA_WORDS = (
+    "no which looks like is always the body of has shape you can recognise by its or"
+    " photo image picture there"
+)
+
+
+def world_vocabulary() -> list[str]:
+    """Sorted word list covering captions, class names, descriptions and templates."""
+    words = caption_words()
+    words.update(SPECIES_NAMES)
+    for t in (*TEMPLATES, *SCENE_TEMPLATES, NEGATIVE_TEMPLATE, EXTRA_WORDS):
+        words.update(split_words(t.replace("{}", " ")))
+    return sorted(words)
+
+
+def world_tokenizer(context_length: int = 32) -> WordTokenizer:
+    """The tokenizer of the shipped world model (vocabulary from :func:`world_vocabulary`)."""
+    return WordTokenizer(world_vocabulary(), context_length=context_length)
