@@ -356,6 +356,8 @@ def test_clipadapt_dataset_folder(tmp_path):
     assert ds.descriptions == root / "descriptions.json"
     assert ds.sizes() == {"train": 4, "val": 0, "test": 2}
     assert load_dataset(root / "split.json").sizes() == ds.sizes()
+    named_like_coop = _tree(tmp_path / "dtd", {"x": 2})
+    assert load_dataset(named_like_coop).classnames == ["x"]  # a Path is never a registry name
 
     meta["classnames"] = ["only one"]
     (root / "dataset.json").write_text(json.dumps(meta))

@@ -921,7 +921,8 @@ def load_dataset(
     Args:
         name_or_path: a registered key (see :func:`list_datasets`; display names and aliases
             such as ``fgvc`` work too), or the path of a dataset folder (relative paths are
-            tried under ``data_root`` first), or the path of a split JSON file.
+            tried under ``data_root`` first), or the path of a split JSON file. A ``Path``
+            object or a string containing ``/`` is always read as a path.
         data_root: the folder holding the CoOp dataset folders (default: the
             ``CLIPADAPT_DATA_ROOT`` environment variable).
         split_file: a split_zhou JSON to use instead of the default one. For folders: where the
@@ -956,7 +957,9 @@ def load_dataset(
     root_dir = Path(data_root).expanduser() if data_root is not None else None
     split_path = Path(split_file).expanduser() if split_file is not None else None
     text = str(name_or_path)
-    spec = None if ("/" in text or os.sep in text) else _lookup(text)
+    # A Path object, or a string with a separator, always means a folder or file.
+    looks_like_path = isinstance(name_or_path, Path) or "/" in text or os.sep in text
+    spec = None if looks_like_path else _lookup(text)
     if spec is not None:
         if root_dir is None:
             raise DatasetError(
@@ -975,7 +978,7 @@ def load_dataset(
     if not path.is_absolute() and root_dir is not None and (root_dir / path).exists():
         path = root_dir / path
     if not path.exists():
-        if "/" not in text and os.sep not in text:
+        if not looks_like_path:
             raise DatasetError(
                 f"unknown dataset {text!r} and no folder of that name; known datasets: "
                 f"{', '.join(DATASETS)} (or pass the path of an ImageFolder tree or of a folder "
