@@ -359,6 +359,14 @@ def test_clipadapt_dataset_folder(tmp_path):
     named_like_coop = _tree(tmp_path / "dtd", {"x": 2})
     assert load_dataset(named_like_coop).classnames == ["x"]  # a Path is never a registry name
 
+    meta["templates"] = "single+imagenet7"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert load_dataset(root).templates[:2] == ["a photo of a {}, a type of pet.", "itap of a {}."]
+    meta["templates"] = ["no braces"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"dataset.json: 'templates'.*exactly one"):
+        load_dataset(root)
+    meta["templates"] = "imagenet7"
     meta["classnames"] = ["only one"]
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match="2 classes in the splits but 1 class names"):

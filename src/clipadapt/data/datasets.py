@@ -707,11 +707,8 @@ def _read_dataset_json(root: Path) -> dict[str, Any]:
     try:
         if "template" in data:
             check_template(data["template"], f"{path}: 'template'")
-        if "templates" in data:
-            spec = data["templates"]
-            if not isinstance(spec, str | list):
-                raise ConfigError(f"{path}: 'templates' must be a list of templates or a name")
-            data["templates"] = resolve_templates(spec)
+        if "templates" in data and not isinstance(data["templates"], str | list):
+            raise ConfigError(f"{path}: 'templates' must be a list of templates or a name")
     except ConfigError as error:
         raise DatasetError(str(error)) from None
     return data
@@ -756,7 +753,13 @@ def _load_folder(
     )
     dataset.split_path = path
     dataset.template = meta.get("template", GENERIC_TEMPLATE)
-    dataset.templates = list(meta.get("templates") or [dataset.template])
+    dataset.templates = [dataset.template]
+    if meta.get("templates") is not None:
+        # Resolved against the dataset so that "single" means this dataset's own template.
+        try:
+            dataset.templates = resolve_templates(meta["templates"], dataset)
+        except ConfigError as error:
+            raise DatasetError(f"{root / DATASET_FILENAME}: 'templates': {error}") from None
     descriptions = meta.get("descriptions")
     if descriptions is not None:
         dataset.descriptions = root / descriptions
