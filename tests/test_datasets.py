@@ -278,6 +278,13 @@ def test_imagefolder_split_is_deterministic_and_saved(tmp_path):
     assert a.sizes() == {"train": 10, "val": 4, "test": 6}  # per class round-half-up
     assert a.classnames == ["cat", "dog", "sea_lion"] and a.name == "one"
     assert a.split_path == first / "split.json"
+    assert a.fingerprint() == load_dataset(second).fingerprint()  # independent of location
+    _touch(first / "cat" / "img_999.jpg")
+    (first / "split.json").unlink()
+    assert load_dataset(first).fingerprint() != a.fingerprint()
+    (first / "cat" / "img_999.jpg").unlink()
+    (first / "split.json").unlink()
+    assert load_dataset(first).fingerprint() == a.fingerprint()
     other = make_imagefolder_split(first, seed=1)
     assert other != json.loads((first / "split.json").read_text())
     # the saved split is reused: a new seed does not change an existing split

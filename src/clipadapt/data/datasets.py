@@ -264,6 +264,14 @@ class ImageDataset:
             **kwargs,
         )
 
+    def fingerprint(self) -> str:
+        """A 16-hex-digit hash of the class names and the splits (paths relative to ``root``).
+
+        It does not depend on where the data root is mounted, so feature caches keyed by it
+        survive moving the dataset; it changes when any split entry or class name changes.
+        """
+        return stable_hash({"classnames": self.classnames, "splits": self.to_split_dict()})
+
     def to_split_dict(self, image_dir: str | Path | None = None) -> dict[str, list[list[Any]]]:
         """The splits in split_zhou form, paths relative to ``image_dir`` (default ``root``)."""
         base = Path(image_dir) if image_dir is not None else self.root
