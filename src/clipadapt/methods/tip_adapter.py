@@ -34,6 +34,11 @@ def cache_logits(affinity: Tensor, key_labels: Tensor, num_classes: int, beta: f
     return out.index_add_(1, key_labels, weights)
 
 
+# Most validation rows have only a handful of classes that can win the argmax for some alpha;
+# those rows are compared on this many columns, the rare others on all of them.
+_NARROW = 32
+
+
 def search_alpha_beta(
     zero_shot: Tensor,
     affinity: Tensor,
@@ -65,12 +70,18 @@ def search_alpha_beta(
         cache = cache_logits(affinity, key_labels, num_classes, beta)
         upper = zero_shot + a_hi * cache  # cache >= 0, so this bounds every alpha's score
         floor = (zero_shot + a_lo * cache).max(dim=1, keepdim=True).values
-        width = int((upper >= floor).sum(dim=1).max())
-        columns = upper.topk(width, dim=1).indices.sort(dim=1).values  # keep argmax tie order
-        z = zero_shot.gather(1, columns)
-        q = cache.gather(1, columns)
-        blended = z[None] + alpha_t[:, None, None] * q[None]
-        predicted = columns.gather(1, blended.argmax(-1).T).T  # (A, Nv) class indices
+        contenders = (upper >= floor).sum(dim=1)
+        predicted = torch.empty(len(alphas), labels.shape[0], dtype=torch.long, device=labels.device)
+        narrow = contenders <= _NARROW
+        for rows, width in ((narrow, _NARROW), (~narrow, num_classes)):
+            if not bool(rows.any()):
+                continue
+            width = min(width, num_classes)
+            columns = upper[rows].topk(width, dim=1).indices.sort(dim=1).values  # keep tie order
+            z = zero_shot[rows].gather(1, columns)
+            q = cache[rows].gather(1, columns)
+            blended = z[None] + alpha_t[:, None, None] * q[None]
+            predicted[:, rows] = columns.gather(1, blended.argmax(-1).T).T
         correct = (predicted == labels[None]).float().mean(-1) * 100
         j = int(torch.argmax(correct))
         if float(correct[j]) > best[2]:
