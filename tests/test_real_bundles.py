@@ -45,11 +45,26 @@ def test_bench_cli_on_the_real_bundle(imagenet, tmp_path):
     from clipadapt.cli import main
 
     out = tmp_path / "results.jsonl"
-    code = main([
-        "bench", "--bundle", str(imagenet.path), "--methods", "zeroshot",
-        "--train-set", "train_1shot", "--val-set", "train_2shot", "--eval-set", "train_4shot",
-        "--seeds", "1", "--out", str(out), "--no-progress",
-    ])
+    code = main(
+        [
+            "bench",
+            "--bundle",
+            str(imagenet.path),
+            "--methods",
+            "zeroshot",
+            "--train-set",
+            "train_1shot",
+            "--val-set",
+            "train_2shot",
+            "--eval-set",
+            "train_4shot",
+            "--seeds",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     (line,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert line["accuracy"] == pytest.approx(58.9, abs=0.3)
