@@ -351,6 +351,7 @@ def test_clipadapt_dataset_folder(tmp_path):
         "classnames": ["tabby cat", "beagle"],
         "template": "a photo of a {}, a type of pet.",
         "templates": "imagenet7",
+        "domain_of": {"tabby cat": "cats"},
     }
     (root / "dataset.json").write_text(json.dumps(meta))
     (root / "descriptions.json").write_text(json.dumps({"tabby cat": ["x"], "beagle": ["y"]}))
@@ -361,6 +362,7 @@ def test_clipadapt_dataset_folder(tmp_path):
     assert ds.template == "a photo of a {}, a type of pet."
     assert len(ds.templates) == 7
     assert ds.descriptions == root / "descriptions.json"
+    assert ds.metadata == {"domain_of": {"tabby cat": "cats"}}
     assert ds.sizes() == {"train": 4, "val": 0, "test": 2}
     assert load_dataset(root / "split.json").sizes() == ds.sizes()
     named_like_coop = _tree(tmp_path / "dtd", {"x": 2})

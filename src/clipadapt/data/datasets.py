@@ -200,6 +200,8 @@ class ImageDataset:
         missing: split entries (paths relative to the image folder) whose file does not exist
             and that were dropped because missing files were allowed.
         split_path: the file the splits were read from (None for folder layouts).
+        metadata: extra keys of a folder's ``dataset.json`` beyond the documented ones
+            (for example the world generator's ``domain_of``).
     """
 
     name: str
@@ -211,6 +213,7 @@ class ImageDataset:
     descriptions: Path | None = None
     missing: list[str] = field(default_factory=list)
     split_path: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -702,7 +705,9 @@ def _read_dataset_json(root: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: expected a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - _DATASET_JSON_KEYS)
     if unknown:
-        log.warning("%s: ignoring unknown key(s) %s", path, ", ".join(unknown))
+        # Producers may add their own keys (the world generator writes ``domain_of``); they are
+        # kept in ImageDataset.metadata rather than rejected.
+        log.debug("%s: extra key(s) kept as metadata: %s", path, ", ".join(unknown))
     if "name" in data and not isinstance(data["name"], str):
         raise DatasetError(f"{path}: 'name' must be a string")
     names = data.get("classnames")
@@ -760,6 +765,7 @@ def _load_folder(
         classnames=meta.get("classnames"),
     )
     dataset.split_path = path
+    dataset.metadata = {k: v for k, v in meta.items() if k not in _DATASET_JSON_KEYS}
     dataset.template = meta.get("template", GENERIC_TEMPLATE)
     dataset.templates = [dataset.template]
     if meta.get("templates") is not None:
