@@ -30,7 +30,7 @@ class TrainConfig:
         batch_size: rows per step (the last, smaller batch is kept).
         lr: peak learning rate.
         weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
-        optimizer: "adamw" or "sgd".
+        optimizer: "adamw", "adam" (weight decay as an L2 term, PyTorch's Adam) or "sgd".
         eps, betas: AdamW settings; momentum: SGD momentum.
         warmup_iters: iterations of warmup before the cosine schedule starts.
         warmup_lr: constant warmup learning rate (CoOp style); None means linear warmup to lr.
@@ -38,6 +38,15 @@ class TrainConfig:
         patience: stop after this many epochs without validation improvement (None: never).
         seed: seeds the private generator used for shuffling.
         amp: autocast to bfloat16 on CUDA (ignored on CPU, where training stays float32).
+        iters_per_epoch: when set, an epoch is this many batches taken as consecutive slices of
+            a fresh permutation (CLAP's epoch over a pool of augmented views, which sees only a
+            part of the pool); None means one pass over all rows.
+        drop_last: drop the last, smaller batch of an epoch (Dassl's loader when there are at
+            least ``batch_size`` rows); ignored when that would leave no batch.
+        warmup_epochs: epochs of warmup (added to ``warmup_iters`` once the epoch length is
+            known), as in Dassl's one constant warmup epoch at 1e-5.
+        per_epoch_schedule: update the learning rate once per epoch (Dassl/CoOp), not per
+            iteration (Tip-Adapter-F).
     """
 
     epochs: int = 20
@@ -54,6 +63,10 @@ class TrainConfig:
     patience: int | None = None
     seed: int = 1
     amp: bool = True
+    iters_per_epoch: int | None = None
+    drop_last: bool = False
+    warmup_epochs: int = 0
+    per_epoch_schedule: bool = False
 
 
 @dataclass
@@ -72,21 +85,68 @@ def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.op
             params, lr=config.lr, betas=config.betas, eps=config.eps,
             weight_decay=config.weight_decay,
         )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(
+            params, lr=config.lr, betas=config.betas, eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-    raise TrainingError(f"unknown optimizer {config.optimizer!r}; use 'adamw' or 'sgd'")
+    raise TrainingError(
+        f"unknown optimizer {config.optimizer!r}; use 'adamw', 'adam' or 'sgd'"
+    )
 
 
-def _lr_at(step: int, total: int, config: TrainConfig) -> float:
-    if step < config.warmup_iters:
+def _lr_at(step: int, total: int, config: TrainConfig, warmup: int | None = None) -> float:
+    """Learning rate at ``step`` of ``total`` (steps are epochs with ``per_epoch_schedule``)."""
+    warmup = config.warmup_iters if warmup is None else warmup
+    if step < warmup:
         if config.warmup_lr is not None:
             return config.warmup_lr
-        return config.lr * (step + 1) / config.warmup_iters
-    span = max(total - config.warmup_iters, 1)
-    progress = (step - config.warmup_iters) / span
+        return config.lr * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = (step - warmup) / span
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _epoch_batches(num_rows: int, config: TrainConfig) -> tuple[int, int]:
+    """(batches per epoch, rows used per epoch) under ``iters_per_epoch`` / ``drop_last``."""
+    if config.iters_per_epoch is not None:
+        if config.iters_per_epoch <= 0:
+            raise TrainingError(f"iters_per_epoch must be positive, got {config.iters_per_epoch}")
+        rows = min(num_rows, config.iters_per_epoch * config.batch_size)
+        return math.ceil(rows / config.batch_size), rows
+    if config.drop_last and num_rows >= config.batch_size:
+        full = num_rows // config.batch_size
+        return full, full * config.batch_size
+    return math.ceil(num_rows / config.batch_size), num_rows
+
+
+def sample_view_rows(
+    features: Tensor, views: Tensor | None, epoch: int, seed: int, offset: int = 0
+) -> Tensor:
+    """One stored augmented view per row for ``epoch`` (a fresh augmentation every epoch).
+
+    The view of each row is drawn uniformly from a generator seeded by (seed, epoch), so a run
+    is reproducible and independent of the global RNG.
+
+    Args:
+        features: (N, D) clean rows, returned unchanged when ``views`` is None.
+        views: optional (V, N, D) augmented views of the same rows.
+        epoch: epoch index; seed: the method's seed; offset: separates several samplers.
+
+    Returns:
+        (N, D) rows on the device of ``features``.
+    """
+    if views is None:
+        return features
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed) * 1_000_003 + 7919 * (epoch + 1) + offset)
+    pick = torch.randint(views.shape[0], (views.shape[1],), generator=generator)
+    rows = torch.arange(views.shape[1])
+    return views[pick.to(views.device), rows.to(views.device)]
 
 
 def train_loop(
@@ -127,8 +187,12 @@ def train_loop(
     optimizer = _make_optimizer(params, config)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(config.seed))
-    iters_per_epoch = math.ceil(num_rows / config.batch_size)
-    total = config.epochs * iters_per_epoch
+    iters_per_epoch, rows_per_epoch = _epoch_batches(num_rows, config)
+    if config.per_epoch_schedule:
+        total, warmup = config.epochs, config.warmup_iters + config.warmup_epochs
+    else:
+        total = config.epochs * iters_per_epoch
+        warmup = config.warmup_iters + config.warmup_epochs * iters_per_epoch
     use_amp = config.amp and torch.device(device).type == "cuda"
     history = TrainHistory()
     best_state: list[Tensor] | None = None
@@ -136,11 +200,12 @@ def train_loop(
     stale = 0
     step = 0
     for epoch in range(config.epochs):
-        order = torch.randperm(num_rows, generator=generator).to(device)
+        order = torch.randperm(num_rows, generator=generator)[:rows_per_epoch].to(device)
         running, count = 0.0, 0
-        for start in range(0, num_rows, config.batch_size):
+        for start in range(0, rows_per_epoch, config.batch_size):
+            lr = _lr_at(epoch if config.per_epoch_schedule else step, total, config, warmup)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total, config)
+                group["lr"] = lr
             index = order[start : start + config.batch_size]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 loss = batch_loss(index, epoch)
