@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY_MODEL
 
 from clipadapt.encoders.clip import ClipEncoder, load_state_dict_file, resolve_backbone
 from clipadapt.exceptions import CheckpointError, ConfigError
+from conftest import TINY_MODEL
 
 
 class _Payload:

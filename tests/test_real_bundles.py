@@ -7,10 +7,10 @@ draw, score once on the 4-shot draw (three disjoint sets of ImageNet train image
 from __future__ import annotations
 
 import pytest
-from conftest import real_data
 
 import clipadapt
 from clipadapt.tasks.classification import SplitChoice
+from conftest import real_data
 
 pytestmark = pytest.mark.realdata
 
