@@ -147,11 +147,17 @@ def evaluate(
     if "seed" in method.get_params():
         method.set_params(seed=seed)
     text = bundle.text(text_encoder) if bundle.has_text() else None
-    if text is None:
+    if text is None and "text" in method.card.needs:
         raise MissingTensorError(
-            f"{method.card.name} needs `text_features`, which {bundle.where} lacks"
+            f"{method.card.name} needs `text_features`, which {bundle.where} lacks; image-only "
+            "methods can still run on it (see `clipadapt list-methods`)"
         )
-    method.fit(train.to(device), text, None if val is None else val.to(device))
+    method.fit(
+        train.to(device),
+        text,
+        None if val is None else val.to(device),
+        num_classes=None if text is not None else bundle.num_classes,
+    )
     started = time.perf_counter()
     accuracy = method.score(evaluation.features.to(device), evaluation.labels.to(device))
     predict_seconds = time.perf_counter() - started
