@@ -409,7 +409,7 @@ def _rows(*rows: tuple) -> list[list]:
     [
         ('{"train": [["a/img_000.jpg", 0, "a"],', r"not valid JSON \(line 1, column"),
         ([1, 2], "expected a JSON object"),
-        ({"test": []}, "no 'train' list"),
+        ({}, "has none of 'train', 'val', 'test'"),
         ({"train": [], "tests": []}, "unknown key.*'tests'"),
         ({"train": [["a/img_000.jpg", "0", "a"]]}, r"train\[0\] is .*integer label"),
         ({"train": [["a/img_000.jpg", True, "a"]]}, r"train\[0\]"),
@@ -450,6 +450,15 @@ def test_missing_images_are_counted_and_listed(tmp_path):
     ds = load_dataset(root, allow_missing=True)
     assert len(ds.missing) == 7 and ds.sizes() == {"train": 1}
     assert load_dataset(root, check_files=False).sizes() == {"train": 8}
+
+
+def test_evaluation_only_dataset(tmp_path):
+    rows = _rows(("a/img_000.jpg", 0, "a"), ("b/img_000.jpg", 1, "b"))
+    root = _folder_with_split(tmp_path, {"train": [], "test": rows})
+    ds = load_dataset(root)
+    assert ds.sizes() == {"train": 0, "test": 2} and ds.classnames == ["a", "b"]
+    with pytest.raises(DatasetError, match="no training images .*evaluation-only"):
+        ds.draw(1, seed=1)
 
 
 def test_all_images_of_a_class_missing_is_an_empty_class(tmp_path):

@@ -193,7 +193,8 @@ class ImageDataset:
         root: the dataset folder.
         classnames: C class names, in label order (used in prompts).
         splits: ``"train"``/``"val"``/``"test"`` -> items; a split the dataset lacks is absent
-            (ImageNet has no ``"val"``).
+            (ImageNet has no ``"val"``; an evaluation-only dataset has no or an empty
+            ``"train"``).
         template: the hand-crafted prompt.
         templates: the default template ensemble (``[template]`` unless configured).
         descriptions: a CuPL-style description file shipped with the dataset, if any.
@@ -253,7 +254,12 @@ class ImageDataset:
         Paths are the sort keys, so the draw does not depend on listing order. Keyword
         arguments go to :func:`~clipadapt.data.fewshot.draw_few_shot`.
         """
-        train = self.split("train")
+        train = self.splits.get("train")
+        if not train:
+            raise DatasetError(
+                f"dataset {self.name!r} has no training images (an evaluation-only dataset); "
+                "draw shots from the dataset the method is adapted on"
+            )
         val = self.splits.get("val")
         return draw_few_shot(
             [item.label for item in train],
@@ -332,8 +338,8 @@ def _parse_split_dict(data: Any, where: str) -> dict[str, list[tuple[str, int, s
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a split file has only "
             f"'train', 'val' and 'test' ({form})"
         )
-    if "train" not in data:
-        raise DatasetError(f"{where}: no 'train' list; expected {form}")
+    if not set(data) & set(SPLITS):
+        raise DatasetError(f"{where}: has none of 'train', 'val', 'test'; expected {form}")
     out: dict[str, list[tuple[str, int, str]]] = {}
     for split in SPLITS:
         if split not in data:
@@ -384,7 +390,10 @@ def _classnames_from(entries: dict[str, list[tuple[str, int, str]]], where: str)
             f"(labels must be 0..C-1; the largest is {num_classes - 1}); renumber the labels"
         )
     classnames = [names[label][0] for label in range(num_classes)]
-    _check_train_covers(entries["train"], classnames, where)
+    # An evaluation-only dataset (a domain-shift target such as a sketch variant) has no train
+    # images at all; a train split that misses some classes is an error.
+    if entries.get("train"):
+        _check_train_covers(entries["train"], classnames, where)
     by_name: dict[str, int] = {}
     for label, name in enumerate(classnames):
         if name in by_name:
@@ -474,7 +483,7 @@ def _build_dataset(
             missing.extend(rels)
             drop = set(gone)
             splits[split] = [item for i, item in enumerate(items) if i not in drop]
-        if missing:
+        if missing and splits.get("train"):
             _check_train_covers(
                 ((None, item.label, None) for item in splits["train"]), names, where
             )
