@@ -295,6 +295,22 @@ def test_imagefolder_split_is_deterministic_and_saved(tmp_path):
     assert saved["train"][0] == ["cat/" + Path(saved["train"][0][0]).name, 0, "cat"]
 
 
+def test_imagefolder_split_ignores_listing_order(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "tree", {"b": 9, "a": 6})
+    _touch(root / "a" / "sub" / "x.png")
+    expected = make_imagefolder_split(root, seed=3)
+    real_walk, real_iterdir = ds_module.os.walk, Path.iterdir
+
+    def reversed_walk(top, **kwargs):
+        for dirpath, dirnames, filenames in real_walk(top, **kwargs):
+            dirnames.reverse()
+            yield dirpath, dirnames, filenames[::-1]
+
+    monkeypatch.setattr(ds_module.os, "walk", reversed_walk)
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(real_iterdir(self))[::-1]))
+    assert make_imagefolder_split(root, seed=3) == expected
+
+
 def test_imagefolder_split_per_class_and_extensions(tmp_path):
     root = tmp_path / "tree"
     exts = sorted(IMAGE_EXTENSIONS)
