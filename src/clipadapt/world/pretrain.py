@@ -30,14 +30,15 @@ import torch
 from clipadapt.exceptions import CheckpointError, ConfigError
 from clipadapt.world.generator import WorldGenerator
 from clipadapt.world.texts import world_tokenizer
-from clipadapt.world.tokenizer import WordTokenizer
+from clipadapt.world.tokenizer import WordTokenizer, tokenizer_from_card
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "clipadapt-world-rn"
-# Fixed normalisation for the 64-pixel world images (roughly their per-channel statistics).
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
+# open_clip's default (OpenAI) normalisation: any open_clip-based encoder that falls back to the
+# architecture's default preprocessing then feeds the world model exactly what it was trained on.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def model_config_dir() -> Path:
@@ -288,7 +289,4 @@ def load_world_model(
     preprocess = open_clip.image_transform(
         card["image_size"], is_train=False, mean=tuple(card["mean"]), std=tuple(card["std"])
     )
-    tokenizer_cfg = dict(card["tokenizer"])
-    if "vocab_file" in tokenizer_cfg:
-        tokenizer_cfg["vocab"] = WordTokenizer.load(path.parent / tokenizer_cfg["vocab_file"]).words
-    return model, preprocess, WordTokenizer.from_dict(tokenizer_cfg)
+    return model, preprocess, tokenizer_from_card(card["tokenizer"], path.parent)

@@ -98,3 +98,21 @@ class WordTokenizer:
     def load(cls, path: str | Path) -> WordTokenizer:
         """Read a tokenizer written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def tokenizer_from_card(spec: dict, base_dir: str | Path | None = None) -> WordTokenizer:
+    """The tokenizer a model card describes: ``{"type": "word", "vocab": [...]}`` or with
+    ``"vocab_file"`` (a JSON written by :meth:`WordTokenizer.save`, relative to ``base_dir``).
+
+    Raises:
+        ValueError: not a word tokenizer, or neither ``vocab`` nor ``vocab_file`` given.
+    """
+    if "vocab" in spec:
+        return WordTokenizer.from_dict(spec)
+    if "vocab_file" in spec:
+        path = Path(base_dir or ".") / spec["vocab_file"]
+        tok = WordTokenizer.load(path)
+        if "context_length" in spec:
+            tok.context_length = int(spec["context_length"])
+        return tok
+    raise ValueError("a word tokenizer spec needs 'vocab' or 'vocab_file'")

@@ -1,0 +1,140 @@
+"""``clipadapt world ...``: generate the world datasets and episodes, pre-train, evaluate.
+
+The main command line calls :func:`register_cli` to add the ``world`` group. Handlers print a
+short summary and return an exit code; user errors raise :class:`~clipadapt.exceptions.ConfigError`
+or :class:`~clipadapt.exceptions.DatasetError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from clipadapt.exceptions import ConfigError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from clipadapt.world.datasets import generate_world_datasets
+
+    start = time.perf_counter()
+    names = args.datasets.split(",") if args.datasets else None
+    paths = generate_world_datasets(args.out, size=args.size, seed=args.seed, names=names)
+    for p in paths:
+        split = json.loads((p / "split.json").read_text())
+        counts = ", ".join(f"{k} {len(v)}" for k, v in split.items())
+        print(f"{p.name}: {counts}")
+    print(f"{len(paths)} datasets in {args.out} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import logging
+
+    from clipadapt.world.pretrain import pretrain
+
+    if not args.out.endswith(".safetensors"):
+        raise ConfigError(f"--out must name a .safetensors file, got {args.out!r}")
+    logging.getLogger("clipadapt.world.pretrain").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    command = (
+        f"clipadapt world pretrain --out {shlex.quote(args.out)} --steps {args.steps} "
+        f"--batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup} "
+        f"--seed {args.seed} --threads {args.threads}"
+    )
+    card = pretrain(
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        warmup=args.warmup,
+        log_every=args.log_every,
+        threads=args.threads,
+        command=command,
+    )
+    curve = card["loss_curve"]
+    print(
+        f"wrote {args.out}: {card['steps_done']} steps in {card['train_seconds']:.0f}s, "
+        f"loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}"
+    )
+    return 0
+
+
+def _episodes(args: argparse.Namespace) -> int:
+    from clipadapt.world.episodes import generate_episodes
+
+    concepts = tuple(args.concepts.split(",")) if args.concepts else None
+    kwargs: dict[str, Any] = {"concepts": concepts} if concepts else {}
+    path = generate_episodes(
+        args.out,
+        n_episodes=args.n,
+        n_support=args.support,
+        n_query=args.query,
+        seed=args.seed,
+        **kwargs,
+    )
+    print(f"wrote {args.n} episodes to {path} (images in {Path(path).stem}_images/)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from clipadapt.world.evaluate import evaluate_world_model
+
+    report = evaluate_world_model(
+        args.card, args.data, size=args.size, seed=args.seed, update_card=args.update_card
+    )
+    print("| dataset | zero-shot (best text) | text | prototype 16 | linear probe 16 |")
+    print("|---|---|---|---|---|")
+    for name, r in report["datasets"].items():
+        print(
+            f"| {name} | {r['zero_shot_best']:.1f} | {r['best_text']} | "
+            f"{r['prototype_16']:.1f} | {r['linear_probe_16']:.1f} |"
+        )
+    print(json.dumps(report["summary"]))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``world`` command group (``generate``, ``pretrain``, ``episodes``, ``evaluate``)."""
+    world = subparsers.add_parser("world", help="the embedded procedural world and its small CLIP")
+    sub = world.add_subparsers(dest="world_command", required=True)
+
+    p = sub.add_parser("generate", help="write the world datasets (cached)")
+    p.add_argument("--out", required=True, help="root folder of the dataset folders")
+    p.add_argument("--size", choices=("default", "small"), default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--datasets", help="comma-separated subset of the world dataset names")
+    p.set_defaults(handler=_generate)
+
+    p = sub.add_parser("pretrain", help="train the world CLIP contrastively (CPU)")
+    p.add_argument("--out", required=True, help="checkpoint .safetensors (card: same stem .json)")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.set_defaults(handler=_pretrain)
+
+    p = sub.add_parser("episodes", help="write few-shot reasoning episodes (JSON + images)")
+    p.add_argument("--out", required=True, help="episodes JSON file")
+    p.add_argument("--n", type=int, default=30, help="number of episodes")
+    p.add_argument("--support", type=int, default=4, help="support images per label")
+    p.add_argument("--query", type=int, default=8, help="query images per label")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concepts", help="comma-separated: conjunction,relation,count")
+    p.set_defaults(handler=_episodes)
+
+    p = sub.add_parser("evaluate", help="zero-shot and 16-shot accuracy of a world CLIP")
+    p.add_argument("--card", help="model card JSON (default: the shipped one)")
+    p.add_argument("--data", default="world-data", help="world datasets root (generated if absent)")
+    p.add_argument("--size", choices=("default", "small"), default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update-card", action="store_true", help="record the result in the card")
+    p.set_defaults(handler=_evaluate)

@@ -1,0 +1,410 @@
+"""Downstream few-shot datasets drawn from the world, written as clipadapt dataset folders.
+
+Each dataset is ``<root>/<name>/`` with ``dataset.json`` (name, classnames, template,
+templates, optional ``descriptions`` and ``domain_of``), ``split.json`` (CoOp ``split_zhou``
+format: ``{"train"|"val"|"test": [[relpath, label, classname], ...]}``), an optional CuPL-style
+``descriptions.json`` and the 64x64 PNG images under one folder per class.
+
+The tasks are built so that class names alone do not say what the captions taught (the trap
+where zero-shot already equals the few-shot prototype):
+
+- ``world_species``: 20 invented species (``"velk"``), each a shape x colour x texture
+  combination (a third also with a fixed size); names are unseen words, descriptions name the
+  attributes. Name-only zero-shot is near chance, descriptions help, images help more.
+- ``world_stripes`` (fine-grained): 5 shapes x 3 stripe orientations; the orientation is named
+  in only ~10 % of striped captions in pre-training.
+- ``world_count``: one to four objects ("three shapes").
+- ``world_relation``: two objects, 3 shape pairs x 4 relations ("a circle left of a square").
+- ``world_composite``: 64 classes, 8 shapes x 8 colours, half of the images with a small
+  distractor object.
+- ``world_species_{sketch,noise,invert,newbg}``: style-shifted test sets of ``world_species``
+  (``domain_of`` = ``world_species``; they have only a test split) for domain generalisation.
+
+Example:
+    >>> paths = generate_world_datasets("data/world", size="small")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from clipadapt.exceptions import ConfigError, DatasetError
+from clipadapt.world.captions import relation
+from clipadapt.world.generator import (
+    _BG_VARIANTS,
+    BACKGROUNDS,
+    COLOURS,
+    ORIENTATIONS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Scene,
+    WorldObject,
+    place,
+    random_object,
+    render,
+    sample_sizes,
+)
+from clipadapt.world.texts import SCENE_TEMPLATES, SPECIES_NAMES, TEMPLATES, describe_species
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+# Images per class and split: (train, val, test).
+SIZE_PRESETS: dict[str, dict[str, tuple[int, int, int]]] = {
+    "default": {
+        "world_species": (16, 10, 30),
+        "world_stripes": (16, 10, 30),
+        "world_count": (16, 10, 60),
+        "world_relation": (16, 10, 30),
+        "world_composite": (16, 4, 10),
+        "shifted": (0, 0, 30),
+    },
+    "small": {
+        "world_species": (4, 2, 4),
+        "world_stripes": (4, 2, 4),
+        "world_count": (4, 2, 4),
+        "world_relation": (4, 2, 4),
+        "world_composite": (2, 1, 2),
+        "shifted": (0, 0, 4),
+    },
+}
+SHIFT_STYLES: tuple[str, ...] = ("sketch", "noise", "invert", "newbg")
+
+
+@dataclass(frozen=True)
+class Species:
+    """An invented species: its defining attributes (``size`` None: any size)."""
+
+    name: str
+    shape: str
+    colour: str
+    texture: str
+    size: str | None
+
+
+def species_table(seed: int = 0) -> list[Species]:
+    """The 20 species: distinct (shape, colour, texture) combinations drawn from ``seed``.
+
+    Combinations overlap in one or two attributes, so no single attribute separates them.
+    """
+    rng = random.Random(f"species-table:{seed}")
+    combos = [(s, c, t) for s in SHAPES for c in COLOURS for t in TEXTURES]
+    picked = rng.sample(combos, len(SPECIES_NAMES))
+    out = []
+    for i, (name, (shape, colour, texture)) in enumerate(zip(SPECIES_NAMES, picked, strict=True)):
+        size = ("small", "large", None)[i % 3]
+        out.append(Species(name, shape, colour, texture, size))
+    return out
+
+
+def _scene(rng: random.Random, objects: list[WorldObject]) -> Scene:
+    return Scene(rng.choice(BACKGROUNDS), rng.randrange(_BG_VARIANTS), tuple(objects))
+
+
+def _single(rng: random.Random, sizes: tuple[str, ...], **fixed: str) -> WorldObject:
+    size = rng.choice(sizes)
+    s = SIZES[size]
+    return random_object(rng, size, rng.randint(0, 64 - s), rng.randint(0, 64 - s), **fixed)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to draw one dataset: its classes, prompts and a scene sampler per class."""
+
+    name: str
+    classnames: list[str]
+    template: str
+    templates: tuple[str, ...]
+    sample: Callable[[int, random.Random], Scene]
+    counts_key: str
+    style: str = "normal"
+    descriptions: dict[str, list[str]] | None = None
+    domain_of: str | None = None
+
+
+def _species_task(seed: int) -> TaskSpec:
+    table = species_table(seed)
+
+    def sample(label: int, rng: random.Random) -> Scene:
+        sp = table[label]
+        sizes = (sp.size,) if sp.size else tuple(SIZES)
+        return _scene(
+            rng, [_single(rng, sizes, shape=sp.shape, colour=sp.colour, texture=sp.texture)]
+        )
+
+    descriptions = {
+        sp.name: describe_species(sp.name, sp.shape, sp.colour, sp.texture, sp.size, seed)
+        for sp in table
+    }
+    return TaskSpec(
+        "world_species",
+        [sp.name for sp in table],
+        TEMPLATES[0],
+        TEMPLATES,
+        sample,
+        "world_species",
+        descriptions=descriptions,
+    )
+
+
+STRIPE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "hexagon", "heart")
+
+
+def _stripes_task() -> TaskSpec:
+    classes = [(s, o) for s in STRIPE_SHAPES for o in ORIENTATIONS]
+    adverb = {"horizontal": "horizontally", "vertical": "vertically", "diagonal": "diagonally"}
+
+    def sample(label: int, rng: random.Random) -> Scene:
+        shape, orient = classes[label]
+        obj = _single(rng, ("medium", "large"), shape=shape, texture="striped", orientation=orient)
+        return _scene(rng, [obj])
+
+    names = [f"{adverb[o]} striped {s}" for s, o in classes]
+    return TaskSpec("world_stripes", names, TEMPLATES[0], TEMPLATES, sample, "world_stripes")
+
+
+def _count_task() -> TaskSpec:
+    names = ["one shape", "two shapes", "three shapes", "four shapes"]
+
+    def sample(label: int, rng: random.Random) -> Scene:
+        n = label + 1
+        while True:
+            sizes = sample_sizes(rng, n)
+            corners = place(rng, sizes)
+            if corners is not None:
+                break
+        same = rng.random() < 0.5
+        first = random_object(rng, sizes[0], *corners[0])
+        objs = [first]
+        for size, (x, y) in zip(sizes[1:], corners[1:], strict=True):
+            objs.append(
+                first._replace(size=size, x=x, y=y) if same else random_object(rng, size, x, y)
+            )
+        return _scene(rng, objs)
+
+    return TaskSpec(
+        "world_count", names, SCENE_TEMPLATES[0], SCENE_TEMPLATES, sample, "world_count"
+    )
+
+
+RELATION_PAIRS: tuple[tuple[str, str], ...] = (
+    ("circle", "square"),
+    ("circle", "triangle"),
+    ("square", "triangle"),
+)
+RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+_RELATION_NAME = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+
+
+def _relation_task() -> TaskSpec:
+    classes = [(a, r, b) for a, b in RELATION_PAIRS for r in RELATIONS]
+
+    def sample(label: int, rng: random.Random) -> Scene:
+        a_shape, rel, b_shape = classes[label]
+        while True:
+            sizes = sample_sizes(rng, 2)
+            corners = place(rng, sizes)
+            if corners is None:
+                continue
+            a = random_object(rng, sizes[0], *corners[0], shape=a_shape)
+            b = random_object(rng, sizes[1], *corners[1], shape=b_shape)
+            (ax, ay), (bx, by) = a.centre, b.centre
+            # A clear relation: the dominant axis wins by a margin of 4 pixels.
+            if relation(a, b) == rel and abs(abs(ax - bx) - abs(ay - by)) > 4:
+                return _scene(rng, [a, b])
+
+    names = [f"a {a} {_RELATION_NAME[r]} a {b}" for a, r, b in classes]
+    return TaskSpec(
+        "world_relation", names, SCENE_TEMPLATES[0], SCENE_TEMPLATES, sample, "world_relation"
+    )
+
+
+def _composite_task() -> TaskSpec:
+    classes = [(s, c) for s in SHAPES for c in COLOURS]
+
+    def sample(label: int, rng: random.Random) -> Scene:
+        shape, colour = classes[label]
+        if rng.random() < 0.5:
+            sizes = [rng.choice(("medium", "large")), "small"]
+            corners = place(rng, sizes)
+            if corners is not None:
+                target = random_object(rng, sizes[0], *corners[0], shape=shape, colour=colour)
+                other = random_object(rng, "small", *corners[1])
+                while other.shape == shape and other.colour == colour:
+                    other = random_object(rng, "small", *corners[1])
+                return _scene(rng, [target, other])
+        return _scene(rng, [_single(rng, ("medium", "large"), shape=shape, colour=colour)])
+
+    names = [f"{c} {s}" for s, c in classes]
+    return TaskSpec("world_composite", names, TEMPLATES[0], TEMPLATES, sample, "world_composite")
+
+
+def world_tasks(seed: int = 0) -> list[TaskSpec]:
+    """Every world dataset's specification, source tasks first, then the shifted variants."""
+    species = _species_task(seed)
+    tasks = [species, _stripes_task(), _count_task(), _relation_task(), _composite_task()]
+    for style in SHIFT_STYLES:
+        tasks.append(
+            TaskSpec(
+                f"world_species_{style}",
+                species.classnames,
+                species.template,
+                species.templates,
+                species.sample,
+                "shifted",
+                style=style,
+                descriptions=species.descriptions,
+                domain_of=species.name,
+            )
+        )
+    return tasks
+
+
+WORLD_DATASETS: tuple[str, ...] = tuple(t.name for t in world_tasks())
+
+
+def class_dir(classname: str) -> str:
+    """Folder name of a class: words joined by underscores."""
+    return "_".join(classname.split())
+
+
+def _image_seed(seed: int, name: str, split: str, label: int, index: int) -> int:
+    return zlib.crc32(f"{seed}/{name}/{split}/{label}/{index}".encode())
+
+
+def _recipe(task: TaskSpec, size: str, seed: int) -> dict[str, Any]:
+    return {"recipe_version": RECIPE_VERSION, "size": size, "seed": seed, "style": task.style}
+
+
+def _write_task(task: TaskSpec, root: Path, size: str, seed: int) -> None:
+    counts = dict(zip(SPLITS, SIZE_PRESETS[size][task.counts_key], strict=True))
+    dirs = [class_dir(c) for c in task.classnames]
+    for d in dirs:
+        (root / d).mkdir(parents=True)
+    split: dict[str, list[list[Any]]] = {}
+    for name in SPLITS:
+        rows: list[list[Any]] = []
+        for label, classname in enumerate(task.classnames):
+            for i in range(counts[name]):
+                img_seed = _image_seed(seed, task.name, name, label, i)
+                scene = task.sample(label, random.Random(img_seed))
+                rel = f"{dirs[label]}/{name}_{i:03d}.png"
+                image = render(scene, task.style, img_seed)
+                Image.fromarray(image).save(root / rel, compress_level=1)
+                rows.append([rel, label, classname])
+        split[name] = rows
+    (root / "split.json").write_text(json.dumps(split))
+    meta: dict[str, Any] = {
+        "name": task.name,
+        "classnames": task.classnames,
+        "template": task.template,
+        "templates": list(task.templates),
+    }
+    if task.descriptions is not None:
+        (root / "descriptions.json").write_text(json.dumps(task.descriptions, indent=1))
+        meta["descriptions"] = "descriptions.json"
+    if task.domain_of:
+        meta["domain_of"] = task.domain_of
+    (root / "world.json").write_text(json.dumps(_recipe(task, size, seed)))
+    # dataset.json last: its presence marks a complete folder.
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+
+
+def is_complete(path: Path, task: TaskSpec, size: str, seed: int) -> bool:
+    """Whether ``path`` holds this dataset already generated with the same recipe."""
+    try:
+        recipe = json.loads((path / "world.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "dataset.json").is_file() and recipe == _recipe(task, size, seed)
+
+
+def generate_world_datasets(
+    out_dir: str | Path,
+    size: str = "default",
+    seed: int = 0,
+    names: list[str] | None = None,
+) -> list[Path]:
+    """Write the world datasets under ``out_dir``, skipping those already complete.
+
+    Each dataset is built in a temporary folder inside ``out_dir`` and renamed into place, so an
+    interrupted run never leaves a half-written dataset that looks complete.
+
+    Args:
+        out_dir: root folder; dataset ``d`` goes to ``out_dir/d``.
+        size: ``"default"`` (16 train / 10 val / 30 test per class; fewer for the 64-class
+            task, more test images for the 4-class one) or ``"small"`` (a few per class, tests).
+        seed: drives the species table and every image.
+        names: only these datasets (default: all of :data:`WORLD_DATASETS`).
+
+    Returns:
+        Paths of the dataset folders, in :data:`WORLD_DATASETS` order.
+
+    Raises:
+        ConfigError: unknown ``size`` or dataset name.
+    """
+    if size not in SIZE_PRESETS:
+        raise ConfigError(f"unknown world size {size!r}; expected one of {sorted(SIZE_PRESETS)}")
+    tasks = world_tasks(seed)
+    known = [t.name for t in tasks]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown world datasets {unknown}; available: {known}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task in tasks:
+        if names and task.name not in names:
+            continue
+        final = out / task.name
+        paths.append(final)
+        if is_complete(final, task, size, seed):
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=f".{task.name}-", dir=out))
+        try:
+            _write_task(task, tmp, size, seed)
+            if final.exists():  # an older recipe or a partial copy: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info("wrote %s", final)
+    return paths
+
+
+def read_dataset(path: str | Path) -> tuple[dict[str, Any], dict[str, list[list[Any]]]]:
+    """Read ``dataset.json`` and ``split.json`` of a dataset folder.
+
+    Raises:
+        DatasetError: a missing or malformed file, or a split row pointing at no image.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "dataset.json").read_text())
+        split = json.loads((path / "split.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path} is not a readable dataset folder: {exc}") from exc
+    for name in SPLITS:
+        rows = split.get(name)
+        if not isinstance(rows, list):
+            raise DatasetError(f"{path}/split.json has no {name!r} list")
+        for rel, label, classname in rows[:1]:
+            if meta["classnames"][label] != classname or not (path / rel).is_file():
+                raise DatasetError(f"{path}/split.json row {rel!r} does not match the folder")
+    return meta, split

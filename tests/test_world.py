@@ -1,0 +1,386 @@
+"""Tests of the embedded world: generator, captions, tokenizer, datasets, episodes, pretraining,
+and the shipped world CLIP checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipadapt.exceptions import ConfigError
+from clipadapt.world.captions import (
+    BACKGROUND_WORDS,
+    NUMBERS,
+    ORIENT_ADJ,
+    SIZE_WORDS,
+    caption,
+    relation,
+)
+from clipadapt.world.datasets import (
+    WORLD_DATASETS,
+    generate_world_datasets,
+    read_dataset,
+    species_table,
+)
+from clipadapt.world.episodes import generate_episodes
+from clipadapt.world.generator import (
+    COLOURS,
+    PLURAL,
+    SHAPES,
+    SIZES,
+    WorldGenerator,
+    WorldObject,
+    render,
+    sample_scene,
+)
+from clipadapt.world.pretrain import (
+    assets_dir,
+    create_world_model,
+    images_to_tensor,
+    load_world_model,
+    pretrain,
+    read_card,
+)
+from clipadapt.world.texts import NEGATIVE_TEMPLATE, TEMPLATES, world_tokenizer
+from clipadapt.world.tokenizer import WordTokenizer, split_words, tokenizer_from_card
+
+SHIPPED_CARD = assets_dir() / "world_clip.json"
+SHIPPED_CKPT = assets_dir() / "world_clip.safetensors"
+
+# ----------------------------------------------------------------------------- generator
+
+
+def test_generator_is_deterministic_given_seed() -> None:
+    gen = WorldGenerator()
+    a_img, a_cap, a_scn = gen.batch(24, seed=7)
+    b_img, b_cap, b_scn = gen.batch(24, seed=7)
+    c_img, c_cap, _ = gen.batch(24, seed=8)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and a_scn == b_scn
+    assert not np.array_equal(a_img, c_img) and a_cap != c_cap
+    assert a_img.shape == (24, 64, 64, 3) and a_img.dtype == np.uint8
+
+
+def test_generator_speed_floor() -> None:
+    # Single-core CPU time (process_time) so other processes on a shared machine do not count;
+    # an idle core measured ~3,000 images/s with captions. The floor leaves room for slow CPUs.
+    gen = WorldGenerator()
+    gen.batch(64, seed=0)  # warm the asset caches
+    t0 = time.process_time()
+    gen.batch(600, seed=1)
+    rate = 600 / (time.process_time() - t0)
+    assert rate >= 1000, f"{rate:.0f} images/s"
+
+
+def test_render_draws_the_object_in_its_colour() -> None:
+    obj = WorldObject("square", "red", "solid", "large", 10, 20)
+    scene = sample_scene(random.Random(0), 1)._replace(objects=(obj,), background="dark")
+    img = render(scene).astype(int)
+    s = SIZES["large"]
+    centre = img[20 + s // 2, 10 + s // 2]
+    assert np.abs(centre - np.array(COLOURS["red"])).max() <= 14
+    assert img[2, 60].max() < 80  # dark background away from the object
+    for style in ("sketch", "noise", "invert", "newbg"):
+        assert render(scene, style, seed=1).shape == (64, 64, 3)
+    assert np.array_equal(render(scene, "invert", 3), 255 - render(scene, "normal", 3))
+    with pytest.raises(ValueError, match="style"):
+        render(scene, "blurry")
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _words_of(table: dict[str, tuple[str, ...]]) -> dict[str, set[str]]:
+    return {k: {w for v in vals for w in split_words(v)} for k, vals in table.items()}
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_captions_name_the_true_attributes(n_objects: int) -> None:
+    rng = random.Random(3)
+    always = dict(p_size=1.0, p_colour=1.0, p_texture=1.0, p_position=1.0, p_background=1.0)
+    for _ in range(200):
+        scene = sample_scene(rng, n_objects)
+        text = caption(scene, rng, **always, p_relation=1.0, p_count=1.0)
+        words = set(split_words(text))
+        # Colours named are exactly the scene's colours.
+        assert words & set(COLOURS) == {o.colour for o in scene.objects}, text
+        shapes = {s for s in SHAPES if s in words or PLURAL[s] in words}
+        assert shapes <= {o.shape for o in scene.objects}, text
+        bg_words = _words_of(BACKGROUND_WORDS)[scene.background]
+        assert words & bg_words, text
+        for obj in scene.objects:
+            assert words & set(split_words(" ".join(SIZE_WORDS[obj.size]))), text
+        if n_objects == 1:
+            assert re.search(r"\b(on the|at the|near the|in the)\b", text), text
+
+
+def test_two_object_captions_state_the_true_relation() -> None:
+    rng = random.Random(5)
+    checked = 0
+    for _ in range(300):
+        scene = sample_scene(rng, 2)
+        if scene.objects[0][:4] == scene.objects[1][:4]:
+            continue
+        text = caption(scene, rng, p_relation=1.0, p_colour=1.0, p_size=0, p_texture=0)
+        a, b = scene.objects
+        ca, cb = a.colour, b.colour
+        if ca == cb or a.shape == b.shape:
+            continue  # the order of mention would be ambiguous
+        first = text.find(f"{ca} {a.shape}")
+        second = text.find(f"{cb} {b.shape}")
+        if min(first, second) < 0:
+            continue  # a generic noun ("object") replaced a shape
+        subject, other = (a, b) if first < second else (b, a)
+        rel = relation(subject, other)
+        expected = {"left": "left of", "right": "right of", "above": "above|over", "below": ""}
+        if rel == "below":
+            assert re.search(r"\b(below|under|beneath)\b", text), text
+        else:
+            assert re.search(rf"\b({expected[rel]})\b", text), text
+        checked += 1
+    assert checked > 50
+
+
+def test_counts_and_orientation_in_captions() -> None:
+    rng = random.Random(11)
+    for _ in range(100):
+        n = rng.randint(2, 4)
+        scene = sample_scene(rng, n, same=True)
+        text = caption(scene, rng, p_count=1.0)
+        assert NUMBERS[n - 1] in split_words(text), text
+    striped = WorldObject("circle", "blue", "striped", "large", 5, 5, "vertical")
+    scene = sample_scene(rng, 1)._replace(objects=(striped,))
+    texts = [caption(scene, random.Random(i), p_texture=1.0) for i in range(400)]
+    oriented = [t for t in texts if "vertical" in t]
+    # The orientation is rare by design (default 10 % of named stripes) but never wrong.
+    assert 0 < len(oriented) < 100
+    assert not any("horizontal" in t or "diagonal" in t for t in texts)
+    assert all(ORIENT_ADJ["vertical"] in t or "vertical stripes" in t for t in oriented)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_and_special_ids(tmp_path) -> None:
+    tok = world_tokenizer()
+    text = "A small red striped triangle, left of a blue circle!"
+    ids = tok(text)
+    assert ids.shape == (1, tok.context_length) and ids.dtype == torch.long
+    assert tok.decode(ids[0]) == "a small red striped triangle left of a blue circle"
+    assert ids[0, 0] == tok.start_id and int(ids.argmax(-1)) == len(split_words(text)) + 1
+    assert tok.end_id == tok.vocab_size - 1 == int(ids.max())
+    assert tok("a florp")[0, 2] == tok.unk_id
+    long = tok(" ".join(["red"] * 100), context_length=8)
+    assert long.shape == (1, 8) and long[0, -1] == tok.end_id
+    tok.save(tmp_path / "vocab.json")
+    again = WordTokenizer.load(tmp_path / "vocab.json")
+    assert torch.equal(again([text, "two stars"]), tok([text, "two stars"]))
+    by_file = tokenizer_from_card({"type": "word", "vocab_file": "vocab.json"}, tmp_path)
+    assert by_file.itos == tok.itos
+
+
+def test_vocabulary_covers_every_world_text(tmp_path) -> None:
+    tok = world_tokenizer()
+    _, captions, _ = WorldGenerator().batch(1500, seed=2)
+    assert not tok.unknown_words(captions)
+    texts = [NEGATIVE_TEMPLATE.format("velk")]
+    for folder in generate_world_datasets(tmp_path, size="small", names=list(WORLD_DATASETS[:5])):
+        meta, _ = read_dataset(folder)
+        for c in meta["classnames"]:
+            texts += [t.format(c) for t in meta["templates"]]
+            texts.append(NEGATIVE_TEMPLATE.format(c))
+        if meta.get("descriptions"):
+            desc = json.loads((folder / meta["descriptions"]).read_text())
+            texts += [s for sents in desc.values() for s in sents]
+    assert not tok.unknown_words(texts)
+    assert max(len(split_words(t)) for t in texts) <= tok.context_length - 2
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return root, generate_world_datasets(root, size="small", seed=0)
+
+
+def test_dataset_folders_are_valid(small_world) -> None:
+    root, paths = small_world
+    assert [p.name for p in paths] == list(WORLD_DATASETS) and len(paths) >= 5
+    for path in paths:
+        meta, split = read_dataset(path)
+        assert meta["name"] == path.name
+        assert "{}" in meta["template"] and all("{}" in t for t in meta["templates"])
+        classes = meta["classnames"]
+        assert len(set(classes)) == len(classes)
+        for rows in split.values():
+            for rel, label, classname in rows:
+                assert classes[label] == classname and (path / rel).is_file()
+        labels = {r[1] for r in split["test"]}
+        assert labels == set(range(len(classes)))
+        with Image.open(path / split["test"][0][0]) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+        if meta.get("domain_of"):
+            assert meta["domain_of"] == "world_species" and not split["train"]
+        else:
+            assert {r[1] for r in split["train"]} == set(range(len(classes)))
+    composite = json.loads((root / "world_composite" / "dataset.json").read_text())
+    assert len(composite["classnames"]) >= 50
+    species = json.loads((root / "world_species" / "dataset.json").read_text())
+    desc = json.loads((root / "world_species" / species["descriptions"]).read_text())
+    assert set(desc) == set(species["classnames"])
+    table = species_table(0)
+    for sp in table:  # every description set names the species' colour and shape
+        joined = " ".join(desc[sp.name])
+        assert sp.colour in joined and sp.shape in joined
+
+
+def test_generation_is_cached_and_deterministic(small_world, tmp_path) -> None:
+    root, paths = small_world
+    stamp = (root / "world_count" / "split.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    generate_world_datasets(root, size="small", seed=0)
+    assert time.perf_counter() - t0 < 2.0
+    assert (root / "world_count" / "split.json").stat().st_mtime_ns == stamp
+    again = generate_world_datasets(tmp_path, size="small", seed=0, names=["world_count"])[0]
+    rel = json.loads((again / "split.json").read_text())["test"][-1][0]
+    assert (again / rel).read_bytes() == (root / "world_count" / rel).read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    with pytest.raises(ConfigError, match="size"):
+        generate_world_datasets(tmp_path, size="huge")
+    with pytest.raises(ConfigError, match="unknown world datasets"):
+        generate_world_datasets(tmp_path, names=["nope"])
+
+
+def test_species_names_are_unseen_in_captions() -> None:
+    _, captions, _ = WorldGenerator().batch(500, seed=4)
+    words = {w for c in captions for w in split_words(c)}
+    assert not words & {sp.name for sp in species_table(0)}
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+def test_episodes_file_format(tmp_path) -> None:
+    path = generate_episodes(tmp_path / "eps.json", n_episodes=3, n_support=2, n_query=3)
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "clipadapt-world-episodes" and doc["version"] == 1
+    assert [e["concept"]["type"] for e in doc["episodes"]] == ["conjunction", "relation", "count"]
+    root = tmp_path / doc["image_root"]
+    for ep in doc["episodes"]:
+        assert sorted(i["label"] for i in ep["support"]) == [0, 0, 1, 1]
+        assert sorted(i["label"] for i in ep["query"]) == [0, 0, 0, 1, 1, 1]
+        assert all((root / i["image"]).is_file() for i in ep["support"] + ep["query"])
+    again = generate_episodes(tmp_path / "b.json", n_episodes=3, n_support=2, n_query=3)
+    assert json.loads(again.read_text())["episodes"] == doc["episodes"]
+    with pytest.raises(ConfigError):
+        generate_episodes(tmp_path / "c.json", concepts=("telepathy",))
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def _batch_loss(model: torch.nn.Module, seed: int) -> float:
+    import open_clip
+
+    images, captions, _ = WorldGenerator().batch(32, seed=seed)
+    with torch.no_grad():
+        out = model(images_to_tensor(images), world_tokenizer()(captions))
+        return float(open_clip.ClipLoss()(out["image_features"], out["text_features"], 10.0))
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_lowers_the_contrastive_loss(tmp_path) -> None:
+    card = pretrain(
+        tmp_path / "tiny.safetensors", steps=8, batch_size=32, lr=2e-3, warmup=2, log_every=4
+    )
+    assert card["steps_done"] == 8 and len(card["loss_curve"]) == 2
+    torch.manual_seed(0)
+    before = create_world_model().eval()
+    after, _, _ = load_world_model(tmp_path / "tiny.json")
+    # The first training batch (seed 0 * 1000003 + 0), scored at a fixed temperature.
+    assert _batch_loss(after, 0) < _batch_loss(before, 0) - 0.05
+    with pytest.raises(ConfigError):
+        pretrain(tmp_path / "x.safetensors", steps=0)
+
+
+def test_cli_group_generates_datasets(tmp_path, capsys) -> None:
+    from clipadapt.world.cli import register_cli
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "world",
+            "generate",
+            "--out",
+            str(tmp_path),
+            "--size",
+            "small",
+            "--datasets",
+            "world_count",
+        ]
+    )
+    assert args.handler(args) == 0
+    assert "world_count: train 16, val 8, test 16" in capsys.readouterr().out
+    args = parser.parse_args(["world", "pretrain", "--out", str(tmp_path / "m.bin")])
+    with pytest.raises(ConfigError, match="safetensors"):
+        args.handler(args)
+
+
+# ----------------------------------------------------------------------------- shipped model
+
+needs_checkpoint = pytest.mark.skipif(
+    not (SHIPPED_CARD.is_file() and SHIPPED_CKPT.is_file()),
+    reason="the world checkpoint has not been produced yet",
+)
+
+
+@needs_checkpoint
+def test_shipped_checkpoint_card_and_size() -> None:
+    card = read_card()
+    assert card["model_name"] == "clipadapt-world-rn" and card["complete"]
+    assert SHIPPED_CKPT.stat().st_size <= 15 * 2**20
+    for key in ("config", "seed", "steps", "data_recipe", "command", "loss_curve", "evaluation"):
+        assert key in card, key
+    curve = card["loss_curve"]
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    model, preprocess, tokenizer = load_world_model()
+    assert tokenizer.vocab_size <= card["config"]["text_cfg"]["vocab_size"]
+    image = Image.fromarray(WorldGenerator().batch(1, seed=0)[0][0])
+    feats = model.encode_image(preprocess(image)[None])
+    assert feats.shape == (1, card["config"]["embed_dim"]) and torch.isfinite(feats).all()
+
+
+@needs_checkpoint
+@pytest.mark.slow
+def test_shipped_zero_shot_matches_the_card(tmp_path) -> None:
+    from clipadapt.world.evaluate import evaluate_world_model
+
+    card = read_card()
+    report = evaluate_world_model(data_root=tmp_path, names=["world_species"])
+    got = report["datasets"]["world_species"]["zero_shot"]
+    want = card["evaluation"]["datasets"]["world_species"]["zero_shot"]
+    for text in ("name", "descriptions"):
+        assert abs(got[text] - want[text]) <= 1.0, (text, got, want)
+    assert TEMPLATES[0] == "a photo of a {}."
+
+
+@needs_checkpoint
+def test_shipped_checkpoint_loads_through_the_encoder() -> None:
+    clip = pytest.importorskip("clipadapt.encoders.clip")
+    encoder = clip.ClipEncoder(clip.resolve_backbone("world"), device="cpu")
+    model, preprocess, tokenizer = load_world_model()
+    texts = ["a photo of a red circle.", "a photo of a velk."]
+    with torch.no_grad():
+        ours = model.encode_text(tokenizer(texts))
+    theirs = encoder.encode_text(texts)
+    assert torch.allclose(ours, theirs.cpu(), atol=1e-4)
+    assert tuple(encoder.mean) == tuple(read_card()["mean"])
