@@ -23,6 +23,9 @@ examples:
   clipadapt extract ./my_images --backbone ViT-B-32:openai --out feats/my_images.safetensors
   clipadapt bench --bundle feats/my_images.safetensors --methods zeroshot,tip_adapter \\
       --shots 1,2,4 --seeds 1,2,3 --out results.jsonl
+  clipadapt bench sweep.yaml --out results.jsonl --executor ray --tensorboard tb/
+  clipadapt bench --profile paper --bundle-dir feats/ --out paper.jsonl
+  clipadapt report results.jsonl --out report/ --compare published
   clipadapt fit --bundle feats/my_images.safetensors --method tip_adapter --shots 4 --out adapter/
   clipadapt evaluate --adapter adapter/ --bundle feats/my_images.safetensors
   clipadapt predict photo.jpg --adapter adapter/
@@ -194,24 +197,76 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="run methods × shots × seeds on a feature bundle",
-        description="Each cell appends one JSON line to --out; cells already there "
-        "are skipped (a killed sweep resumes), --rerun forces them.",
+        help="run a sweep: datasets × methods × shots × seeds (+ DG, episodes)",
+        description="Each run appends one JSON line to --out; runs already there are "
+        "skipped (a killed sweep resumes), --rerun forces them. The grid comes from a "
+        "YAML file (see docs/benchmarks.md), from flags, or from --profile paper.",
     )
-    p.add_argument("--bundle", required=True)
+    p.add_argument("config", nargs="?", help="sweep YAML file (datasets, methods, shots, ...)")
+    p.add_argument(
+        "--profile",
+        choices=("paper",),
+        help="paper: 11 datasets × shots 1-16 × seeds 1-3 × all methods + ImageNet DG, "
+        "skipping what is missing (with the list of what and why)",
+    )
+    p.add_argument("--bundle", action="append", help="a feature bundle (repeatable)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        help="an image dataset (registered name with --data-root, or a folder; repeatable), "
+        "extracted once per --backbone through the feature cache",
+    )
+    p.add_argument("--bundle-dir", help="folder of <dataset>.safetensors bundles")
+    p.add_argument("--data-root", help="folder of the CoOp datasets (image datasets)")
+    p.add_argument("--cache-dir", help="feature cache for image datasets")
+    p.add_argument(
+        "--backbone", action="append", help="backbone(s) for image datasets (repeatable)"
+    )
+    p.add_argument("--episodes", action="append", help="episode file (.safetensors or .json)")
     p.add_argument(
         "--methods",
-        required=True,
         help="comma-separated NAME or NAME:key=value specs; "
         "separate specs with options by ';' (or use '*' patterns)",
     )
-    p.add_argument("--shots", type=_shots_list, default=[1, 2, 4, 8, 16])
-    p.add_argument("--seeds", type=_int_list, default=[1, 2, 3])
+    p.add_argument("--shots", type=_shots_list, help="default 1,2,4,8,16")
+    p.add_argument("--seeds", type=_int_list, help="default 1,2,3")
     _add_split_flags(p)
-    p.add_argument("--out", required=True, help="results JSONL (appended)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the YAML file (value read as YAML, e.g. shots=[1,16])",
+    )
+    p.add_argument("--out", default="results.jsonl", help="results JSONL (appended)")
     p.add_argument("--rerun", action="store_true", help="run cells even if already in --out")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument(
+        "--workers", type=_positive_int, default=1, help="local processes / local Ray CPUs"
+    )
+    p.add_argument("--address", help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--tensorboard", help="log training curves (loss, val score) to this folder")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and what is skipped")
+    p.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first failing run (default: record it)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "report",
+        help="paper-style tables, per-shot tables, plots and costs from results JSONL",
+    )
+    p.add_argument("results", nargs="+", help="results JSONL file(s)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--shots", type=_positive_int, help="shots of the main table (default: max)")
+    p.add_argument(
+        "--compare",
+        choices=("published",),
+        help="published: the papers' numbers beside ours, with the source of each",
+    )
 
     p = sub.add_parser(
         "demo", help="the embedded world end to end: datasets, features, all methods"
@@ -524,21 +579,134 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from clipadapt.bench.report import markdown_table
-    from clipadapt.bench.runner import Grid, run_grid
+def _sweep_from_args(args: argparse.Namespace) -> Any:
+    from clipadapt.bench.runner import (
+        DatasetSpec,
+        EpisodesSpec,
+        SweepSpec,
+        load_sweep,
+        paper_profile,
+        parse_overrides,
+    )
     from clipadapt.data.bundle import load_bundle
 
-    bundle = load_bundle(args.bundle)
-    specs = _split_method_specs(args.methods)
-    shots: list[int | None] = [None] if args.train_set else list(args.shots)
-    grid = Grid(specs, shots, args.seeds, _split_choice(args))
-    records = run_grid(
-        bundle, grid, args.out, rerun=args.rerun, progress=not args.no_progress, device=args.device
+    methods = _split_method_specs(args.methods) if args.methods else None
+    if args.config:
+        spec = load_sweep(args.config, args.set)
+    elif args.profile == "paper":
+        spec = paper_profile(args.bundle_dir, args.data_root, args.backbone or (), methods)
+        if args.set:
+            for key, value in parse_overrides(args.set).items():
+                setattr(spec, key, value)
+    else:
+        spec = SweepSpec(bundle_dir=args.bundle_dir, data_root=args.data_root)
+        if args.set:
+            raise ConfigError("--set overrides keys of a YAML file; pass the file first")
+    choice = {"train_set": args.train_set, "val_set": args.val_set, "eval_set": args.eval_set}
+    for path in args.bundle or []:
+        name = load_bundle(path).name  # a named file that is missing is an error, not a skip
+        spec.datasets.append(DatasetSpec(name, bundle=str(Path(path).resolve()), **choice))
+    for item in args.dataset or []:
+        folder = Path(item)
+        name = folder.name if folder.exists() else item
+        images = str(folder.resolve()) if folder.exists() else item
+        spec.datasets.append(DatasetSpec(name, images=images, **choice))
+    for item in args.episodes or []:
+        spec.episodes.append(EpisodesSpec(Path(item).stem, str(Path(item).resolve())))
+    if methods:
+        spec.methods = methods
+    if args.shots:
+        spec.shots = list(args.shots)
+    if args.seeds:
+        spec.seeds = list(args.seeds)
+    if args.backbone:
+        spec.backbones = list(args.backbone)
+    if args.cache_dir:
+        spec.cache_dir = args.cache_dir
+    if not spec.methods:
+        raise ConfigError("no methods: pass --methods, a YAML file with methods:, or --profile")
+    if not (spec.datasets or spec.domain_generalization or spec.episodes):
+        raise ConfigError(
+            "nothing to run: pass a YAML file, --bundle, --dataset, --episodes or --profile paper"
+        )
+    return spec
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from clipadapt.bench.report import paper_table
+    from clipadapt.bench.results import read_results
+    from clipadapt.bench.runner import (
+        CellSettings,
+        LocalExecutor,
+        RayExecutor,
+        resolve_sweep,
+        run_sweep,
     )
-    print(f"{len(records)} run(s) written to {args.out}")
-    if records:
-        print(markdown_table(records))
+
+    spec = _sweep_from_args(args)
+    progress = not args.no_progress
+    if args.dry_run:
+        resolved = resolve_sweep(spec, progress=progress)
+        for cell in resolved.cells:
+            print(
+                f"{cell['task']:<22} {cell['dataset']:<18} {cell['method_spec']:<24} "
+                f"K={cell['shots']} seed={cell['seed']}"
+            )
+        print(f"{len(resolved.cells)} cell(s)")
+        _print_skipped(resolved.skipped)
+        return 0
+    if args.executor == "ray":
+        executor: Any = RayExecutor(
+            args.address, num_cpus=args.workers if not args.address else None
+        )
+    else:
+        executor = LocalExecutor(args.workers)
+    settings = CellSettings(
+        device=args.device, tensorboard=args.tensorboard, keep_going=not args.fail_fast
+    )
+    started = time.perf_counter()
+    records, resolved = run_sweep(
+        spec, args.out, executor=executor, settings=settings, rerun=args.rerun, progress=progress
+    )
+    failed = [r for r in records if r.get("status") != "ok"]
+    print(
+        f"{len(records) - len(failed)} run(s) written to {args.out} in "
+        f"{time.perf_counter() - started:.1f}s ({len(resolved.cells)} cells in the sweep)"
+    )
+    if failed:
+        print(f"{len(failed)} run(s) failed (recorded with status error):")
+        for method, error in sorted({(r["method"], r.get("error", "")) for r in failed}):
+            print(f"  {method}: {error}")
+    _print_skipped(resolved.skipped)
+    table = paper_table(list(read_results(args.out)))
+    if table.cells:
+        print(f"\n{table.title}\n{table.markdown()}")
+    if args.tensorboard:
+        print(f"training curves: tensorboard --logdir {args.tensorboard}")
+    return 0
+
+
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)}:")
+        for what, why in skipped:
+            print(f"  {what}: {why}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from clipadapt.bench.report import write_report
+    from clipadapt.bench.results import read_results
+
+    records = []
+    for path in args.results:
+        if not Path(path).is_file():
+            raise ConfigError(f"results file {path} not found")
+        records += list(read_results(path))
+    written = write_report(records, args.out, shots=args.shots, compare=args.compare)
+    if "table.md" in written:
+        print(written["table.md"].read_text(encoding="utf-8"))
+    for path in written.values():
+        print(f"wrote {path}")
     return 0
 
 
@@ -566,6 +734,7 @@ COMMANDS = {
     "run": cmd_run,
     "predict": cmd_predict,
     "bench": cmd_bench,
+    "report": cmd_report,
     "demo": cmd_demo,
 }
 

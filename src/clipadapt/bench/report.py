@@ -1,12 +1,32 @@
-"""Tables and plots from result records (methods × datasets × shots, mean ± std over seeds)."""
+"""Tables and plots from result records: the tables and Figure 1 of a few-shot CLIP paper.
+
+All tables take records as read from the results store (``read_results``); only ``status: ok``
+records count, and a run id that appears more than once (``--rerun``) counts once, with its
+newest line. Accuracy cells are the mean over seeds, ``± std`` the population standard
+deviation over seeds (``statistics.pstdev``; shown when there are 2+ seeds), the ``average``
+column is the unweighted mean of the row's cells (only when the row has every column), and the
+best mean of each column is in bold.
+
+:func:`write_report` writes everything into one folder and returns the paths it wrote.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from clipadapt.bench.results import latest_ok
+
+
+def _classification(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("task", "classification") == "classification"]
 
 
 def summarize(
@@ -14,43 +34,286 @@ def summarize(
 ) -> dict[tuple[str, str, Any], tuple[float, float, int]]:
     """{(method, dataset, shots): (mean accuracy, std over seeds, number of seeds)}."""
     groups: dict[tuple[str, str, Any], list[float]] = defaultdict(list)
-    for r in records:
-        if r.get("status", "ok") == "ok":
-            groups[(r["method"], r["dataset"], r.get("shots"))].append(float(r["accuracy"]))
+    for r in latest_ok(records):
+        groups[(r["method"], r["dataset"], r.get("shots"))].append(float(r["accuracy"]))
     return {
         k: (statistics.fmean(v), statistics.pstdev(v) if len(v) > 1 else 0.0, len(v))
         for k, v in groups.items()
     }
 
 
+# ----------------------------------------------------------------------------- generic table
+@dataclass
+class Table:
+    """A rows × columns table of (mean, std, n) cells with an optional average column.
+
+    Attributes:
+        title: shown above the Markdown table.
+        corner: the header of the row-label column.
+        rows, columns: labels in display order.
+        cells: {(row, column): (mean, std, n)}.
+        average: add the row-mean column.
+        average_over: the columns the average is over (default: all; DG: the targets).
+        higher_is_better: bold the max (True) or min (False) of each column; None: no bold.
+        digits: decimals shown.
+    """
+
+    title: str
+    corner: str
+    rows: list[str]
+    columns: list[str]
+    cells: dict[tuple[str, str], tuple[float, float, int]]
+    average: bool = True
+    higher_is_better: bool | None = True
+    digits: int = 1
+    average_over: list[str] | None = None
+
+    def row_average(self, row: str) -> float | None:
+        """Mean of the row over ``average_over`` (default all columns); None if one is missing."""
+        columns = self.columns if self.average_over is None else self.average_over
+        values = [self.cells[(row, c)][0] for c in columns if (row, c) in self.cells]
+        if not values or len(values) < len(columns):
+            return None
+        return sum(values) / len(values)
+
+    def _best(self) -> dict[str, float]:
+        best: dict[str, float] = {}
+        if self.higher_is_better is None:
+            return best
+        pick = max if self.higher_is_better else min
+        for c in self.columns:
+            values = [self.cells[(r, c)][0] for r in self.rows if (r, c) in self.cells]
+            if len(values) > 1:
+                best[c] = pick(values)
+        if self.average:
+            averages = [a for r in self.rows if (a := self.row_average(r)) is not None]
+            if len(averages) > 1:
+                best["average"] = pick(averages)
+        return best
+
+    def _text(self, mean: float, std: float, n: int, with_std: bool) -> str:
+        text = f"{mean:.{self.digits}f}"
+        if with_std and n > 1:
+            text += f" ± {std:.{self.digits}f}"
+        return text
+
+    def markdown(self, with_std: bool = True) -> str:
+        """The table as GitHub Markdown ("–" marks a missing cell)."""
+        best = self._best()
+        header = [self.corner, *self.columns] + (["average"] if self.average else [])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in self.rows:
+            out = [r]
+            for c in self.columns:
+                if (r, c) not in self.cells:
+                    out.append("–")
+                    continue
+                mean, std, n = self.cells[(r, c)]
+                text = self._text(mean, std, n, with_std)
+                out.append(f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text)
+            if self.average:
+                a = self.row_average(r)
+                text = "–" if a is None else f"{a:.{self.digits}f}"
+                bold = a is not None and "average" in best and abs(a - best["average"]) < 1e-9
+                out.append(f"**{text}**" if bold else text)
+            lines.append("| " + " | ".join(out) + " |")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        """The table as CSV: one ``mean`` and one ``std`` column per column (plus average)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        header = [self.corner]
+        for c in self.columns:
+            header += [f"{c} mean", f"{c} std", f"{c} n"]
+        writer.writerow(header + (["average"] if self.average else []))
+        for r in self.rows:
+            row: list[Any] = [r]
+            for c in self.columns:
+                mean, std, n = self.cells.get((r, c), (None, None, 0))
+                row += [
+                    "" if mean is None else round(mean, 4),
+                    "" if std is None else round(std, 4),
+                    n,
+                ]
+            if self.average:
+                a = self.row_average(r)
+                row.append("" if a is None else round(a, 4))
+            writer.writerow(row)
+        return buffer.getvalue()
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    return (
+        statistics.fmean(values),
+        statistics.pstdev(values) if len(values) > 1 else 0.0,
+        len(values),
+    )
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    return sorted(set(methods))
+
+
+# ----------------------------------------------------------------------------- paper tables
+def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table:
+    """Methods × datasets at one shot count (default: the largest run), with the average column.
+
+    Datasets with a fixed train group (shots None) are included as they are.
+    """
+    records = _classification(latest_ok(records))
+    if shots is None:
+        ks = [r["shots"] for r in records if r.get("shots") is not None]
+        shots = max(ks) if ks else None
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("shots") in (shots, None):
+            groups[(r["method"], r["dataset"])].append(float(r["accuracy"]))
+    cells = {k: _stats(v) for k, v in groups.items()}
+    title = f"{shots}-shot accuracy (%)" if shots is not None else "accuracy (%)"
+    return Table(
+        title,
+        "method",
+        _method_order(k[0] for k in cells),
+        sorted({k[1] for k in cells}),
+        cells,
+    )
+
+
+def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
+    """Per dataset (and ``average`` over datasets): methods × shots, no average column.
+
+    The ``average`` table's cell is the mean over datasets of the per-dataset seed means (only
+    for methods that have that shot count on every dataset); its std is over datasets.
+    """
+    stats = summarize(_classification(records))
+    datasets = sorted({k[1] for k in stats})
+    out: dict[str, Table] = {}
+    for d in datasets:
+        cells = {
+            (m, f"{k}-shot"): v for (m, dd, k), v in stats.items() if dd == d and k is not None
+        }
+        if not cells:
+            continue
+        shots = sorted({k for (_, dd, k) in stats if dd == d and k is not None})
+        out[d] = Table(
+            f"{d}: accuracy (%) by shots",
+            "method",
+            _method_order(m for m, _ in cells),
+            [f"{k}-shot" for k in shots],
+            cells,
+            average=False,
+        )
+    shots = sorted({k[2] for k in stats if k[2] is not None})
+    methods = _method_order(k[0] for k in stats)
+    avg: dict[tuple[str, str], tuple[float, float, int]] = {}
+    for m in methods:
+        for k in shots:
+            values = [stats[(m, d, k)][0] for d in datasets if (m, d, k) in stats]
+            if datasets and len(values) == len(datasets):
+                avg[(m, f"{k}-shot")] = _stats(values)
+    if avg and len(datasets) > 1:
+        out["average"] = Table(
+            f"average over {len(datasets)} datasets: accuracy (%) by shots",
+            "method",
+            _method_order(m for m, _ in avg),
+            [f"{k}-shot" for k in shots],
+            avg,
+            average=False,
+        )
+    return out
+
+
+def cost_table(records: Iterable[dict[str, Any]]) -> Table:
+    """Methods × (fit seconds, predict seconds, trainable parameters), means over all runs."""
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in _classification(latest_ok(records)):
+        for key in ("fit_seconds", "predict_seconds", "trainable_params"):
+            if r.get(key) is not None:
+                groups[r["method"]][key].append(float(r[key]))
+    columns = {"fit_seconds": "fit s", "predict_seconds": "predict s", "trainable_params": "params"}
+    cells = {}
+    for m, values in groups.items():
+        for key, label in columns.items():
+            if values[key]:
+                cells[(m, label)] = _stats(values[key])
+    return Table(
+        "cost per run (mean over runs; params at the runs' C, D, K)",
+        "method",
+        _method_order(groups),
+        list(columns.values()),
+        cells,
+        average=False,
+        higher_is_better=None,
+        digits=3,
+    )
+
+
+def dg_table(records: Iterable[dict[str, Any]]) -> Table | None:
+    """Domain generalisation: methods × (source, targets...), ``average`` over the targets."""
+    dg = [r for r in latest_ok(records) if r.get("task") == "domain_generalization"]
+    if not dg:
+        return None
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    sources, targets = [], []
+    for r in dg:
+        label = r["dataset"]
+        (sources if r.get("role") == "source" else targets).append(label)
+        groups[(r["method"], label)].append(float(r["accuracy"]))
+    cells = {k: _stats(v) for k, v in groups.items()}
+    src = sorted(set(sources))
+    tgt = sorted(set(targets) - set(src))
+    return Table(
+        "domain generalisation: accuracy (%) (average = target average)",
+        "method",
+        _method_order(k[0] for k in cells),
+        [*src, *tgt],
+        cells,
+        average=bool(tgt),
+        average_over=tgt,
+    )
+
+
+def episodes_table(records: Iterable[dict[str, Any]]) -> str | None:
+    """Reasoning episodes: methods × episode sets, ``mean ± 95 % CI`` (over episodes, seed 1's
+    interval when several seeds ran: the CI is about episodes, not seeds)."""
+    eps = [r for r in latest_ok(records) if r.get("task") == "episodes"]
+    if not eps:
+        return None
+    sets = sorted({r["dataset"] for r in eps})
+    methods = _method_order(r["method"] for r in eps)
+    by = defaultdict(list)
+    for r in eps:
+        by[(r["method"], r["dataset"])].append(r)
+    lines = ["| method | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    for m in methods:
+        cells = []
+        for s in sets:
+            rs = sorted(by.get((m, s), []), key=lambda r: r.get("seed", 0))
+            if not rs:
+                cells.append("–")
+                continue
+            mean = statistics.fmean(float(r["accuracy"]) for r in rs)
+            cells.append(
+                f"{mean:.1f} ± {float(rs[0].get('ci95', 0.0)):.1f} (n={rs[0].get('n_episodes')})"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- old API
 def markdown_table(records: Iterable[dict[str, Any]], with_std: bool = True) -> str:
     """Rows: methods; columns: dataset × shots, then the average; best per column in bold."""
-    stats = summarize(records)
-    methods = sorted({k[0] for k in stats})
+    stats = summarize(_classification(records))
     columns = sorted(
         {(k[1], k[2]) for k in stats}, key=lambda c: (c[0], c[1] if c[1] is not None else -1)
     )
-    best = {
-        c: max((stats[(m, *c)][0] for m in methods if (m, *c) in stats), default=None)
-        for c in columns
-    }
-    header = ["method", *[f"{d} {s}-shot" if s is not None else d for d, s in columns], "average"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for m in methods:
-        cells, means = [], []
-        for c in columns:
-            if (m, *c) not in stats:
-                cells.append("–")
-                continue
-            mean, std, n = stats[(m, *c)]
-            means.append(mean)
-            text = f"{mean:.1f}" + (f" ± {std:.1f}" if with_std and n > 1 else "")
-            cells.append(
-                f"**{text}**" if best[c] is not None and abs(mean - best[c]) < 1e-9 else text
-            )
-        average = f"{sum(means) / len(means):.1f}" if len(means) == len(columns) and means else "–"
-        lines.append("| " + " | ".join([m, *cells, average]) + " |")
-    return "\n".join(lines) + "\n"
+    labels = {c: f"{c[0]} {c[1]}-shot" if c[1] is not None else c[0] for c in columns}
+    cells = {(m, labels[(d, s)]): v for (m, d, s), v in stats.items()}
+    table = Table(
+        "accuracy (%)", "method", _method_order(k[0] for k in stats), list(labels.values()), cells
+    )
+    return table.markdown(with_std=with_std)
 
 
 def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
@@ -60,7 +323,7 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = summarize(records)
+    stats = summarize(_classification(records))
     datasets = sorted({k[1] for k in stats})
     methods = sorted({k[0] for k in stats})
     panels = [*datasets, "average"]
@@ -90,10 +353,156 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(len(labels), 1)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- published
+_BACKBONE = re.compile(r"(RN50x16|RN50x4|RN101|RN50|ViT-[BL][-/]\d+)", re.IGNORECASE)
+
+
+def canonical_backbone(name: str | None) -> str | None:
+    """'OpenAI CLIP ViT-B/32', 'ViT-B-32:openai' -> 'ViT-B/32'; None when not recognised."""
+    if not name:
+        return None
+    match = _BACKBONE.search(name)
+    if match is None:
+        return None
+    text = match.group(1)
+    return (
+        text.upper()
+        if text.lower().startswith("rn")
+        else text.replace("-", "/", 2).replace("ViT/", "ViT-").replace("vit/", "ViT-")
+    )
+
+
+def load_published(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The papers' published numbers (``bench/published.yaml``): a list of entries with
+    ``method, dataset, shots, backbone, task, accuracy, source``."""
+    import yaml
+
+    if path is None:
+        path = Path(__file__).with_name("published.yaml")
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    entries = []
+    for table in data["tables"]:
+        shared = {k: v for k, v in table.items() if k != "rows"}
+        for row in table["rows"]:
+            entries.append({**shared, **row})
+    return entries
+
+
+def compare_published(
+    records: Iterable[dict[str, Any]], published: Sequence[dict[str, Any]] | None = None
+) -> str:
+    """Our mean accuracy beside every published number for the same (task, method, dataset,
+    shots, backbone), with the source of each published number; "–" where we have no run."""
+    published = load_published() if published is None else published
+    ours: dict[tuple, list[float]] = defaultdict(list)
+    backbones = set()
+    for r in latest_ok(records):
+        bb = canonical_backbone(r.get("backbone"))
+        backbones.add(bb)
+        ours[
+            (r.get("task", "classification"), r["method"], r["dataset"], r.get("shots"), bb)
+        ].append(float(r["accuracy"]))
+    rows = [
+        e
+        for e in published
+        if canonical_backbone(e.get("backbone")) in backbones
+        or any((e.get("task", "classification"), e["method"], e["dataset"]) == k[:3] for k in ours)
+    ]
+    lines = [
+        "| task | method | dataset | shots | backbone | ours | published | Δ | source |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in sorted(
+        rows, key=lambda e: (e.get("task", ""), e["dataset"], e["method"], e.get("shots") or 0)
+    ):
+        key = (
+            e.get("task", "classification"),
+            e["method"],
+            e["dataset"],
+            e.get("shots"),
+            canonical_backbone(e.get("backbone")),
+        )
+        mine = ours.get(key)
+        mean = statistics.fmean(mine) if mine else None
+        ours_text = "–" if mean is None else f"{mean:.2f} (n={len(mine)})"
+        delta = "–" if mean is None else f"{mean - float(e['accuracy']):+.2f}"
+        lines.append(
+            f"| {e.get('task', 'classification')} | {e['method']} | {e['dataset']} | "
+            f"{e.get('shots', '–')} | {e.get('backbone')} | {ours_text} | {float(e['accuracy']):.2f}"
+            f" | {delta} | {e['source']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- one folder
+def write_report(
+    records: Iterable[dict[str, Any]],
+    out: str | Path,
+    shots: int | None = None,
+    compare: str | None = None,
+) -> dict[str, Path]:
+    """Write the tables (Markdown + CSV), the plot and the cost table into ``out``.
+
+    Args:
+        records: result records (any tasks).
+        out: the output folder.
+        shots: the shot count of the main table (default: the largest run).
+        compare: "published" to add ``published.md`` (our numbers beside the papers').
+
+    Returns:
+        {name: path} of every file written (``report.md`` gathers all tables).
+    """
+    records = list(records)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    sections: list[str] = []
+
+    def put(name: str, text: str) -> Path:
+        path = out / name
+        path.write_text(text, encoding="utf-8")
+        written[name] = path
+        return path
+
+    classification = _classification(latest_ok(records))
+    if classification:
+        main = paper_table(classification, shots)
+        put("table.md", main.markdown())
+        put("table.csv", main.csv())
+        sections.append(f"## {main.title}\n\n{main.markdown()}")
+        for name, table in shots_tables(classification).items():
+            put(f"shots_{name}.md", table.markdown())
+            put(f"shots_{name}.csv", table.csv())
+            sections.append(f"## {table.title}\n\n{table.markdown()}")
+        cost = cost_table(classification)
+        put("cost.md", cost.markdown(with_std=False))
+        put("cost.csv", cost.csv())
+        sections.append(f"## {cost.title}\n\n{cost.markdown(with_std=False)}")
+        if any(r.get("shots") is not None for r in classification):
+            plot = plot_accuracy_vs_shots(classification, out / "accuracy_vs_shots.png")
+            written["accuracy_vs_shots.png"] = plot
+            sections.append("![accuracy vs shots](accuracy_vs_shots.png)\n")
+    dg = dg_table(records)
+    if dg is not None:
+        put("dg.md", dg.markdown())
+        put("dg.csv", dg.csv())
+        sections.append(f"## {dg.title}\n\n{dg.markdown()}")
+    episodes = episodes_table(records)
+    if episodes is not None:
+        put("episodes.md", episodes)
+        sections.append(f"## reasoning episodes: accuracy (%) ± 95 % CI\n\n{episodes}")
+    if compare == "published":
+        text = compare_published(records)
+        put("published.md", text)
+        sections.append(f"## ours vs published\n\n{text}")
+    put("report.md", "\n".join(sections))
+    return written

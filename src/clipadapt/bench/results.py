@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,15 @@ RUN_KEY_FIELDS = (
 
 
 def run_id(cell: dict[str, Any]) -> str:
-    """A stable id of a grid cell (what was asked, not what came out)."""
-    return stable_hash({k: cell.get(k) for k in RUN_KEY_FIELDS})
+    """A stable id of a grid cell (what was asked, not what came out).
+
+    Domain-generalisation runs add their ``source`` dataset to the key (other runs' ids are
+    unchanged, so older results files keep resuming).
+    """
+    key = {k: cell.get(k) for k in RUN_KEY_FIELDS}
+    if cell.get("source") is not None and cell.get("task") == "domain_generalization":
+        key["source"] = cell["source"]
+    return stable_hash(key)
 
 
 def append_result(path: str | Path, record: dict[str, Any]) -> None:
@@ -62,6 +69,23 @@ def read_results(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def finished_ids(path: str | Path) -> set[str]:
+    """Run ids with a ``status: ok`` line in ``path``."""
     return {
         r["run_id"] for r in read_results(path) if r.get("status", "ok") == "ok" and "run_id" in r
     }
+
+
+def latest_ok(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``status: ok`` records, keeping only the last line of each run id (a ``--rerun``
+    appends a new line for the same run; tables use the newest)."""
+    keep: dict[str, dict[str, Any]] = {}
+    anonymous: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("status", "ok") != "ok":
+            continue
+        if "run_id" in record:
+            keep.pop(record["run_id"], None)
+            keep[record["run_id"]] = record
+        else:
+            anonymous.append(record)
+    return [*anonymous, *keep.values()]
