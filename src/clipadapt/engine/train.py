@@ -82,21 +82,25 @@ class TrainHistory:
 def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=config.lr, betas=config.betas, eps=config.eps,
+            params,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
             weight_decay=config.weight_decay,
         )
     if config.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=config.lr, betas=config.betas, eps=config.eps,
+            params,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
             weight_decay=config.weight_decay,
         )
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-    raise TrainingError(
-        f"unknown optimizer {config.optimizer!r}; use 'adamw', 'adam' or 'sgd'"
-    )
+    raise TrainingError(f"unknown optimizer {config.optimizer!r}; use 'adamw', 'adam' or 'sgd'")
 
 
 def _lr_at(step: int, total: int, config: TrainConfig, warmup: int | None = None) -> float:

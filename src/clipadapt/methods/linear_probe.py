@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from clipadapt.data.sets import LabeledFeatures, TextFeatures, TrainSet, ValidationSet
 from clipadapt.engine.search import accuracy, require_validation
@@ -109,6 +109,7 @@ class LinearProbe(Adapter):
         needs=("train",),
         trainable=True,
         searched={"C": "coarse {1e6,…,1e-6} then 8 log-bisection steps around the best"},
+        param_formula="C * D + C",
         max_tiny_seconds=30,
     )
 
@@ -175,8 +176,8 @@ class LinearProbe(Adapter):
                 hi = mid
         return best_c, best_model, best_acc, tried
 
-    def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
-        num_classes = text.num_classes
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        num_classes = self.n_classes_  # set by Adapter.fit from text or the bundle; text unused
         if self.search and val is not None and len(val) > 0:
             c, (weight, bias), acc, tried = self._search(train, val, num_classes)
             self.best_params_ = {
@@ -190,13 +191,14 @@ class LinearProbe(Adapter):
             weight, bias = self._solve(train, num_classes, c, None)
             reason = "search disabled" if not self.search else "no validation data"
             self.best_params_ = {"C": c, "source": f"default C ({reason})"}
-        self.weight_ = weight.clone()
-        self.bias_ = bias.clone()
+        # parameters (not plain tensors) so the parameter count and gradient checks see them
+        self.weight_ = nn.Parameter(weight.clone())
+        self.bias_ = nn.Parameter(bias.clone())
 
     def _logits(self, features: Tensor) -> Tensor:
         return features @ self.weight_.T + self.bias_
 
-    def num_trainable_params(self) -> int:
-        if not getattr(self, "fitted_", False):
-            return 0
-        return int(self.weight_.numel() + self.bias_.numel())
+    def _set_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        super()._set_state(tensors, meta)
+        self.weight_ = nn.Parameter(self.weight_.float())
+        self.bias_ = nn.Parameter(self.bias_.float())

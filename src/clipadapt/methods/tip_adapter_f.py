@@ -58,6 +58,7 @@ class TipAdapterF(TipAdapter):
             "epoch": "best validation accuracy (with α0/β0) when select_on_val",
         },
         uses_views=True,
+        param_formula="C * K * D",
         max_tiny_seconds=30,
     )
 
@@ -148,8 +149,13 @@ class TipAdapterF(TipAdapter):
             seed=self.seed,
         )
         history = train_loop(
-            [keys], batch_loss, len(train), config, val_score=val_score,
-            device=train.device, what="tip_adapter_f training",
+            [keys],
+            batch_loss,
+            len(train),
+            config,
+            val_score=val_score,
+            device=train.device,
+            what="tip_adapter_f training",
         )
         self.train_loss_ = [float(x) for x in history.loss]
         self._choose_alpha_beta(val)
@@ -159,19 +165,14 @@ class TipAdapterF(TipAdapter):
         self.best_params_["epoch_rule"] = "validation accuracy" if use_val else "last epoch"
 
     def _logits(self, features: Tensor) -> Tensor:
-        keys = self.cache_keys_.detach()
+        keys = self.cache_keys_
         zero_shot = self.logit_scale * features @ self.text_weights_.T
         cache = cache_logits(features @ keys.T, self.cache_labels_, zero_shot.shape[1], self.beta_)
         return zero_shot + self.alpha_ * cache
 
     def _choose_alpha_beta(self, val: ValidationSet | None) -> None:
-        # the parent's search reads ``cache_keys_``; give it the trained values without autograd
-        keys = self.cache_keys_
-        self.cache_keys_ = keys.detach()
-        try:
+        with torch.no_grad():
             super()._choose_alpha_beta(val)
-        finally:
-            self.cache_keys_ = keys
 
     def _set_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         super()._set_state(tensors, meta)
