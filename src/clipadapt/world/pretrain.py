@@ -187,6 +187,7 @@ def pretrain(
                 curve=curve,
                 seconds=time.perf_counter() - start,
                 checkpoint=out_path.name,
+                parameters=sum(p.numel() for p in model.parameters()),
                 command=command,
             )
             save_checkpoint(model, out_path)
@@ -198,7 +199,6 @@ def _card(tokenizer: WordTokenizer, **run: Any) -> dict[str, Any]:
     import open_clip
 
     open_clip.add_model_config(model_config_dir())
-    n_params = sum(p.numel() for p in create_world_model().parameters())
     return {
         "model_name": MODEL_NAME,
         "checkpoint": run["checkpoint"],
@@ -207,7 +207,7 @@ def _card(tokenizer: WordTokenizer, **run: Any) -> dict[str, Any]:
         "mean": list(MEAN),
         "std": list(STD),
         "config": open_clip.get_model_config(MODEL_NAME),
-        "parameters": n_params,
+        "parameters": run["parameters"],
         "seed": run["seed"],
         "steps": run["steps"],
         "steps_done": run["done"],
