@@ -21,9 +21,8 @@ class TaskRes(Adapter):
     """TaskRes (Yu et al., CVPR 2023): ``t'_c = t_c + α · x_c``, x zero-initialised.
 
     ``logits = s · norm(f) · norm(t'_c)ᵀ``; only the residual ``X`` (C, D) is trained. The text
-    base is the bundle's normalised class feature (the spec's base is the raw prompt-average;
-    with one prompt it agrees after normalisation, only the relative size of α differs by the
-    raw norm). Adam (betas 0.9/0.999) with weight decay 5e-4 as an L2 term, batch 256, one
+    base is the bundle's normalised class feature times ``text_norm`` (the spec's base is the
+    raw prompt average, which bundles do not store; with one prompt the directions agree). Adam (betas 0.9/0.999) with weight decay 5e-4 as an L2 term, batch 256, one
     constant warmup epoch at 1e-5 then cosine per epoch, last epoch kept; with stored views
     each epoch uses one view per image. No validation search (the paper fixes α per dataset).
 
@@ -35,6 +34,10 @@ class TaskRes(Adapter):
             K <= 4, 200 for K >= 8.
         batch_size: 256. weight_decay: 5e-4. warmup_lr: 1e-5.
         logit_scale: 100. use_views: sample stored augmented views per epoch.
+        text_norm: length of the text base ``t_c``. Bundles store normalised text features;
+            the reference adds ``α·x`` to the raw embedding, so the residual's relative size
+            depends on the raw norm. 9.0 is about the mean raw norm (9.1) of OpenAI CLIP
+            ViT-B/32 single-prompt class embeddings (the ImageNet bundle's ``text_features``).
         seed: shuffling and view-sampling seed.
     """
 
@@ -61,6 +64,7 @@ class TaskRes(Adapter):
         warmup_lr: float = 1e-5,
         logit_scale: float = 100.0,
         use_views: bool = True,
+        text_norm: float = 9.0,
         seed: int = 1,
     ) -> None:
         self.alpha = alpha
@@ -71,13 +75,14 @@ class TaskRes(Adapter):
         self.warmup_lr = warmup_lr
         self.logit_scale = logit_scale
         self.use_views = use_views
+        self.text_norm = text_norm
         self.seed = seed
 
     def _classifier(self, residual: Tensor) -> Tensor:
         return normalize_rows(self.base_ + self.alpha * residual)
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
-        self.base_ = text.class_features.clone()
+        self.base_ = self.text_norm * text.class_features
         residual = nn.Parameter(torch.zeros_like(self.base_))
         shots = int(torch.bincount(train.labels).max())
         epochs = int(self.epochs) if self.epochs is not None else epochs_for_shots(shots)

@@ -54,9 +54,9 @@ class ZSLinearProbe(Adapter):
     fresh permutation of the pool, of which ``max(1, floor(N_images / batch_size))``
     consecutive batches are used (so an epoch sees about 1/V of the pool). SGD lr 0.1, momentum
     0.9, no weight decay, batch 256, 300 epochs, one constant warmup epoch at 1e-5, then cosine
-    per epoch. The text base is the bundle's normalised class feature (the spec's raw text
-    base averaged over prompts is not in bundles; with one prompt the two agree after
-    normalisation).
+    per epoch. The text base is the bundle's normalised class feature times ``text_norm``
+    (the spec's raw prompt-averaged base is not in bundles; with one prompt the directions
+    agree).
 
     Args:
         constraint: "clap" or "none".
@@ -64,6 +64,11 @@ class ZSLinearProbe(Adapter):
         warmup_lr: 1e-5, the constant learning rate of the first epoch.
         logit_scale: 100.
         use_views: train on the stored augmented views when present.
+        text_norm: length of the initial prototypes. Bundles store only normalised text
+            features, but the reference trains on raw text embeddings, and with ``norm(w)`` in
+            the logits the effective step size scales with ``1/||w||²``; 9.0 is about the mean
+            raw norm (9.1) of OpenAI CLIP ViT-B/32 single-prompt class embeddings (the ImageNet
+            bundle's raw ``text_features``), so the reference lr keeps its meaning.
         seed: shuffling seed.
     """
 
@@ -92,6 +97,7 @@ class ZSLinearProbe(Adapter):
         warmup_lr: float = 1e-5,
         logit_scale: float = 100.0,
         use_views: bool = True,
+        text_norm: float = 9.0,
         seed: int = 1,
     ) -> None:
         self.constraint = constraint
@@ -103,6 +109,7 @@ class ZSLinearProbe(Adapter):
         self.warmup_lr = warmup_lr
         self.logit_scale = logit_scale
         self.use_views = use_views
+        self.text_norm = text_norm
         self.seed = seed
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
@@ -110,7 +117,7 @@ class ZSLinearProbe(Adapter):
             raise ConfigError(
                 f"zs_linear_probe: constraint={self.constraint!r}; choose one of {CONSTRAINTS}"
             )
-        base = text.class_features.clone()
+        base = self.text_norm * text.class_features
         if self.use_views and train.views is not None:
             pool = train.views.reshape(-1, train.dim)
             pool_labels = train.labels.repeat(train.views.shape[0])
