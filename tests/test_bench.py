@@ -1,0 +1,243 @@
+"""Sweeps: YAML grids, resume after a real SIGKILL, process pool, TensorBoard curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipadapt.bench.results import read_results
+from clipadapt.bench.runner import (
+    CellSettings,
+    LocalExecutor,
+    load_sweep,
+    resolve_sweep,
+    run_sweep,
+)
+from clipadapt.cli import main
+from clipadapt.data.bundle import save_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toy_bundle(
+    path: Path,
+    classes: int = 5,
+    dim: int = 16,
+    train_per_class: int = 8,
+    test_per_class: int = 10,
+    seed: int = 0,
+    spread: float = 0.35,
+    name: str | None = None,
+    classnames: list[str] | None = None,
+    centres: torch.Tensor | None = None,
+    with_text: bool = True,
+    groups: tuple[str, ...] = ("train", "val", "test"),
+) -> Path:
+    """Gaussian clusters around random unit class centres (text features = the centres)."""
+    gen = torch.Generator().manual_seed(seed)
+    if centres is None:
+        centres = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    tensors = {}
+    for group in groups:
+        per = test_per_class if group == "test" else train_per_class
+        labels = torch.arange(classes).repeat_interleave(per)
+        noise = spread * torch.randn(len(labels), dim, generator=gen)
+        tensors[f"{group}_features"] = centres[labels] + noise
+        tensors[f"{group}_labels"] = labels
+    if with_text:
+        tensors["text_features"] = centres.clone()
+    names = classnames or [f"class {i}" for i in range(classes)]
+    meta = {"classnames": json.dumps(names), "backbone": "toy-16d"}
+    if name:
+        meta["dataset"] = name
+    return save_bundle(path, tensors, meta)
+
+
+def write_sweep(path: Path, **extra) -> Path:
+    import yaml
+
+    data = {
+        "bundle_dir": ".",
+        "datasets": ["alpha", "beta"],
+        "methods": ["zeroshot", "tip_adapter:search_steps_beta=20,search_steps_alpha=10"],
+        "shots": [1, 2],
+        "seeds": [1, 2],
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    toy_bundle(tmp_path / "alpha.safetensors", seed=1, name="alpha")
+    toy_bundle(tmp_path / "beta.safetensors", seed=2, classes=4, name="beta")
+    write_sweep(tmp_path / "sweep.yaml")
+    return tmp_path
+
+
+def test_yaml_sweep_runs_every_cell_once_and_skips_on_rerun(sweep_dir: Path) -> None:
+    spec = load_sweep(sweep_dir / "sweep.yaml")
+    out = sweep_dir / "r.jsonl"
+    records, resolved = run_sweep(spec, out, progress=False)
+    assert len(resolved.cells) == 2 * 2 * 2 * 2 and not resolved.skipped
+    assert len(records) == 16 and all(r["status"] == "ok" for r in records)
+    assert {(r["dataset"], r["method"]) for r in records} == {
+        (d, m) for d in ("alpha", "beta") for m in ("zeroshot", "tip_adapter")
+    }
+    again, _ = run_sweep(spec, out, progress=False)
+    assert again == []
+    assert len(list(read_results(out))) == 16
+    forced, _ = run_sweep(spec, out, progress=False, rerun=True)
+    assert len(forced) == 16
+    # the resolved grid is saved beside the results
+    saved = json.loads((sweep_dir / "r.jsonl.sweep.json").read_text())
+    assert saved["cells"] == 16 and saved["spec"]["shots"] == [1, 2]
+
+
+def test_set_override_and_missing_data_is_listed(sweep_dir: Path) -> None:
+    spec = load_sweep(sweep_dir / "sweep.yaml", ["shots=[1]", "datasets=[alpha, gamma]"])
+    resolved = resolve_sweep(spec, progress=False)
+    assert len(resolved.cells) == 1 * 2 * 2
+    assert [w for w, _ in resolved.skipped] == ["gamma"]
+
+
+def test_unknown_key_and_bad_method_fail_before_work(sweep_dir: Path) -> None:
+    from clipadapt.exceptions import ConfigError, UnknownMethodError
+
+    write_sweep(sweep_dir / "bad.yaml", shot=[1])
+    with pytest.raises(ConfigError, match="unknown sweep key"):
+        load_sweep(sweep_dir / "bad.yaml")
+    write_sweep(sweep_dir / "bad2.yaml", methods=["zeroshot", "nope"])
+    with pytest.raises(UnknownMethodError):
+        resolve_sweep(load_sweep(sweep_dir / "bad2.yaml"), progress=False)
+
+
+def test_image_only_bundle_runs_image_methods_and_skips_text_methods(tmp_path: Path) -> None:
+    toy_bundle(tmp_path / "notext.safetensors", name="notext", with_text=False)
+    code = main(
+        [
+            "bench",
+            "--bundle",
+            str(tmp_path / "notext.safetensors"),
+            "--methods",
+            "linear_probe:search=false;zeroshot",
+            "--shots",
+            "2",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "r.jsonl"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    (record,) = read_results(tmp_path / "r.jsonl")
+    assert record["method"] == "linear_probe" and record["accuracy"] > 50  # chance is 20
+
+
+def test_cli_dry_run_lists_cells(sweep_dir: Path, capsys) -> None:
+    assert main(["bench", str(sweep_dir / "sweep.yaml"), "--dry-run", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "16 cell(s)" in out
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+    for i, name in enumerate(("alpha", "beta")):
+        toy_bundle(
+            tmp_path / f"{name}.safetensors",
+            classes=20,
+            dim=64,
+            train_per_class=16,
+            seed=i,
+            name=name,
+        )
+    # a trained method: each cell takes long enough for the poll below to kill mid-sweep
+    write_sweep(
+        tmp_path / "sweep.yaml",
+        datasets=["alpha", "beta"],
+        methods=["tip_adapter_f:epochs=10,search=false"],
+        shots=[1, 2, 4],
+        seeds=[1, 2],
+    )
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "clipadapt.cli", "bench", "sweep.yaml", "--out", "r.jsonl"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while len(_lines(out)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _lines(out)
+    assert proc.returncode == -signal.SIGKILL
+    assert 3 <= len(before) < 12, "the sweep must be killed part-way"
+    finished = {json.loads(line)["run_id"] for line in before if line.strip().endswith("}")}
+
+    # resume in this process (the same code path as the command; saves an interpreter start)
+    spec = load_sweep(tmp_path / "sweep.yaml")
+    run_sweep(spec, out, progress=False)
+    after = _lines(out)
+    assert after[: len(before)] == before  # nothing finished was lost or rewritten
+    records = [json.loads(line) for line in after]
+    counts = Counter(r["run_id"] for r in records)
+    assert len(counts) == 12 and max(counts.values()) == 1
+    assert finished <= set(counts)
+    # a third run has nothing left to do
+    assert run_sweep(spec, out, progress=False)[0] == []
+    assert len(_lines(out)) == 12
+
+
+@pytest.mark.slow
+def test_process_pool_matches_sequential(sweep_dir: Path) -> None:
+    spec = load_sweep(sweep_dir / "sweep.yaml", ["datasets=[alpha]", "seeds=[1]", "shots=[2]"])
+    seq, _ = run_sweep(spec, sweep_dir / "seq.jsonl", progress=False)
+    pool, _ = run_sweep(
+        spec, sweep_dir / "pool.jsonl", progress=False, executor=LocalExecutor(workers=2)
+    )
+    acc = {r["run_id"]: r["accuracy"] for r in seq}
+    assert {r["run_id"]: r["accuracy"] for r in pool} == acc
+
+
+def test_tensorboard_receives_training_curves(sweep_dir: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = load_sweep(
+        sweep_dir / "sweep.yaml",
+        ["datasets=[alpha]", "seeds=[1]", "shots=[2]", "methods=['tip_adapter_f:epochs=4']"],
+    )
+    tb = sweep_dir / "tb"
+    records, _ = run_sweep(
+        spec, sweep_dir / "r.jsonl", progress=False, settings=CellSettings(tensorboard=str(tb))
+    )
+    assert records[0]["status"] == "ok"
+    runs = [p.parent for p in tb.rglob("events.out.tfevents.*")]
+    assert len(runs) == 1 and "tip_adapter_f" in str(runs[0])
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    loss_tag = next(t for t in tags if t.endswith("/loss"))
+    losses = [e.value for e in acc.Scalars(loss_tag)]
+    assert len(losses) == 4 and all(v == v for v in losses)
+    assert any(t.endswith("/val_score") for t in tags)
