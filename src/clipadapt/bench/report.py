@@ -400,46 +400,49 @@ def load_published(path: str | Path | None = None) -> list[dict[str, Any]]:
 def compare_published(
     records: Iterable[dict[str, Any]], published: Sequence[dict[str, Any]] | None = None
 ) -> str:
-    """Our mean accuracy beside every published number for the same (task, method, dataset,
-    shots, backbone), with the source of each published number; "–" where we have no run."""
+    """Our numbers beside the papers' for every (task, method, dataset) we ran.
+
+    Each published number is listed with its source and backbone. ``ours`` is our mean over
+    seeds at the same shots (a published ``shots: null``, zero-shot, matches our runs at any
+    shots) on each of our backbones; Δ is given only when the backbones agree, since numbers
+    from different backbones are not comparable.
+    """
     published = load_published() if published is None else published
     ours: dict[tuple, list[float]] = defaultdict(list)
-    backbones = set()
     for r in latest_ok(records):
-        bb = canonical_backbone(r.get("backbone"))
-        backbones.add(bb)
-        ours[
-            (r.get("task", "classification"), r["method"], r["dataset"], r.get("shots"), bb)
-        ].append(float(r["accuracy"]))
-    rows = [
-        e
-        for e in published
-        if canonical_backbone(e.get("backbone")) in backbones
-        or any((e.get("task", "classification"), e["method"], e["dataset"]) == k[:3] for k in ours)
-    ]
-    lines = [
-        "| task | method | dataset | shots | backbone | ours | published | Δ | source |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in sorted(
-        rows, key=lambda e: (e.get("task", ""), e["dataset"], e["method"], e.get("shots") or 0)
-    ):
         key = (
-            e.get("task", "classification"),
-            e["method"],
-            e["dataset"],
-            e.get("shots"),
-            canonical_backbone(e.get("backbone")),
+            r.get("task", "classification"),
+            r["method"],
+            r["dataset"],
+            canonical_backbone(r.get("backbone")) or str(r.get("backbone")),
         )
-        mine = ours.get(key)
-        mean = statistics.fmean(mine) if mine else None
-        ours_text = "–" if mean is None else f"{mean:.2f} (n={len(mine)})"
-        delta = "–" if mean is None else f"{mean - float(e['accuracy']):+.2f}"
-        lines.append(
-            f"| {e.get('task', 'classification')} | {e['method']} | {e['dataset']} | "
-            f"{e.get('shots', '–')} | {e.get('backbone')} | {ours_text} | {float(e['accuracy']):.2f}"
-            f" | {delta} | {e['source']} |"
-        )
+        ours[key + (r.get("shots"),)].append(float(r["accuracy"]))
+        ours[key + ("any",)].append(float(r["accuracy"]))
+    ran = {k[:3]: set() for k in ours}
+    for k in ours:
+        ran[k[:3]].add(k[3])
+    lines = [
+        "| task | method | dataset | shots | published | backbone | source | ours | our backbone | Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [
+        e for e in published if (e.get("task", "classification"), e["method"], e["dataset"]) in ran
+    ]
+    rows.sort(key=lambda e: (e.get("task", ""), e["dataset"], e["method"], e.get("shots") or 0))
+    for e in rows:
+        task = e.get("task", "classification")
+        theirs = float(e["accuracy"])
+        their_bb = canonical_backbone(e.get("backbone")) or e.get("backbone")
+        for bb in sorted(ran[(task, e["method"], e["dataset"])]):
+            shots = e.get("shots") if e.get("shots") is not None else "any"
+            mine = ours.get((task, e["method"], e["dataset"], bb, shots))
+            mean = statistics.fmean(mine) if mine else None
+            ours_text = "–" if mean is None else f"{mean:.2f} (n={len(mine)})"
+            delta = f"{mean - theirs:+.2f}" if mean is not None and bb == their_bb else "–"
+            lines.append(
+                f"| {task} | {e['method']} | {e['dataset']} | {e.get('shots') or 'zero-shot'} | "
+                f"{theirs:.2f} | {e.get('backbone')} | {e['source']} | {ours_text} | {bb} | {delta} |"
+            )
     return "\n".join(lines) + "\n"
 
 
