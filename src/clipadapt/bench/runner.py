@@ -572,7 +572,12 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
                 for t in sources.get(name, [])
                 if t.bundle.backbone == src.bundle.backbone
             ]
-            missing = [n for n in dg.targets if not any(t.name == n for t in targets)]
+            if any(t.name == src.name for t in targets):
+                skipped.append((f"DG target {src.name}", "is the source (scored as the source)"))
+                targets = [t for t in targets if t.name != src.name]
+            missing = [
+                n for n in dg.targets if n != src.name and not any(t.name == n for t in targets)
+            ]
             for n in missing:
                 skipped.append((f"DG target {n}", f"no bundle with backbone {src.bundle.backbone}"))
             if not targets:
