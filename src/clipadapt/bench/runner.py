@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -514,7 +515,10 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
     for dg in spec.domain_generalization:
         wanted += [DatasetSpec(n) for n in (dg.source, *dg.targets) if n not in have]
         have |= {dg.source, *dg.targets}
+    entries: list[tuple[DatasetSpec, list[Source]]] = []
     for ds in wanted:
+        mine: list[Source] = []
+        entries.append((ds, mine))
         paths: list[Path] = []
         found = _find_bundle(spec, ds)
         if found is not None:
@@ -542,12 +546,13 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
             except ClipadaptError as error:
                 skipped.append((ds.name, str(error)))
                 continue
-            sources.setdefault(ds.name, []).append(Source(ds.name, path, bundle, ds.choice))
+            mine.append(Source(ds.name, path, bundle, ds.choice))
+            sources.setdefault(ds.name, []).append(mine[-1])
 
     cells: list[dict[str, Any]] = []
-    for ds in spec.datasets:
-        for src in sources.get(ds.name, []):
-            shots = [None] if src.choice.train_set else list(spec.shots)
+    for ds, srcs in entries[: len(spec.datasets)]:
+        for src in srcs:
+            shots = _shots_for(src, spec.shots)
             for spec_str, name, params in specs:
                 if not src.bundle.has_text() and get_method_class(name).card.needs_text:
                     skipped.append(
@@ -583,7 +588,7 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
             if not targets:
                 continue
             for spec_str, name, params in specs:
-                for k in dg.shots if not src.choice.train_set else [None]:
+                for k in dg.shots if not src.choice.train_set else _shots_for(src, []):
                     if k is not None and not _has_shots(src.bundle, k):
                         skipped.append((f"DG {dg.source} {k}-shot", "no such shots in the bundle"))
                         continue
@@ -629,6 +634,14 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
                 cell["outputs"] = [cell["run_id"]]
                 cells.append(cell)
     return ResolvedSweep(cells, skipped, {n: s[0].path for n, s in sources.items() if s})
+
+
+def _shots_for(src: Source, shots: Sequence[int]) -> list[int | None]:
+    """The sweep's shots, or the K of a fixed ``train_{K}shot`` train group (None otherwise)."""
+    if not src.choice.train_set:
+        return list(shots)
+    match = re.fullmatch(r"train_(\d+)shot", src.choice.train_set)
+    return [int(match.group(1)) if match else None]
 
 
 def _has_shots(bundle: FeatureBundle, k: int) -> bool:
