@@ -111,6 +111,7 @@ def evaluate_world_model(
     seed: int = 0,
     update_card: bool = False,
     names: list[str] | None = None,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Zero-shot and 16-shot accuracies of a world CLIP on every world dataset.
 
@@ -121,10 +122,29 @@ def evaluate_world_model(
         update_card: write the result into the card as ``"evaluation"`` and
             ``"zero_shot_accuracy"``.
         names: only these datasets (shifted sets need their source in the list).
+        threads: torch CPU threads while evaluating (restored afterwards); 1 by default because
+            on a shared CPU more threads were several times slower; None keeps torch's.
 
     Returns:
         ``{"datasets": {name: {...}}, "summary": {...}, "seconds": float}``.
     """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _evaluate(card_path, data_root, size, seed, update_card, names)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _evaluate(
+    card_path: str | Path | None,
+    data_root: str | Path,
+    size: str,
+    seed: int,
+    update_card: bool,
+    names: list[str] | None,
+) -> dict[str, Any]:
     start = time.perf_counter()
     path = Path(card_path) if card_path else default_card_path()
     model, preprocess, tokenizer = load_world_model(path)
