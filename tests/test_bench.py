@@ -241,3 +241,17 @@ def test_tensorboard_receives_training_curves(sweep_dir: Path) -> None:
     losses = [e.value for e in acc.Scalars(loss_tag)]
     assert len(losses) == 4 and all(v == v for v in losses)
     assert any(t.endswith("/val_score") for t in tags)
+
+
+def test_profile_paper_runs_what_exists_and_lists_the_rest(tmp_path: Path, capsys) -> None:
+    toy_bundle(tmp_path / "caltech101.safetensors", name="caltech101")
+    toy_bundle(tmp_path / "dtd.safetensors", name="dtd", with_text=False)
+    argv = ["bench", "--profile", "paper", "--bundle-dir", str(tmp_path), "--dry-run"]
+    assert main([*argv, "--methods", "zeroshot,linear_probe", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # caltech101: 2 methods × 5 shots × 3 seeds; dtd (no text): linear probe only
+    assert "45 cell(s)" in out
+    for name in ("imagenet", "stanford_cars", "sun397", "eurosat", "ucf101"):
+        assert f"  {name}: no bundle" in out
+    assert "zeroshot on dtd: needs `text_features`" in out
+    assert "domain generalisation from imagenet: source missing" in out

@@ -593,6 +593,10 @@ def _sweep_from_args(args: argparse.Namespace) -> Any:
     methods = _split_method_specs(args.methods) if args.methods else None
     if args.config:
         spec = load_sweep(args.config, args.set)
+        # flags are relative to the working directory, YAML paths to the YAML file
+        for key in ("bundle_dir", "data_root"):
+            if getattr(args, key):
+                setattr(spec, key, str(Path(getattr(args, key)).resolve()))
     elif args.profile == "paper":
         spec = paper_profile(args.bundle_dir, args.data_root, args.backbone or (), methods)
         if args.set:
@@ -622,7 +626,7 @@ def _sweep_from_args(args: argparse.Namespace) -> Any:
     if args.backbone:
         spec.backbones = list(args.backbone)
     if args.cache_dir:
-        spec.cache_dir = args.cache_dir
+        spec.cache_dir = str(Path(args.cache_dir).resolve())
     if not spec.methods:
         raise ConfigError("no methods: pass --methods, a YAML file with methods:, or --profile")
     if not (spec.datasets or spec.domain_generalization or spec.episodes):
