@@ -1,0 +1,113 @@
+"""CoOp with a tiny open_clip text tower: reference forward, training, seeds, persistence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipadapt import create_method, load
+from clipadapt.data.sets import TextFeatures
+from clipadapt.exceptions import MissingTensorError
+from clipadapt.testing import make_fixture
+
+CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+N_CTX = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    import open_clip
+
+    directory = tmp_path_factory.mktemp("coop_tiny")
+    (directory / "coop-test-tiny.json").write_text(json.dumps(CONFIG))
+    open_clip.add_model_config(directory)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = open_clip.create_model("coop-test-tiny")
+    return model.eval(), open_clip.get_tokenizer("coop-test-tiny")
+
+
+@pytest.fixture(scope="module")
+def tower(tiny_clip):
+    from clipadapt.encoders.clip import TextTower
+
+    return TextTower.from_open_clip(*tiny_clip)
+
+
+def _text(fx, tower) -> TextFeatures:
+    return TextFeatures(fx.text.class_features, fx.text.classnames, text_encoder=tower)
+
+
+def reference_class_features(model, tokenizer, classnames, ctx) -> torch.Tensor:
+    """CoOp's text side written out with the open_clip model's own modules."""
+    prompts = [" ".join(["X"] * ctx.shape[0]) + f" {n.replace('_', ' ')}." for n in classnames]
+    tokens = tokenizer(prompts)
+    x = model.token_embedding(tokens).clone()
+    x[:, 1 : 1 + ctx.shape[0]] = ctx
+    x = x + model.positional_embedding
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    x = x[torch.arange(len(tokens)), tokens.argmax(-1)] @ model.text_projection
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def test_logits_equal_a_direct_forward(tiny_clip, tower) -> None:
+    fx = make_fixture(shots=2)
+    method = create_method("coop", n_ctx=N_CTX, epochs=3).fit(fx.train, _text(fx, tower))
+    with torch.no_grad():
+        t = reference_class_features(*tiny_clip, fx.text.classnames, method.ctx_.detach())
+    f = fx.test.features
+    torch.testing.assert_close(method.logits(f), 100 * f @ t.T, rtol=1e-4, atol=1e-3)
+    assert method.num_trainable_params() == N_CTX * tower.width
+
+
+def test_training_lowers_loss_and_beats_hand_prompt_zero_shot(tiny_clip, tower) -> None:
+    fx = make_fixture(shots=4)
+    method = create_method("coop", n_ctx=N_CTX, epochs=60, class_specific=True, lr=0.02)
+    method.fit(fx.train, _text(fx, tower))
+    model, tokenizer = tiny_clip
+    with torch.no_grad():
+        hand = model.encode_text(tokenizer([f"a photo of a {n}." for n in fx.text.classnames]))
+    hand = hand / hand.norm(dim=-1, keepdim=True)
+    zero_shot = (fx.test.features @ hand.T).argmax(-1).eq(fx.test.labels).float().mean() * 100
+    assert method.train_loss_[-1] < 0.5 * method.train_loss_[0]
+    assert method.score(fx.test.features, fx.test.labels) > float(zero_shot)
+    assert all(p.grad is None or not p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_context_and_save_load(tower, tmp_path) -> None:
+    fx = make_fixture(shots=1, views=2)
+    a = create_method("coop", n_ctx=N_CTX, epochs=4, seed=5).fit(fx.train, _text(fx, tower))
+    b = create_method("coop", n_ctx=N_CTX, epochs=4, seed=5).fit(fx.train, _text(fx, tower))
+    c = create_method("coop", n_ctx=N_CTX, epochs=4, seed=6).fit(fx.train, _text(fx, tower))
+    assert torch.equal(a.ctx_, b.ctx_) and not torch.equal(a.ctx_, c.ctx_)
+    assert a.best_params_["epochs"] == 4
+    a.save(tmp_path / "coop")
+    loaded = load(tmp_path / "coop")  # no tower needed to predict
+    assert torch.equal(loaded.logits(fx.test.features), a.logits(fx.test.features))
+
+
+def test_without_text_tower_the_error_names_it() -> None:
+    fx = make_fixture(shots=1)
+    with pytest.raises(MissingTensorError, match="text encoder"):
+        create_method("coop").fit(fx.train, fx.text)
+
+
+def test_context_too_long_for_the_tower_is_a_clear_error(tower) -> None:
+    fx = make_fixture(shots=1)
+    with pytest.raises(ValueError, match="n_ctx"):
+        create_method("coop", n_ctx=16).fit(fx.train, _text(fx, tower))
