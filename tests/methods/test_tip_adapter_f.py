@@ -85,3 +85,21 @@ def test_imagenet_bundle_order_tip_f_tip_zero_shot() -> None:
     assert 58.0 <= zs <= 60.0
     assert 59.0 <= tip_f <= 64.0
     assert tip_f >= tip >= zs - 0.5
+
+
+def test_presets_are_valid_method_options_with_a_source() -> None:
+    import yaml
+
+    import clipadapt.methods
+
+    folder = Path(clipadapt.methods.__file__).parent / "presets"
+    files = sorted(folder.glob("*.yaml"))
+    assert {"tip_adapter.yaml", "tip_adapter_f.yaml", "taskres.yaml", "coop.yaml"} <= {
+        f.name for f in files
+    }
+    for file in files:
+        data = yaml.safe_load(file.read_text())
+        assert data["source"].strip(), file
+        for dataset, params in data["presets"].items():
+            method = create_method(data["method"], **params)  # unknown keys or types raise
+            assert method.get_params()[next(iter(params))] == next(iter(params.values())), dataset
