@@ -11,14 +11,32 @@ defaults.
 
 from __future__ import annotations
 
-import pytest
-
 import clipadapt
-from clipadapt.testing import CHECKS, check_method, make_fixture, parametrize_with_checks
+from clipadapt.testing import CHECKS, parametrize_with_checks
 
 FAST_PARAMS: dict[str, dict[str, object]] = {
+    # 20x20 instead of 20x200 (alpha, beta) grid points
     "tip_adapter": {"search_steps_beta": 20},
     "tip_adapter_f": {"search_steps_beta": 20, "epochs": 5},
+    # 3 coarse C values and 1 refinement step instead of 7 + 8, at most 100 L-BFGS iterations
+    "linear_probe": {"coarse_grid": (1e4, 1.0, 1e-2), "refine_steps": 1, "max_iter": 100},
+    # 10 epochs at lr 1e-2 instead of 100 at 1e-3 (the fixture has 20 rows: one step per epoch)
+    "graph_adapter": {"epochs": 10, "lr": 1e-2},
+    "hegraph_adapter": {"epochs": 5},
+    "clip_adapter": {"epochs": 5, "lr": 1e-2, "ratio_grid": (0.6,)},
+    "taskres": {"epochs": 10, "lr": 5e-2},
+    "zs_linear_probe": {"epochs": 20},
+    # a small ODE field, few solver steps, one grid point
+    "node_adapter": {
+        "epochs": 3,
+        "blend_init_grid": (0.5,),
+        "gamma_init_grid": (1.0,),
+        "steps": 2,
+        "hidden": 32,
+        "heads": 2,
+        "head_dim": 8,
+        "adjoint": False,
+    },
 }
 
 
