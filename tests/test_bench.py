@@ -241,6 +241,12 @@ def test_tensorboard_receives_training_curves(sweep_dir: Path) -> None:
     losses = [e.value for e in acc.Scalars(loss_tag)]
     assert len(losses) == 4 and all(v == v for v in losses)
     assert any(t.endswith("/val_score") for t in tags)
+    # a training-free method leaves no event file behind
+    spec.methods = ["tip_adapter:search=false"]
+    run_sweep(
+        spec, sweep_dir / "r.jsonl", progress=False, settings=CellSettings(tensorboard=str(tb))
+    )
+    assert len(list(tb.rglob("events.out.tfevents.*"))) == 1
 
 
 def test_profile_paper_runs_what_exists_and_lists_the_rest(tmp_path: Path, capsys) -> None:

@@ -26,9 +26,10 @@ _EPOCH_MESSAGE = "%s epoch %d loss %.4f val %s"
 
 
 class _CurveHandler(logging.Handler):
-    def __init__(self, writer: Any, forward_level: int, parent: logging.Logger) -> None:
+    def __init__(self, log_dir: Path, forward_level: int, parent: logging.Logger) -> None:
         super().__init__(logging.DEBUG)
-        self.writer = writer
+        self.log_dir = log_dir
+        self.writer: Any = None  # created at the first epoch: training-free runs write nothing
         self.forward_level = forward_level
         self.parent = parent
         self.steps: dict[str, int] = {}
@@ -41,6 +42,8 @@ class _CurveHandler(logging.Handler):
             and len(record.args) == 4
         ):
             what, _epoch, loss, score = record.args
+            if self.writer is None:
+                self.writer = _summary_writer(self.log_dir)
             tag = str(what).replace(" ", "_")
             step = self.steps.get(tag, 0)
             self.writer.add_scalar(f"{tag}/loss", float(loss), step)
@@ -52,13 +55,18 @@ class _CurveHandler(logging.Handler):
             self.parent.handle(record)
 
 
-def _summary_writer(log_dir: Path) -> Any:
+def _require_tensorboard() -> None:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         raise ConfigError(
             "--tensorboard needs the tensorboard package: pip install 'clipadapt[tensorboard]'"
         ) from None
+
+
+def _summary_writer(log_dir: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(log_dir))
 
 
@@ -72,16 +80,20 @@ def training_curves(root: str | Path | None, run: str) -> Iterator[_CurveHandler
 
     Yields:
         The handler (its ``epochs`` counts the epochs logged), or None when ``root`` is None.
+        Runs without a training loop write no event file.
+
+    Raises:
+        ConfigError: ``root`` is given and the tensorboard package is missing.
     """
     if root is None:
         yield None
         return
     logger = logging.getLogger(TRAIN_LOGGER)
-    writer = _summary_writer(Path(root) / run)
+    _require_tensorboard()  # fail before the run, not at its first epoch
     old_level, old_propagate = logger.level, logger.propagate
     # Records above the previous effective level keep flowing to the parent handlers.
     forward = logger.getEffectiveLevel()
-    handler = _CurveHandler(writer, forward, logger.parent or logging.getLogger())
+    handler = _CurveHandler(Path(root) / run, forward, logger.parent or logging.getLogger())
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -91,5 +103,6 @@ def training_curves(root: str | Path | None, run: str) -> Iterator[_CurveHandler
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
-        writer.flush()
-        writer.close()
+        if handler.writer is not None:
+            handler.writer.flush()
+            handler.writer.close()
