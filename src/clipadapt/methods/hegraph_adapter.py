@@ -307,15 +307,11 @@ class HeGraphAdapter(Adapter):
     def _check_needs(self, text: TextFeatures | None, val: ValidationSet | None) -> None:
         # The card lists descriptions and negatives because the default configuration needs
         # them; the explicit ablations (positive_nodes=templates, negative_nodes=false, an edge
-        # subset without negative relations) do not, so only what this configuration reads is
-        # required here, with a message naming the tensor and the ablation switch.
+        # subset without negative relations) do not. So the base class's static check only
+        # runs for a missing text side, and `_fit` (after the shape checks) requires exactly
+        # what this configuration reads, naming the tensor and the ablation switch.
         if text is None:
             super()._check_needs(text, val)
-            return
-        self._check_options()
-        self._positive(text)
-        if set(self.active_edges()) & _NEGATIVE_EDGES:
-            self._negative(text)
 
     def search_space(self) -> dict[str, list[float]]:
         """``{"fusion_weight": fusion_grid}`` (empty for the text-only classifier)."""
