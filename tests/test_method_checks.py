@@ -11,8 +11,25 @@ defaults.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
 import clipadapt
-from clipadapt.testing import CHECKS, parametrize_with_checks
+from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
+from clipadapt.methods import base
+from clipadapt.methods.base import Adapter, MethodCard
+from clipadapt.testing import (
+    CHECKS,
+    check_method,
+    make_fixture,
+    parametrize_with_checks,
+    yield_checks,
+)
 
 FAST_PARAMS: dict[str, dict[str, object]] = {
     # 20x20 instead of 20x200 (alpha, beta) grid points
@@ -55,3 +72,157 @@ def test_every_method_is_enrolled() -> None:
 def test_suite_has_all_25_checks() -> None:
     assert len(CHECKS) == 25
     assert all(name.startswith("check_") for name in CHECKS)
+
+
+# ------------------------------------------------------------------ the checks can fail
+# Deliberately broken methods, registered only inside each test, show that a check catches the
+# fault it exists for (and that a correct method passes the whole suite).
+
+
+class _ClassMeans(Adapter):
+    """Nearest class mean, image-only and training-free: a correct method."""
+
+    card = MethodCard(name="meta_class_means", summary="class means", needs=("train",))
+
+    def __init__(self, temperature: float = 0.05) -> None:
+        self.temperature = temperature
+
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        sums = torch.zeros(self.n_classes_, self.dim_, device=train.device)
+        self.means_ = normalize_rows(sums.index_add_(0, train.labels, train.features))
+
+    def _logits(self, features: Tensor) -> Tensor:
+        return features @ self.means_.T / self.temperature
+
+
+class _BatchNormalised(_ClassMeans):
+    """Subtracts the batch mean at inference."""
+
+    card = MethodCard(name="meta_batch_stats", summary="uses batch statistics", needs=("train",))
+
+    def _logits(self, features: Tensor) -> Tensor:
+        logits = super()._logits(features)
+        return logits - logits.mean(dim=0)
+
+
+class _MutatesInput(_ClassMeans):
+    """Scales the caller's train features in place."""
+
+    card = MethodCard(name="meta_mutates", summary="mutates its input", needs=("train",))
+
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        super()._fit(train, text, val)
+        train.features.mul_(1.0001)
+
+
+class _NumpyRandom(_ClassMeans):
+    """Draws from numpy's global RNG."""
+
+    card = MethodCard(name="meta_numpy_rng", summary="draws from numpy's RNG", needs=("train",))
+
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        super()._fit(train, text, val)
+        self.jitter_ = float(np.random.rand())
+
+
+class _Collapsed(_ClassMeans):
+    """Always predicts class 0."""
+
+    card = MethodCard(name="meta_collapsed", summary="predicts one class", needs=("train",))
+
+    def _logits(self, features: Tensor) -> Tensor:
+        return torch.zeros(features.shape[0], self.n_classes_).index_fill_(1, torch.tensor([0]), 1)
+
+
+class _TestPeeking(_ClassMeans):
+    """Has a test argument in fit."""
+
+    card = MethodCard(name="meta_test_peeking", summary="fit takes test rows", needs=("train",))
+
+    def fit(self, train, text=None, val=None, *, num_classes=None, test=None):  # noqa: ANN001, ANN201
+        return super().fit(train, text, val, num_classes=num_classes)
+
+
+class _WrongFormula(_ClassMeans):
+    """Trains C*D scalars but its card also counts C biases."""
+
+    card = MethodCard(
+        name="meta_wrong_formula",
+        summary="trainable with a wrong count",
+        needs=("train",),
+        trainable=True,
+        param_formula="C * D + C",
+    )
+
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        super()._fit(train, text, val)
+        self.means_ = nn.Parameter(self.means_)
+
+
+class _IgnoresViewsButDiffers(_ClassMeans):
+    """Reads views without declaring uses_views."""
+
+    card = MethodCard(name="meta_views", summary="uses views undeclared", needs=("train",))
+
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        rows = train.features if train.views is None else train.views.mean(0)
+        sums = torch.zeros(self.n_classes_, self.dim_)
+        self.means_ = normalize_rows(sums.index_add_(0, train.labels, rows))
+
+
+@contextlib.contextmanager
+def _registered(cls: type[Adapter]) -> Iterator[str]:
+    base._REGISTRY[cls.card.name] = cls
+    try:
+        yield cls.card.name
+    finally:
+        del base._REGISTRY[cls.card.name]
+
+
+def test_a_correct_method_passes_every_check() -> None:
+    with _registered(_ClassMeans) as name:
+        results = check_method(name)
+    assert set(results) == set(CHECKS) and set(results.values()) == {"passed"}
+
+
+@pytest.mark.parametrize(
+    ("cls", "check", "message"),
+    [
+        (_BatchNormalised, "check_batch_invariance", "chunks"),
+        (_MutatesInput, "check_inputs_not_mutated", "modified input tensors"),
+        (_NumpyRandom, "check_no_global_side_effects", "numpy_rng"),
+        (_Collapsed, "check_learns_easy_problem", "< 90 %"),
+        (_TestPeeking, "check_no_test_in_fit", "test-like parameters"),
+        (_WrongFormula, "check_trainable_param_count", "card formula"),
+        (_IgnoresViewsButDiffers, "check_views_optional", "with and without views"),
+    ],
+)
+def test_each_check_catches_its_fault(cls: type[Adapter], check: str, message: str) -> None:
+    with _registered(cls) as name:
+        checks = dict(yield_checks(name))
+        with pytest.raises(AssertionError, match=message):
+            checks[check]()
+        with pytest.raises(AssertionError, match=check):
+            check_method(name)
+
+
+def test_exemptions_turn_failures_into_xfail() -> None:
+    with _registered(_BatchNormalised) as name:
+        results = check_method(
+            name, expected_failed_checks={"check_batch_invariance": "known, for this test"}
+        )
+    assert results["check_batch_invariance"] == "xfail"
+
+
+def test_fixture_is_separable_but_zero_shot_is_not_perfect() -> None:
+    fx = make_fixture()
+    assert 70.0 <= fx.zero_shot_accuracy() <= 90.0
+    assert (fx.num_classes, fx.dim, len(fx.train)) == (5, 32, 20)
+    with _registered(_ClassMeans) as name:
+        one_shot = make_fixture(shots=1)
+        method = clipadapt.create_method(name).fit(one_shot.train)
+        assert method.score(one_shot.test.features, one_shot.test.labels) == 100.0
+    viewed = make_fixture(views=2)
+    assert viewed.train.views.shape == (2, 20, 32)
+    assert viewed.text.description_mask.sum() < viewed.text.description_mask.numel()
+    assert torch.equal(make_fixture().train.features, fx.train.features), "not deterministic"
