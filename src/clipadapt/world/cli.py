@@ -46,6 +46,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         f"--batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup} "
         f"--seed {args.seed} --threads {args.threads}"
     )
+    if args.init:
+        command += f" --init {shlex.quote(args.init)} --step-offset {args.step_offset}"
     card = pretrain(
         args.out,
         steps=args.steps,
@@ -56,6 +58,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         threads=args.threads,
         command=command,
+        init=args.init,
+        step_offset=args.step_offset,
     )
     curve = card["loss_curve"]
     print(
@@ -120,6 +124,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--init", help="continue from this checkpoint instead of random weights")
+    p.add_argument("--step-offset", type=int, default=0, help="data seed offset (continuations)")
     p.set_defaults(handler=_pretrain)
 
     p = sub.add_parser("episodes", help="write few-shot reasoning episodes (JSON + images)")

@@ -102,6 +102,8 @@ def pretrain(
     save_every: int = 100,
     threads: int | None = None,
     command: str | None = None,
+    init: str | Path | None = None,
+    step_offset: int = 0,
 ) -> dict[str, Any]:
     """Train the world CLIP contrastively and write its checkpoint and model card.
 
@@ -117,6 +119,11 @@ def pretrain(
         log_every: steps per loss-curve point (mean loss over the window).
         threads: torch CPU threads (None: torch's default).
         command: the command line recorded in the card as the way to reproduce the run.
+        init: continue from this checkpoint (a ``.safetensors`` written by :func:`pretrain`;
+            its card, if beside it, is kept in the new card as ``"init_card"``) instead of a
+            random initialisation. The optimizer state starts fresh.
+        step_offset: added to the step number in the data seed, so a continuation draws
+            batches the first run never saw (use the first run's ``steps``).
 
     Returns:
         The model card (also written as JSON).
@@ -137,6 +144,18 @@ def pretrain(
     card_path = out_path.with_suffix(".json")
     torch.manual_seed(seed)
     model = create_world_model()
+    init_card = None
+    if init is not None:
+        from safetensors.torch import load_file
+
+        init = Path(init)
+        if not init.is_file():
+            raise ConfigError(f"--init checkpoint {init} does not exist")
+        model.load_state_dict({k: v.float() for k, v in load_file(str(init)).items()})
+        if init.with_suffix(".json").is_file():
+            init_card = json.loads(init.with_suffix(".json").read_text())
+            init_card.pop("evaluation", None)
+            init_card.pop("zero_shot_accuracy", None)
     model.train()
     tokenizer = world_tokenizer()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -156,7 +175,7 @@ def pretrain(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        images, captions, _ = gen.batch(batch_size, seed=seed * 1_000_003 + step)
+        images, captions, _ = gen.batch(batch_size, seed=seed * 1_000_003 + step_offset + step)
         out = model(images_to_tensor(images), tokenizer(captions))
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         if not torch.isfinite(loss):
@@ -189,6 +208,8 @@ def pretrain(
                 checkpoint=out_path.name,
                 parameters=sum(p.numel() for p in model.parameters()),
                 command=command,
+                step_offset=step_offset,
+                init_card=init_card,
             )
             save_checkpoint(model, out_path)
             write_card(card, card_path)
@@ -226,13 +247,15 @@ def _card(tokenizer: WordTokenizer, **run: Any) -> dict[str, Any]:
         "data_recipe": (
             "WorldGenerator() defaults: 1-4 objects (weights .4/.3/.15/.15), 30 % of multi-object "
             "scenes are groups of identical objects; captions from clipadapt.world.captions."
-            "caption defaults; batch of step s drawn with seed = seed * 1000003 + s"
+            "caption defaults; batch of step s drawn with seed = seed * 1000003 + step_offset + s"
         ),
         "command": run["command"],
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "train_seconds": round(run["seconds"], 1),
         "loss_curve": run["curve"],
+        "step_offset": run["step_offset"],
+        "init_card": run["init_card"],
     }
 
 
