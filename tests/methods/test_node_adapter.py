@@ -1,0 +1,390 @@
+"""NODE-Adapter: reference formulas, gradients, reductions, options and the real ImageNet bundle."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipadapt
+from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet
+from clipadapt.exceptions import ConfigError, MissingTensorError, TrainingError
+from clipadapt.methods.base import parse_method_spec
+from clipadapt.methods.node_adapter import (
+    GradientFlow,
+    NodeAdapter,
+    group_by_class,
+    masked_mean_direction,
+    text_prototypes,
+)
+from clipadapt.testing import make_fixture
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+IMAGENET = DATA / "clip_vitb32" / "imagenet.safetensors"
+
+#: small settings so every fit here takes well under a second on a shared CPU
+FAST = {"epochs": 3, "steps": 3, "hidden": 16, "heads": 2, "head_dim": 4}
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def test_group_by_class_handles_unbalanced_and_empty_classes() -> None:
+    feats = torch.arange(12.0).view(6, 2)
+    labels = torch.tensor([2, 0, 2, 2, 0, 3])
+    x, mask, slot = group_by_class(feats, labels, num_classes=5)
+    assert x.shape == (5, 3, 2)
+    assert mask.sum(1).tolist() == [2, 0, 3, 1, 0]
+    assert slot.tolist() == [0, 0, 1, 2, 1, 0]  # order of appearance within each class
+    assert torch.equal(x[labels, slot], feats)
+    assert torch.equal(x[~mask], torch.zeros(int((~mask).sum()), 2))
+    mean = masked_mean_direction(x, mask)
+    assert torch.allclose(mean[2], unit(feats[[0, 2, 3]].sum(0)))
+    assert torch.equal(mean[1], torch.zeros(2))
+
+
+def test_text_prototype_sources() -> None:
+    fx = make_fixture(shots=1)
+    text = fx.text
+    assert torch.equal(text_prototypes(text, "class"), text.class_features)
+    assert torch.allclose(
+        text_prototypes(text, "prompts"), unit(text.prompt_features.mean(1)), atol=1e-6
+    )
+    assert torch.allclose(text_prototypes(text, "auto"), text_prototypes(text, "prompts"))
+    mask = text.description_mask
+    desc = (text.description_features * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(text_prototypes(text, "descriptions"), unit(desc), atol=1e-6)
+    both = torch.cat([text.prompt_features, text.description_features], 1)
+    both_mask = torch.cat(
+        [torch.ones_like(mask[:, :1]).expand(-1, text.prompt_features.shape[1]), mask], 1
+    )
+    expected = unit((both * both_mask[..., None]).sum(1))
+    assert torch.allclose(text_prototypes(text, "all"), expected, atol=1e-6)
+    bare = TextFeatures(text.class_features)
+    assert torch.equal(text_prototypes(bare, "auto"), bare.class_features)
+    with pytest.raises(MissingTensorError, match="description_features"):
+        text_prototypes(bare, "descriptions")
+    with pytest.raises(MissingTensorError, match="text_features_all"):
+        NodeAdapter(text_prototype="prompts", **FAST).fit(fx.train, bare, fx.val)
+
+
+def _random_flow(dim: int = 4, hidden: int = 8, dtype: torch.dtype = torch.float64) -> GradientFlow:
+    flow = GradientFlow(dim, hidden, heads=2, head_dim=2, s0=0.1, rho=0.1, t_end=10.0)
+    g = torch.Generator().manual_seed(0)
+    flow.reset_parameters(g)
+    with torch.no_grad():  # non-zero output layers, so every path carries gradient
+        flow.score.weight.normal_(generator=g)
+        flow.gamma_out.weight.normal_(generator=g)
+    return flow.to(dtype)
+
+
+def _support(classes: int = 3, shots: int = 3, dim: int = 4, dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(1)
+    x = unit(torch.randn(classes, shots, dim, generator=g, dtype=dtype))
+    mask = torch.ones(classes, shots, dtype=torch.bool)
+    mask[0, 2] = False  # unbalanced: class 0 has 2 shots
+    mask[2, 1:] = False  # class 2 has 1 shot
+    return x * mask[..., None], mask
+
+
+def test_flow_matches_reference_formula() -> None:
+    """The block-wise, batched f_θ equals spec (★) written with the 5D descriptor, per class."""
+    flow = _random_flow()
+    x, mask = _support()
+    p = torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor(2.5, dtype=torch.float64)
+    flow.set_context(x, mask)
+    out = flow(t, p)
+    for j in range(3):
+        xs = x[j, mask[j]]
+        pj = p[j].expand_as(xs)
+        h = torch.cat([pj * xs, pj * pj, xs * xs, pj, xs], dim=-1)  # [p⊙x; p⊙p; x⊙x; p; x]
+        e = flow.norm1(F.elu(h @ flow.pair.weight.T))
+        q, k, v = (e @ flow.qkv.weight.T).view(len(xs), 3, 2, 2).unbind(1)
+        scores = torch.einsum("ihc,jhc->hij", q, k) / math.sqrt(2)
+        att = torch.einsum("hij,jhc->ihc", scores.softmax(-1), v).reshape(len(xs), 4)
+        e = flow.norm2(e + att @ flow.attn_out.weight.T)
+        w = (e @ flow.score.weight.T).squeeze(-1).softmax(0)
+        hidden = F.elu(torch.cat([xs, pj], -1) @ flow.gamma_in.weight.T)
+        gamma = 2 * torch.sigmoid(hidden @ flow.gamma_out.weight.T).squeeze(-1)
+        ref = 0.1 * 0.1 ** (2.5 / 10) * (w[:, None] * (gamma[:, None] * xs - pj)).sum(0)
+        assert torch.allclose(out[j], ref, atol=1e-10), j
+
+
+class _WithContext(torch.nn.Module):
+    """f_θ with its per-solve cache rebuilt on every call, so parameters can be swapped in."""
+
+    def __init__(self, flow: GradientFlow, x: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.flow, self.x, self.mask = flow, x, mask
+
+    def forward(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        self.flow.set_context(self.x, self.mask)
+        return self.flow(t, p)
+
+
+def test_flow_gradcheck_state_and_every_parameter() -> None:
+    """Autograd through f_θ (cached x-only blocks included) matches finite differences."""
+    flow = _random_flow()
+    x, mask = _support()
+    wrapped = _WithContext(flow, x, mask)
+    named = dict(wrapped.named_parameters())
+    names = list(named)
+    values = [named[n].detach().clone().requires_grad_(True) for n in names]
+    p = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(1.5, dtype=torch.float64)
+
+    def f(p_in: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        state = dict(zip(names, params, strict=True))
+        return torch.func.functional_call(wrapped, state, (t, p_in))
+
+    assert len(names) == 9
+    assert torch.autograd.gradcheck(f, (p, *values), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def _grads(adjoint: bool) -> list[torch.Tensor]:
+    """Gradients of a random linear functional of P(t_end) for every trainable tensor."""
+    fx = make_fixture(num_classes=3, dim=6, shots=2)
+    method = NodeAdapter(
+        epochs=0, search=False, adjoint=adjoint, steps=4, hidden=6, heads=2, head_dim=2
+    ).fit(fx.train, fx.text, fx.val)
+    model = method.model_.double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # leave the zero start (A17), so every path carries gradient
+        model.flow.score.weight.normal_(generator=g)
+        model.flow.gamma_out.weight.normal_(generator=g)
+        model.blend.u.normal_(generator=g)
+    ctx = {k: (v.double() if v.is_floating_point() else v) for k, v in method._context.items()}
+    protos = method._refine(model, ctx["support"], ctx["mask"], ctx["text"])
+    probe = torch.randn(protos.shape, generator=g, dtype=torch.float64)
+    loss = (protos * probe).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss, params))
+
+
+def test_adjoint_gradient_equals_direct_gradient() -> None:
+    adjoint, direct = _grads(True), _grads(False)
+    assert len(adjoint) == len(direct) > 5
+    for a, d in zip(adjoint, direct, strict=True):
+        assert torch.allclose(a, d, atol=1e-4, rtol=1e-4), (a - d).abs().max()
+    assert all(float(d.abs().max()) > 1e-6 for d in direct)
+
+
+def test_untrained_endpoint_equals_full_solve() -> None:
+    """The search's shortcut for the untrained flow is the solver's own answer."""
+    fx = make_fixture(shots=3)
+    for solver in ("rk4", "euler"):
+        method = NodeAdapter(**{**FAST, "epochs": 0}, solver=solver, search=False, gamma_init=0.4)
+        method.fit(fx.train, fx.text, fx.val)
+        ctx = method._context
+        with torch.no_grad():
+            solved = method._refine(method.model_, ctx["support"], ctx["mask"], ctx["text"])
+            shortcut = method._untrained_endpoint(method.model_, ctx, method._init_values())
+        assert torch.allclose(solved, shortcut, atol=1e-6), (
+            solver,
+            (solved - shortcut).abs().max(),
+        )
+
+
+def test_zero_time_reduces_to_cross_modal_prototype_classifier() -> None:
+    fx = make_fixture(shots=4)
+    method = NodeAdapter(t_end=0.0, epochs=0, search=False, blend_init=0.3).fit(
+        fx.train, fx.text, fx.val
+    )
+    visual = unit(
+        torch.zeros(fx.num_classes, fx.dim).index_add_(0, fx.train.labels, fx.train.features)
+    )
+    t_bar = unit(fx.text.prompt_features.mean(1))
+    expected = 100.0 * fx.test.features @ unit(0.3 * visual + 0.7 * t_bar).T
+    assert torch.allclose(method.logits(fx.test.features), expected, atol=1e-4)
+    assert method.num_trainable_params() == fx.dim  # u only; no dynamics without an ODE
+
+
+def test_text_side_blend_reduces_to_zero_shot() -> None:
+    fx = make_fixture(shots=2)
+    zero_shot = clipadapt.create_method("zeroshot").fit(fx.train, fx.text, fx.val)
+    expected = zero_shot.logits(fx.test.features)
+    text_only = NodeAdapter(
+        prototype="text", t_end=0.0, text_prototype="class", epochs=0, search=False
+    )
+    got = text_only.fit(fx.train, fx.text, fx.val).logits(fx.test.features)
+    assert torch.allclose(got, expected, atol=1e-4)
+    almost = NodeAdapter(t_end=0.0, text_prototype="class", blend_init=1e-6, epochs=0, search=False)
+    got = almost.fit(fx.train, fx.text, fx.val).logits(fx.test.features)
+    assert torch.allclose(got, expected, atol=1e-2)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def _misleading_problem(seed: int = 0):
+    """Image clusters whose text vectors point at the wrong cluster for half of the classes."""
+    g = torch.Generator().manual_seed(seed)
+    c, d, k = 6, 16, 4
+    centres = unit(torch.randn(c, d, generator=g))
+    text = centres.clone()
+    text[: c // 2] = centres[torch.arange(c // 2).roll(1)]  # swapped text for classes 0..2
+
+    def rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(c).repeat_interleave(n)
+        return unit(centres[y] + 0.35 * torch.randn(len(y), d, generator=g)), y
+
+    train, val, test = rows(k), rows(8), rows(30)
+    return (
+        TrainSet(*train, name="train"),
+        ValidationSet(*val, name="val"),
+        test,
+        TextFeatures(unit(text + 0.05 * torch.randn(c, d, generator=g))),
+    )
+
+
+def test_training_improves_over_initial_prototypes() -> None:
+    train, val, (test_x, test_y), text = _misleading_problem()
+    params = {**FAST, "epochs": 30, "search": False, "blend_init": 0.5, "lr": 1e-2}
+    before = NodeAdapter(**{**params, "epochs": 0}).fit(train, text, val)
+    after = NodeAdapter(**params).fit(train, text, val)
+    acc_before = before.score(test_x, test_y)
+    acc_after = after.score(test_x, test_y)
+
+    def train_loss(method: NodeAdapter) -> float:
+        return float(F.cross_entropy(method.logits(train.features), train.labels))
+
+    assert train_loss(after) < train_loss(before) - 0.1
+    assert acc_after >= acc_before + 10.0, (acc_before, acc_after)
+    assert after.best_params_["mean_lambda"] > 0.5  # learned to trust the images over the text
+
+
+def test_seeded_determinism_and_seed_sensitivity() -> None:
+    fx = make_fixture(shots=2, views=2)
+    params = {**FAST, "blend_init_grid": (0.5, 0.1)}
+    a = NodeAdapter(seed=3, **params).fit(fx.train, fx.text, fx.val).logits(fx.test.features)
+    b = NodeAdapter(seed=3, **params).fit(fx.train, fx.text, fx.val).logits(fx.test.features)
+    c = NodeAdapter(seed=4, **params).fit(fx.train, fx.text, fx.val).logits(fx.test.features)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_fit_leaves_global_rng_alone() -> None:
+    fx = make_fixture(shots=1)
+    state = torch.get_rng_state()
+    NodeAdapter(**FAST).fit(fx.train, fx.text, fx.val)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    fx = make_fixture(shots=2)
+    method = NodeAdapter(**FAST, residual=0.5, blend="elementwise").fit(fx.train, fx.text, fx.val)
+    method.save(tmp_path / "node")
+    assert sorted(p.name for p in (tmp_path / "node").iterdir()) == [
+        "config.json",
+        "state.safetensors",
+    ]
+    loaded = clipadapt.load(tmp_path / "node")
+    assert torch.equal(loaded.logits(fx.test.features), method.logits(fx.test.features))
+    assert loaded.get_params() == method.get_params()
+    assert loaded.best_params_ == method.best_params_
+    assert loaded.num_trainable_params() == method.num_trainable_params()
+
+
+def test_search_uses_validation_only_and_records_choice() -> None:
+    fx = make_fixture(shots=1)
+    grid = (0.5, 0.2, 0.05)
+    method = NodeAdapter(**FAST, blend_init_grid=grid).fit(fx.train, fx.text, fx.val)
+    assert method.best_params_["blend_init"] in grid
+    assert method.best_params_["source"].startswith("validation search on val")
+    assert method.search_space() == {"blend_init": list(grid)}
+    without = NodeAdapter(**FAST, blend_init_grid=grid, blend_init=0.2).fit(fx.train, fx.text, None)
+    assert without.best_params_["blend_init"] == 0.2
+    assert "no validation data" in without.best_params_["source"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"solver": "euler", "steps": 4},
+        {"solver": "midpoint", "adjoint": False},
+        {"solver": "dopri5"},
+        {"dynamics": "mlp"},
+        {"loss_prototypes": "loo"},
+        {"prototype": "visual"},
+        {"blend": "scalar", "select_on_val": True},
+    ],
+)
+def test_options_run_and_learn(options: dict) -> None:
+    fx = make_fixture(shots=1, views=2)
+    method = NodeAdapter(**{**FAST, **options}).fit(fx.train, fx.text, fx.val)
+    assert method.logits(fx.test.features).shape == (len(fx.test), fx.num_classes)
+    assert method.score(fx.test.features, fx.test.labels) >= 90.0
+
+
+def test_k1_loo_falls_back_to_text_for_the_held_out_class() -> None:
+    fx = make_fixture(shots=1)
+    method = NodeAdapter(**FAST, loss_prototypes="loo").fit(fx.train, fx.text, fx.val)
+    ctx = method._context
+    support, mask = ctx["support"], ctx["mask"].clone()
+    mask[:] = False  # every class without support: the LOO instance of a 1-shot class
+    with torch.no_grad():
+        protos = method._refine(method.model_, support, mask, ctx["text"])
+    assert torch.allclose(protos, ctx["text"], atol=1e-6)  # no support: p(0) = t̄ and f = 0
+
+
+def test_class_without_shots_keeps_its_text_prototype() -> None:
+    fx = make_fixture(shots=2)
+    keep = fx.train.labels != 4
+    train = TrainSet(fx.train.features[keep], fx.train.labels[keep], name="train")
+    method = NodeAdapter(**FAST, text_prototype="class").fit(train, fx.text, fx.val)
+    assert torch.allclose(method.prototypes_[4], fx.text.class_features[4], atol=1e-5)
+
+
+def test_non_finite_state_fails_loudly() -> None:
+    fx = make_fixture(shots=2)
+    with pytest.raises(TrainingError, match="steps"):
+        NodeAdapter(**FAST, s0=1e38, search=False).fit(fx.train, fx.text, fx.val)
+
+
+def test_adaptive_solver_step_limit_fails_loudly() -> None:
+    fx = make_fixture(shots=2)
+    method = NodeAdapter(**FAST, solver="dopri5", rtol=1e-12, atol=1e-12, max_steps=2, search=False)
+    with pytest.raises(TrainingError, match="max_steps"):
+        method.fit(fx.train, fx.text, fx.val)
+    error = method._solver_error(AssertionError("underflow in dt 0.0"))
+    assert "rtol" in str(error) and "underflow" in str(error)
+
+
+def test_bad_options_are_rejected() -> None:
+    fx = make_fixture(shots=1)
+    for bad in ({"solver": "rk5"}, {"blend_init": 1.0}, {"t_end": -1.0}, {"dynamics": "x"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            NodeAdapter(**bad).fit(fx.train, fx.text, fx.val)
+
+
+def test_cli_spec_reaches_constructor_options() -> None:
+    name, params = parse_method_spec("node_adapter:solver=euler,steps=8,adjoint=false,t_end=5")
+    method = clipadapt.create_method(name, **params)
+    assert (method.solver, method.steps, method.adjoint, method.t_end) == ("euler", 8, False, 5.0)
+
+
+def test_trainable_parameter_count() -> None:
+    fx = make_fixture(shots=2)
+    method = NodeAdapter(**FAST).fit(fx.train, fx.text, fx.val)
+    d, h, a = fx.dim, FAST["hidden"], FAST["heads"] * FAST["head_dim"]
+    expected = d + (5 * d * h + 2 * h + 3 * h * a + a * h + h + h + 2 * d * h + h)
+    assert method.num_trainable_params() == expected
+
+
+@pytest.mark.skipif(not IMAGENET.is_file(), reason="shared ImageNet features not present")
+def test_imagenet_one_shot_beats_zero_shot_and_prototypes() -> None:
+    """Real ViT-B/32 features: 1-shot fit, val = the 2-shot draw, scored on the 4-shot draw."""
+    from clipadapt.tasks.classification import SplitChoice, evaluate
+
+    bundle = clipadapt.load_bundle(IMAGENET)
+    choice = SplitChoice("train_1shot", "train_2shot", "train_4shot")
+    zero_shot = evaluate(clipadapt.create_method("zeroshot"), bundle, shots=1, choice=choice)
+    node = evaluate(NodeAdapter(epochs=1, steps=2, hidden=64), bundle, shots=1, choice=choice)
+    assert zero_shot.accuracy == pytest.approx(58.925, abs=0.01)  # data README anchor
+    assert node.accuracy >= zero_shot.accuracy + 0.5, (node.accuracy, zero_shot.accuracy)
+    assert (
+        node.hyperparameters["blend_init"] < 0.5
+    )  # the modality gap: text-heavy start wins on val
