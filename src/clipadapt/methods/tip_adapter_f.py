@@ -114,9 +114,9 @@ class TipAdapterF(TipAdapter):
         self.cache_keys_ = keys
         views = train.views if self.use_views else None
         labels = train.labels
-        epoch_rows: dict[int, Tensor] = {}
+        epoch_rows: dict[int, tuple[Tensor, Tensor]] = {}
 
-        def rows_for(epoch: int) -> Tensor:
+        def rows_for(epoch: int) -> tuple[Tensor, Tensor]:
             # one sampled view per image per epoch, drawn once per epoch (not per batch)
             if epoch not in epoch_rows:
                 epoch_rows.clear()
@@ -164,11 +164,7 @@ class TipAdapterF(TipAdapter):
         )
         self.best_params_["epoch_rule"] = "validation accuracy" if use_val else "last epoch"
 
-    def _logits(self, features: Tensor) -> Tensor:
-        keys = self.cache_keys_
-        zero_shot = self.logit_scale * features @ self.text_weights_.T
-        cache = cache_logits(features @ keys.T, self.cache_labels_, zero_shot.shape[1], self.beta_)
-        return zero_shot + self.alpha_ * cache
+    # logits: TipAdapter._logits with the trained keys (autograd reaches them for the checks)
 
     def _choose_alpha_beta(self, val: ValidationSet | None) -> None:
         with torch.no_grad():
