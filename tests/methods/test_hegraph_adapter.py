@@ -286,8 +286,11 @@ def test_imagenet_ablation_not_below_tip_adapter() -> None:
 
     bundle = load_bundle(path)
     choice = SplitChoice(train_set="train_1shot", val_set="train_2shot", eval_set="train_4shot")
-    with pytest.raises(MissingTensorError, match="negative_text_features"):
+    with pytest.raises(MissingTensorError, match="description_features"):
         evaluate(create_method("hegraph_adapter", epochs=1), bundle, seed=1, choice=choice)
+    templates_only = create_method("hegraph_adapter", epochs=1, positive_nodes="templates")
+    with pytest.raises(MissingTensorError, match="negative_text_features"):
+        evaluate(templates_only, bundle, seed=1, choice=choice)
     tip = evaluate(
         create_method("tip_adapter", search_steps_beta=20), bundle, seed=1, choice=choice
     )
