@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.search import accuracy, require_validation
+from clipadapt.engine.search import accuracy, grid_search
 from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
 from clipadapt.methods.base import Adapter, MethodCard, register_method
 
@@ -158,19 +158,23 @@ class CLIPAdapter(Adapter):
         self.text_weights_ = text.class_features.clone()
         self.dim_ = train.dim
         if self.search and val is not None and len(val) > 0:
-            val = require_validation(val, "clip_adapter search")
             lrs = tuple(self.lr_grid) or (self.lr,)
-            best = None
+            trained: dict[tuple[float, float], tuple[Bottleneck, list]] = {}
             tried = []
-            for lr in lrs:
-                for ratio in self.ratio_grid:
-                    adapter, losses = self._train_one(train, float(ratio), float(lr))
-                    with torch.no_grad():
-                        acc = accuracy(self._scores(adapter, val.features, ratio), val.labels)
-                    tried.append({"ratio": float(ratio), "lr": float(lr), "val_accuracy": acc})
-                    if best is None or acc > best[0]:
-                        best = (acc, float(ratio), float(lr), adapter, losses)
-            acc, ratio, lr, adapter, losses = best
+
+            def score(point: dict, rows: ValidationSet) -> float:
+                ratio, lr = float(point["ratio"]), float(point["lr"])
+                adapter, losses = self._train_one(train, ratio, lr)
+                trained[(lr, ratio)] = (adapter, losses)
+                with torch.no_grad():
+                    acc = accuracy(self._scores(adapter, rows.features, ratio), rows.labels)
+                tried.append({"ratio": ratio, "lr": lr, "val_accuracy": acc})
+                return acc
+
+            # lr outer, ratio inner; the first best point wins
+            point, acc = grid_search(score, {"lr": lrs, "ratio": tuple(self.ratio_grid)}, val)
+            ratio, lr = float(point["ratio"]), float(point["lr"])
+            adapter, losses = trained[(lr, ratio)]
             self.best_params_ = {
                 "ratio": ratio,
                 "lr": lr,
