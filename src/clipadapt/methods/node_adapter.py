@@ -414,6 +414,9 @@ class NodeAdapter(Adapter):
         uses_views=True,
         deterministic=True,
         max_tiny_seconds=60.0,
+        # u (D) + f_θ: pair 5DH, γ-MLP 2DH + H, LayerNorms 2H + H, attention 4·H·heads·head_dim,
+        # score H (the default configuration: vector blend, metanode dynamics, t_end > 0)
+        param_formula="D + 7 * D * hidden + 5 * hidden + 4 * hidden * heads * head_dim",
     )
 
     def __init__(
