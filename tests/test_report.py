@@ -75,7 +75,7 @@ def results(tmp_path: Path) -> Path:
 
 def test_paper_table_numbers(results: Path) -> None:
     table = paper_table(list(read_results(results)))
-    assert table.title.startswith("16-shot")
+    assert table.title.startswith("16-shot")  # the largest shots every dataset has
     assert table.columns == ["dtd", "pets"] and table.rows == ["tip", "zeroshot"]
     mean, std, n = table.cells[("tip", "dtd")]
     assert (mean, n) == (61.5, 2) and std == pytest.approx(1.5)  # pstdev of 60, 63
@@ -142,6 +142,8 @@ def test_write_report_files_and_plot(results: Path, tmp_path: Path) -> None:
     written = write_report(list(read_results(results)), out, compare="published")
     for name in (
         "table.md",
+        "table_1shot.md",
+        "table_16shot.csv",
         "table.csv",
         "shots_average.md",
         "cost.md",
@@ -193,11 +195,21 @@ def test_compare_published_puts_ours_beside_theirs() -> None:
     ours = [_record("zeroshot", "imagenet", 16, s, a) for s, a in ((1, 60.0), (2, 61.0))]
     text = compare_published(ours, published)
     assert "| 62.05 | ViT-B/32 | paper T4 | 60.50 (n=2) | ViT-B/32 | -1.55 |" in text
+    assert "| 8 |" not in compare_published(ours, [{**published[0], "shots": 8}])
     other = [{**published[0], "backbone": "RN50", "shots": None}]
     # a different backbone is listed beside ours, without a difference
     assert "| 62.05 | RN50 | paper T4 | 60.50 (n=2) | ViT-B/32 | – |" in compare_published(
         ours, other
     )
+
+
+def test_default_shots_is_the_largest_common_one() -> None:
+    from clipadapt.bench.report import default_shots
+
+    runs = [_record("m", "a", k, 1, 50.0) for k in (1, 2, 16)]
+    runs += [_record("m", "b", k, 1, 50.0) for k in (1, 2)]
+    assert default_shots(runs) == 2
+    assert default_shots([_record("m", "a", 4, 1, 1.0), _record("m", "b", 8, 1, 1.0)]) == 8
 
 
 def test_canonical_backbone() -> None:

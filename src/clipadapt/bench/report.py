@@ -157,14 +157,15 @@ def _method_order(methods: Iterable[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- paper tables
 def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table:
-    """Methods × datasets at one shot count (default: the largest run), with the average column.
+    """Methods × datasets at one shot count, with the average column.
+
+    The default shot count is :func:`default_shots`: the largest one every dataset has.
 
     Datasets with a fixed train group (shots None) are included as they are.
     """
     records = _classification(latest_ok(records))
     if shots is None:
-        ks = [r["shots"] for r in records if r.get("shots") is not None]
-        shots = max(ks) if ks else None
+        shots = default_shots(records)
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in records:
         if r.get("shots") in (shots, None):
@@ -178,6 +179,18 @@ def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> 
         sorted({k[1] for k in cells}),
         cells,
     )
+
+
+def default_shots(records: Iterable[dict[str, Any]]) -> int | None:
+    """The largest shot count every dataset has (else the largest run), for the main table."""
+    per: dict[str, set[int]] = defaultdict(set)
+    for r in _classification(records):
+        if r.get("shots") is not None:
+            per[r["dataset"]].add(int(r["shots"]))
+    if not per:
+        return None
+    common = set.intersection(*per.values())
+    return max(common) if common else max(max(v) for v in per.values())
 
 
 def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
@@ -402,7 +415,8 @@ def compare_published(
 ) -> str:
     """Our numbers beside the papers' for every (task, method, dataset) we ran.
 
-    Each published number is listed with its source and backbone. ``ours`` is our mean over
+    Each published number at a shot count we ran is listed with its source and backbone (rows
+    we have no run for are left out). ``ours`` is our mean over
     seeds at the same shots (a published ``shots: null``, zero-shot, matches our runs at any
     shots) on each of our backbones; Δ is given only when the backbones agree, since numbers
     from different backbones are not comparable.
@@ -436,9 +450,11 @@ def compare_published(
         for bb in sorted(ran[(task, e["method"], e["dataset"])]):
             shots = e.get("shots") if e.get("shots") is not None else "any"
             mine = ours.get((task, e["method"], e["dataset"], bb, shots))
-            mean = statistics.fmean(mine) if mine else None
-            ours_text = "–" if mean is None else f"{mean:.2f} (n={len(mine)})"
-            delta = f"{mean - theirs:+.2f}" if mean is not None and bb == their_bb else "–"
+            if not mine:
+                continue  # only numbers we can put ours beside
+            mean = statistics.fmean(mine)
+            ours_text = f"{mean:.2f} (n={len(mine)})"
+            delta = f"{mean - theirs:+.2f}" if bb == their_bb else "–"
             lines.append(
                 f"| {task} | {e['method']} | {e['dataset']} | {e.get('shots') or 'zero-shot'} | "
                 f"{theirs:.2f} | {e.get('backbone')} | {e['source']} | {ours_text} | {bb} | {delta} |"
@@ -458,7 +474,8 @@ def write_report(
     Args:
         records: result records (any tasks).
         out: the output folder.
-        shots: the shot count of the main table (default: the largest run).
+        shots: the shot count of ``table.md`` (default: :func:`default_shots`); every shot
+            count also gets ``table_{K}shot.md/.csv``.
         compare: "published" to add ``published.md`` (our numbers beside the papers').
 
     Returns:
@@ -482,6 +499,10 @@ def write_report(
         put("table.md", main.markdown())
         put("table.csv", main.csv())
         sections.append(f"## {main.title}\n\n{main.markdown()}")
+        for k in sorted({r["shots"] for r in classification if r.get("shots") is not None}):
+            table = paper_table(classification, k)
+            put(f"table_{k}shot.md", table.markdown())
+            put(f"table_{k}shot.csv", table.csv())
         for name, table in shots_tables(classification).items():
             put(f"shots_{name}.md", table.markdown())
             put(f"shots_{name}.csv", table.csv())
