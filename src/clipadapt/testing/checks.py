@@ -201,7 +201,9 @@ def make_fixture(
         mask[::2, -1] = False
     tensors["description_mask"] = mask
     if views:
-        tensors[f"{group}_features_views"] = _unit(train_x[None] + 0.05 * noise(views, len(train_x), d))
+        tensors[f"{group}_features_views"] = _unit(
+            train_x[None] + 0.05 * noise(views, len(train_x), d)
+        )
     metadata = {
         "classnames": json.dumps([f"class_{i}" for i in range(c)]),
         "backbone": "fixture",
@@ -220,6 +222,11 @@ def make_fixture(
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+# Fitted models shared by the checks that only read them (keyed by method, overrides,
+# fixture and whether validation rows were given), so the suite fits each configuration once.
+_FITTED: dict[tuple[str, str, str, bool], Adapter] = {}
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,19 @@ class _Subject:
         text = None if self.image_only else fx.text
         val = fx.val if with_val else None
         return method.fit(fx.train, text, val)
+
+    def fitted(self, *, with_val: bool = True, **fixture: Any) -> tuple[CheckFixture, Adapter]:
+        """A shared fitted model on ``make_fixture(**fixture)``; callers must not modify it."""
+        key = (
+            self.name,
+            repr(sorted(self.params.items())),
+            repr(sorted(fixture.items())),
+            with_val,
+        )
+        fx = self.fixture(**fixture)
+        if key not in _FITTED:
+            _FITTED[key] = self.fit(fx, with_val=with_val)
+        return fx, _FITTED[key]
 
 
 def _digest(tensor: Tensor | None) -> str:
@@ -501,7 +521,10 @@ def check_unfitted_raises(subject: _Subject) -> None:
     """``logits``/``predict``/``save`` before ``fit`` raise NotFittedError naming the method."""
     method = subject.make()
     x = subject.fixture().test.features
-    for what, call in (("logits", lambda: method.logits(x)), ("predict", lambda: method.predict(x))):
+    for what, call in (
+        ("logits", lambda: method.logits(x)),
+        ("predict", lambda: method.predict(x)),
+    ):
         _assert_raises(NotFittedError, call, f"{what} before fit", mentions=(subject.name,))
     with tempfile.TemporaryDirectory() as tmp:
         _assert_raises(NotFittedError, lambda: method.save(tmp), "save before fit")
@@ -568,7 +591,9 @@ def check_missing_tensor_message(subject: _Subject) -> None:
     declared = {k: getattr(fx.text, k) for k in optional if k in card.needs and k != "text_encoder"}
     if "description_features" in declared:
         declared["description_mask"] = fx.text.description_mask
-    minimal_text = TextFeatures(bare.class_features, bare.classnames, text_encoder=encoder, **declared)
+    minimal_text = TextFeatures(
+        bare.class_features, bare.classnames, text_encoder=encoder, **declared
+    )
     val = fx.val if "val" in card.needs else None
     method = subject.make().fit(fx.train, None if subject.image_only else minimal_text, val)
     assert torch.isfinite(method.logits(fx.test.features)).all()
@@ -579,8 +604,7 @@ def check_missing_tensor_message(subject: _Subject) -> None:
 
 def check_logits_shape_dtype(subject: _Subject) -> None:
     """Logits are (N, C) float32, finite, on the input's device; N=1 and C=2 work."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     out = method.logits(fx.test.features)
     n, c = len(fx.test), fx.num_classes
     assert out.shape == (n, c), f"logits shape {tuple(out.shape)}, expected {(n, c)}"
@@ -598,8 +622,7 @@ def check_logits_shape_dtype(subject: _Subject) -> None:
 
 def check_batch_invariance(subject: _Subject) -> None:
     """Chunked logits equal whole-set logits; permuting rows permutes the outputs."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     x = fx.test.features
     full = method.logits(x)
     chunks = torch.cat([method.logits(x[i : i + 7]) for i in range(0, len(x), 7)])
@@ -664,7 +687,7 @@ def check_fp16_input(subject: _Subject) -> None:
 
     half = subject.make().fit(*sets(torch.float16, True))
     upcast = subject.make().fit(*sets(torch.float32, True))
-    full = subject.make().fit(*sets(torch.float32, False))
+    full = subject.fitted()[1]
     x = fx.test.features
     out_half = half.logits(x.half())
     assert out_half.dtype == torch.float32, f"fp16 input gave {out_half.dtype} logits"
@@ -678,14 +701,16 @@ def check_fp16_input(subject: _Subject) -> None:
 
 def check_input_validation(subject: _Subject) -> None:
     """Wrong D, NaN features, out-of-range labels and 1-D input raise ValueError naming them."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     x = fx.test.features
     nan = x.clone()
     nan[3, 5] = float("nan")
     for what, bad in (("wrong D", x[:, :-1]), ("NaN", nan), ("1-D", x[0])):
         _assert_raises(
-            ValueError, lambda bad=bad: method.logits(bad), f"logits({what})", mentions=("features",)
+            ValueError,
+            lambda bad=bad: method.logits(bad),
+            f"logits({what})",
+            mentions=("features",),
         )
     text = None if subject.image_only else fx.text
     extra = {"num_classes": fx.num_classes} if subject.image_only else {}
@@ -705,10 +730,9 @@ def check_input_validation(subject: _Subject) -> None:
         mentions=("val_labels",),
     )
     narrow = TrainSet(fx.train.features[:, :-1], fx.train.labels, None, "train")
-    narrow_text = TextFeatures(fx.text.class_features, fx.text.classnames)
     _assert_raises(
         ValueError,
-        lambda: subject.make().fit(narrow, narrow_text, fx.val),
+        lambda: subject.make().fit(narrow, fx.text, fx.val),
         "fit(train width != text width)",
         mentions=("train_features",),
     )
@@ -724,8 +748,7 @@ def check_input_validation(subject: _Subject) -> None:
 
 def check_learns_easy_problem(subject: _Subject) -> None:
     """Test accuracy >= zero-shot - 1 pt; trainable and image-only methods reach >= 90 %."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     acc = _accuracy(method, fx.test)
     zero_shot = fx.zero_shot_accuracy()
     if not subject.image_only:
@@ -742,28 +765,28 @@ def check_learns_easy_problem(subject: _Subject) -> None:
 
 def check_deterministic_with_seed(subject: _Subject) -> None:
     """Two CPU fits with the same seed give bitwise-identical logits (if the card says so)."""
-    fx = subject.fixture(views=2)
-    extra = {"seed": 3} if "seed" in get_method_class(subject.name)._param_names() else {}
-    a = subject.fit(fx, subject.make(**extra)).logits(fx.test.features)
-    b = subject.fit(fx, subject.make(**extra)).logits(fx.test.features)
+    fx, first = subject.fitted(views=2)
+    a = first.logits(fx.test.features)
+    b = subject.fit(fx).logits(fx.test.features)
     _same_logits(a, b, "two fits with the same seed", exact=subject.card.deterministic, atol=1e-4)
 
 
 def check_fit_idempotent(subject: _Subject) -> None:
     """Fitting twice equals fitting once; refitting with a different C leaves no state behind."""
-    fx = subject.fixture()
+    fx, reference = subject.fitted()
     exact = subject.card.deterministic
-    once = subject.fit(fx).logits(fx.test.features)
-    method = subject.fit(fx)
-    subject.fit(fx, method)
-    _same_logits(once, method.logits(fx.test.features), "fit twice vs once", exact=exact, atol=1e-4)
+    once = reference.logits(fx.test.features)
     other = subject.fixture(num_classes=3, seed=5)
-    subject.fit(other, method)
+    method = subject.fit(other)
     out = method.logits(other.test.features)
     assert out.shape == (len(other.test), 3), f"refit with C=3 gave {tuple(out.shape)}"
     assert method.n_classes_ == 3
     subject.fit(fx, method)
-    _same_logits(once, method.logits(fx.test.features), "fit C=5, C=3, C=5", exact=exact, atol=1e-4)
+    _same_logits(
+        once, method.logits(fx.test.features), "fit on C=3 then C=5", exact=exact, atol=1e-4
+    )
+    subject.fit(fx, method)
+    _same_logits(once, method.logits(fx.test.features), "fit twice vs once", exact=exact, atol=1e-4)
 
 
 def check_no_global_side_effects(subject: _Subject) -> None:
@@ -782,8 +805,7 @@ def check_no_global_side_effects(subject: _Subject) -> None:
 
 def check_save_load_roundtrip(subject: _Subject) -> None:
     """save/load keeps logits, params and best_params_; only JSON + safetensors; version warning."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     x = fx.test.features
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "saved"
@@ -815,8 +837,7 @@ def check_save_load_roundtrip(subject: _Subject) -> None:
 
 def check_clone_is_unfitted(subject: _Subject) -> None:
     """``clone(fitted)`` has the same params and is not fitted; the original stays fitted."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     twin = method.clone()
     assert type(twin) is type(method) and twin is not method
     assert twin.get_params() == method.get_params()
@@ -872,15 +893,13 @@ def check_search_is_val_only(subject: _Subject) -> None:
         "the chosen hyperparameters change with the test labels: "
         f"{runs[0].hyperparameters} vs {runs[1].hyperparameters}"
     )
-    method = subject.fit(fx)
+    method = subject.fitted()[1]
     best = method.best_params_
-    searched = [k for k in subject.card.searched if k in method.get_params() or k in best]
     missing = [k for k in subject.card.searched if k not in best]
     assert not missing, f"searched hyperparameters missing from best_params_: {missing}"
     for key, grid in method.search_space().items():
         if key in best:
             assert _in_grid(best[key], list(grid)), f"best_params_[{key!r}]={best[key]} not in grid"
-    assert searched or not subject.card.searched
     if subject.card.searched and "val" not in subject.card.needs:
         fallback = subject.fit(fx, with_val=False)
         _check_records_choice(subject, fallback, "fit without val")
@@ -888,8 +907,7 @@ def check_search_is_val_only(subject: _Subject) -> None:
 
 def check_trainable_param_count(subject: _Subject) -> None:
     """``num_trainable_params()`` = reachable requires-grad numel = the card's formula."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     reported = method.num_trainable_params()
     reachable = sum(t.numel() for t in _trainable_tensors(method))
     assert reported == reachable, (
@@ -910,8 +928,7 @@ def check_trainable_param_count(subject: _Subject) -> None:
 
 def check_backward_reaches_all_params(subject: _Subject) -> None:
     """One loss backward gives every trainable tensor a gradient, and frozen tensors none."""
-    fx = subject.fixture()
-    method = subject.fit(fx)
+    fx, method = subject.fitted()
     params = _trainable_tensors(method)
     if not subject.card.trainable:
         assert not params, "training-free method holds tensors that require grad"
@@ -974,13 +991,13 @@ def check_runs_on_cpu(subject: _Subject) -> None:
 
 def check_views_optional(subject: _Subject) -> None:
     """View-using methods accept ``_views``; the others give identical logits with or without."""
-    plain = subject.fixture()
-    viewed = subject.fixture(views=2)
+    viewed, fitted = subject.fitted(views=2)
     assert viewed.train.views is not None
-    with_views = subject.fit(viewed).logits(viewed.test.features)
+    with_views = fitted.logits(viewed.test.features)
     assert torch.isfinite(with_views).all()
     if not subject.card.uses_views:
-        without = subject.fit(plain).logits(plain.test.features)
+        plain, method = subject.fitted()
+        without = method.logits(plain.test.features)
         _same_logits(
             without,
             with_views,
@@ -1035,6 +1052,17 @@ CHECKS: dict[str, Callable[[_Subject], None]] = {
 }
 
 
+def _run_single_threaded(check: Callable[[_Subject], None], subject: _Subject) -> None:
+    # the fixture's tensors are tiny: with several intra-op threads, OpenMP start-up and
+    # spin-waiting cost 10-100x the arithmetic, worst on a loaded machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check(subject)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _overrides(method_name: str, params: Mapping[str, Params] | None) -> Params:
     return dict((params or {}).get(method_name, {}))
 
@@ -1043,6 +1071,9 @@ def yield_checks(
     method_name: str, params: Mapping[str, Params] | None = None
 ) -> Iterator[tuple[str, Callable[[], None]]]:
     """Yield ``(check name, zero-argument callable)`` for every check, in §7 order.
+
+    Each callable runs its check with one torch intra-op thread (restored afterwards): on the
+    tiny fixture, thread start-up and spin-waiting would otherwise dominate the run time.
 
     Args:
         method_name: a registered method name.
@@ -1054,7 +1085,7 @@ def yield_checks(
     name = get_method_class(method_name).card.name
     subject = _Subject(name, _overrides(name, params))
     for check_name, check in CHECKS.items():
-        yield check_name, functools.partial(check, subject)
+        yield check_name, functools.partial(_run_single_threaded, check, subject)
 
 
 def check_method(
@@ -1089,7 +1120,9 @@ def check_method(
         else:
             results[check_name] = "xpass" if check_name in exempt else "passed"
     if failures:
-        raise AssertionError(f"{method_name} fails {len(failures)} check(s):\n" + "\n".join(failures))
+        raise AssertionError(
+            f"{method_name} fails {len(failures)} check(s):\n" + "\n".join(failures)
+        )
     return results
 
 
