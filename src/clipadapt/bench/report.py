@@ -54,6 +54,7 @@ class Table:
         cells: {(row, column): (mean, std, n)}.
         average: add the row-mean column.
         average_over: the columns the average is over (default: all; DG: the targets).
+        column_digits: decimals of particular columns (default ``digits``).
         higher_is_better: bold the max (True) or min (False) of each column; None: no bold.
         digits: decimals shown.
     """
@@ -67,6 +68,7 @@ class Table:
     higher_is_better: bool | None = True
     digits: int = 1
     average_over: list[str] | None = None
+    column_digits: dict[str, int] | None = None
 
     def row_average(self, row: str) -> float | None:
         """Mean of the row over ``average_over`` (default all columns); None if one is missing."""
@@ -91,10 +93,11 @@ class Table:
                 best["average"] = pick(averages)
         return best
 
-    def _text(self, mean: float, std: float, n: int, with_std: bool) -> str:
-        text = f"{mean:.{self.digits}f}"
+    def _text(self, mean: float, std: float, n: int, with_std: bool, column: str = "") -> str:
+        digits = (self.column_digits or {}).get(column, self.digits)
+        text = f"{mean:.{digits}f}"
         if with_std and n > 1:
-            text += f" ± {std:.{self.digits}f}"
+            text += f" ± {std:.{digits}f}"
         return text
 
     def markdown(self, with_std: bool = True) -> str:
@@ -109,7 +112,7 @@ class Table:
                     out.append("–")
                     continue
                 mean, std, n = self.cells[(r, c)]
-                text = self._text(mean, std, n, with_std)
+                text = self._text(mean, std, n, with_std, c)
                 out.append(f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text)
             if self.average:
                 a = self.row_average(r)
@@ -259,6 +262,7 @@ def cost_table(records: Iterable[dict[str, Any]]) -> Table:
         average=False,
         higher_is_better=None,
         digits=3,
+        column_digits={"params": 0},
     )
 
 
