@@ -18,6 +18,26 @@ from clipadapt.bench.runner import Grid, run_grid
 log = logging.getLogger(__name__)
 
 
+def resolve_method_names(spec: str) -> list[str]:
+    """Comma-separated registry names or wildcard patterns -> registered names, in order.
+
+    Raises:
+        ConfigError: a name or pattern matches no registered method.
+    """
+    from clipadapt.exceptions import ConfigError
+    from clipadapt.methods.base import list_methods
+
+    names: list[str] = []
+    for part in (p.strip() for p in spec.replace(";", ",").split(",")):
+        if not part:
+            continue
+        matched = list_methods(part)
+        if not matched:
+            raise ConfigError(f"no method matches {part!r}; see `clipadapt list-methods`")
+        names += [m for m in matched if m not in names]
+    return names
+
+
 def run_demo(
     out: Path,
     *,
@@ -35,7 +55,7 @@ def run_demo(
     from clipadapt.data.prompts import load_descriptions
     from clipadapt.encoders.clip import ClipEncoder, resolve_backbone
     from clipadapt.features.extract import extract_dataset
-    from clipadapt.methods.base import list_methods, method_card
+    from clipadapt.methods.base import method_card
     from clipadapt.world.datasets import generate_world_datasets
 
     started = time.perf_counter()
@@ -63,9 +83,7 @@ def run_demo(
             progress=progress,
         )
         bundles.append(bundle)
-    names = list_methods(methods)
-    if not names:
-        names = list_methods()
+    names = resolve_method_names(methods)
     print(f"[3/4] methods: {', '.join(names)}; shots {list(shots)}; seeds {list(seeds)}")
     results = out / "results.jsonl"
     if results.exists():
