@@ -71,6 +71,8 @@ def run_demo(
     bundles = []
     for folder in folders:
         dataset = load_dataset(str(folder))
+        if not dataset.splits.get("train"):
+            continue  # evaluation-only style-shifted variants: for domain generalisation runs
         descriptions = None
         if dataset.descriptions is not None:
             descriptions = load_descriptions(dataset.descriptions, dataset.classnames)
