@@ -334,7 +334,11 @@ def markdown_table(records: Iterable[dict[str, Any]], with_std: bool = True) -> 
 
 
 def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """One panel per dataset plus an average panel: accuracy vs shots, one line per method."""
+    """One panel per dataset plus an average panel: accuracy vs shots, one line per method.
+
+    A method keeps its colour and marker in every panel. The average panel (mean over datasets)
+    has a point only where the method ran on every dataset, and is left out when no method did.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,25 +347,36 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
     stats = summarize(_classification(records))
     datasets = sorted({k[1] for k in stats})
     methods = sorted({k[0] for k in stats})
-    panels = [*datasets, "average"]
+    colours = plt.get_cmap("tab10")
+    style = {m: (colours(i % 10), "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
+
+    def average(m: str) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        for k in sorted({k[2] for k in stats if k[0] == m and k[2] is not None}):
+            vals = [stats[(m, d, k)][0] for d in datasets if (m, d, k) in stats]
+            if len(vals) == len(datasets):
+                xs.append(k)
+                ys.append(sum(vals) / len(vals))
+        return xs, ys
+
+    panels = list(datasets)
+    if len(datasets) > 1 and any(average(m)[0] for m in methods):
+        panels.append("average")
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         for m in methods:
             if panel == "average":
-                shots = sorted({k[2] for k in stats if k[0] == m and k[2] is not None})
-                ys = []
-                for s in shots:
-                    vals = [stats[(m, d, s)][0] for d in datasets if (m, d, s) in stats]
-                    ys.append(sum(vals) / len(vals) if len(vals) == len(datasets) else float("nan"))
+                shots, ys = average(m)
             else:
                 shots = sorted(
                     k[2] for k in stats if k[0] == m and k[1] == panel and k[2] is not None
                 )
                 ys = [stats[(m, panel, s)][0] for s in shots]
             if shots:
-                ax.plot(shots, ys, marker="o", label=m)
+                colour, marker = style[m]
+                ax.plot(shots, ys, marker=marker, color=colour, label=m)
         ax.set_title(panel)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("shots per class")
@@ -369,8 +384,8 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(len(labels), 1)), fontsize=8)
+    handles = [plt.Line2D([], [], color=style[m][0], marker=style[m][1], label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=min(5, max(len(methods), 1)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
