@@ -315,8 +315,20 @@ def test_tiny_pretraining_lowers_the_contrastive_loss(tmp_path) -> None:
     after.train()  # batch-norm on batch statistics, as in training (8 steps barely move the EMA)
     # The first training batch (seed 0 * 1000003 + 0), scored at a fixed temperature.
     assert _batch_loss(after, 0) < _batch_loss(before, 0) - 0.05
+    more = pretrain(
+        tmp_path / "more.safetensors",
+        steps=2,
+        batch_size=16,
+        warmup=1,
+        threads=1,
+        init=tmp_path / "tiny.safetensors",
+        step_offset=8,
+    )
+    assert more["init_card"]["steps"] == 8 and more["step_offset"] == 8
     with pytest.raises(ConfigError):
         pretrain(tmp_path / "x.safetensors", steps=0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        pretrain(tmp_path / "y.safetensors", steps=1, init=tmp_path / "missing.safetensors")
 
 
 def test_cli_group_generates_datasets(tmp_path, capsys) -> None:
