@@ -261,3 +261,16 @@ def test_profile_paper_runs_what_exists_and_lists_the_rest(tmp_path: Path, capsy
         assert f"  {name}: no bundle" in out
     assert "zeroshot on dtd: needs `text_features`" in out
     assert "domain generalisation from imagenet: source missing" in out
+
+
+def test_run_grid_keeps_going_past_a_failing_method(tmp_path: Path) -> None:
+    from clipadapt.bench.runner import Grid, run_grid
+    from clipadapt.data.bundle import load_bundle
+
+    bundle = load_bundle(toy_bundle(tmp_path / "b.safetensors", name="b"))
+    grid = Grid(["zeroshot", "hegraph_adapter"], [1], [1])
+    records = run_grid(bundle, grid, tmp_path / "r.jsonl", progress=False, keep_going=True)
+    status = {r["method"]: r["status"] for r in records}
+    assert status == {"zeroshot": "ok", "hegraph_adapter": "error"}
+    assert "description_features" in next(r["error"] for r in records if r["status"] == "error")
+    assert len(run_grid(bundle, grid, tmp_path / "r.jsonl", progress=False, keep_going=True)) == 1

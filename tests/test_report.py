@@ -217,3 +217,12 @@ def test_canonical_backbone() -> None:
     assert canonical_backbone("ViT-B-32:openai") == "ViT-B/32"
     assert canonical_backbone("RN50") == "RN50"
     assert canonical_backbone("world") is None
+
+
+def test_markdown_table_keeps_the_demo_layout(results: Path) -> None:
+    from clipadapt.bench.report import markdown_table
+
+    md = markdown_table(list(read_results(results)), with_std=False)
+    header = md.splitlines()[0]
+    assert header == "| method | dtd 1-shot | dtd 16-shot | pets 1-shot | pets 16-shot | average |"
+    assert "| tip | **45.0** | **61.5** | **82.0** | **87.0** | **68.9** |" in md
