@@ -54,8 +54,8 @@ from tqdm.auto import tqdm
 from clipadapt.bench.results import append_result, finished_ids, run_id
 from clipadapt.data.bundle import FeatureBundle, load_bundle
 from clipadapt.exceptions import ClipadaptError, ConfigError, MissingTensorError
-from clipadapt.methods.base import Adapter, create_method, get_method_class, parse_method_spec
-from clipadapt.tasks.classification import RunResult, SplitChoice, evaluate, prepare_sets
+from clipadapt.methods.base import create_method, get_method_class, parse_method_spec
+from clipadapt.tasks.classification import SplitChoice, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -120,61 +120,6 @@ def _checked_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
-def classify(
-    method: Adapter,
-    bundle: FeatureBundle,
-    shots: int | None,
-    seed: int,
-    choice: SplitChoice | None = None,
-    text_encoder: object | None = None,
-    device: str = "cpu",
-) -> RunResult:
-    """:func:`clipadapt.tasks.classification.evaluate`, also for image-only methods on bundles
-    without text features (``evaluate`` always asks for text; the six non-ImageNet real bundles
-    have none)."""
-    choice = choice or SplitChoice()
-    if bundle.has_text() or method.card.needs_text:
-        return evaluate(
-            method,
-            bundle,
-            shots=shots,
-            seed=seed,
-            choice=choice,
-            text_encoder=text_encoder,
-            device=device,
-        )
-    train, val, evaluation = prepare_sets(bundle, shots, seed, choice)
-    if "seed" in method.get_params():
-        method.set_params(seed=seed)
-    method.fit(
-        train.to(device),
-        None,
-        None if val is None else val.to(device),
-        num_classes=bundle.num_classes,
-    )
-    started = time.perf_counter()
-    accuracy = method.score(evaluation.features.to(device), evaluation.labels.to(device))
-    return RunResult(
-        method=method.card.name,
-        dataset=bundle.name,
-        shots=shots,
-        seed=seed,
-        accuracy=accuracy,
-        hyperparameters=dict(method.best_params_),
-        fit_seconds=float(method.fit_seconds_),
-        predict_seconds=time.perf_counter() - started,
-        trainable_params=method.num_trainable_params(),
-        backbone=bundle.backbone,
-        params=method.get_params(),
-        train_set=train.name,
-        val_set=val.name if val is not None else "none",
-        eval_set=evaluation.name,
-        n_train=len(train),
-        n_val=len(val) if val is not None else 0,
-        n_eval=len(evaluation),
-    )
-
-
 def run_grid(
     bundle: FeatureBundle,
     grid: Grid,
@@ -204,7 +149,7 @@ def run_grid(
         bar.set_postfix_str(f"{cell['method']} K={cell['shots']} seed={cell['seed']}")
         method = create_method(cell["method"], **cell["params"])
         try:
-            result = classify(
+            result = evaluate(
                 method, bundle, cell["shots"], cell["seed"], grid.choice, text_encoder, device
             )
         except ClipadaptError as error:
@@ -742,7 +687,7 @@ def execute_cell(
             if cell["task"] == "classification":
                 bundle = _bundle(cell["bundles"][0], bundles)
                 choice = SplitChoice(cell["train_set"], cell["val_set"], cell["eval_set"])
-                result = classify(
+                result = evaluate(
                     method, bundle, cell["shots"], cell["seed"], choice, device=settings.device
                 )
                 return [_ok_record(cell, result.to_dict(), settings.device)]

@@ -147,7 +147,7 @@ def evaluate(
     if "seed" in method.get_params():
         method.set_params(seed=seed)
     text = bundle.text(text_encoder) if bundle.has_text() else None
-    if text is None and "text" in method.card.needs:
+    if text is None and method.card.needs_text:
         raise MissingTensorError(
             f"{method.card.name} needs `text_features`, which {bundle.where} lacks; image-only "
             "methods can still run on it (see `clipadapt list-methods`)"
