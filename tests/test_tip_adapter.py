@@ -93,3 +93,16 @@ def test_search_uses_validation_and_records_choice():
     params = method.best_params_
     assert params["alpha"] in tip_grid(10.0, 5) and params["beta"] in tip_grid(12.0, 5)
     assert "validation" in params["source"]
+
+
+def test_presets_apply_published_settings_and_params_override_them():
+    from clipadapt.exceptions import ConfigError
+    from clipadapt.methods.base import method_presets, parse_method_spec
+
+    presets = method_presets("tip_adapter")
+    assert presets["oxford_flowers"]["search_scale_alpha"] == 50.0
+    name, params = parse_method_spec("tip_adapter:preset=oxford_flowers,alpha=1.5")
+    method = create_method(name, **params)
+    assert method.search_scale_alpha == 50.0 and method.alpha == 1.5
+    with pytest.raises(ConfigError, match="no preset 'mars'"):
+        create_method("tip_adapter", preset="mars")

@@ -339,8 +339,11 @@ class ClipEncoder:
         size = getattr(visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
-        self.mean = tuple(cfg.get("mean", backbone.card.get("mean", open_clip.OPENAI_DATASET_MEAN)))
-        self.std = tuple(cfg.get("std", backbone.card.get("std", open_clip.OPENAI_DATASET_STD)))
+        # a model card describes how its weights were trained, so its statistics win
+        self.mean = tuple(
+            backbone.card.get("mean") or cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
+        )
+        self.std = tuple(backbone.card.get("std") or cfg.get("std") or open_clip.OPENAI_DATASET_STD)
 
     def _autocast(self) -> Any:
         if self.device.type != "cuda" or self.precision == "fp32":

@@ -287,15 +287,45 @@ def method_card(name: str) -> MethodCard:
     return get_method_class(name).card
 
 
-def create_method(name: str, **params: Any) -> Adapter:
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def method_presets(name: str) -> dict[str, dict[str, Any]]:
+    """Named presets of a method from ``methods/presets/<name>.yaml`` ({preset: params}).
+
+    Preset files are data with a ``source:`` (a paper table or released config); none of their
+    numbers were tuned on this project's test data.
+    """
+    import yaml
+
+    path = PRESET_DIR / f"{get_method_class(name).card.name}.yaml"
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {str(k): dict(v) for k, v in (data.get("presets") or {}).items()}
+
+
+def create_method(name: str, preset: str | None = None, **params: Any) -> Adapter:
     """Build a registered method; ``None``-valued params are dropped (timm's rule).
+
+    Args:
+        name: registry name (``clipadapt list-methods``).
+        preset: optional preset name (e.g. a dataset's published settings, see
+            :func:`method_presets`); explicit ``params`` override it.
+        params: hyperparameters.
 
     Raises:
         UnknownMethodError: the name is not registered (the message lists the names).
-        ConfigError: an unknown hyperparameter or a value of the wrong type.
+        ConfigError: an unknown preset or hyperparameter, or a value of the wrong type.
     """
     cls = get_method_class(name)
     method = cls()
+    if preset is not None:
+        presets = method_presets(name)
+        if preset not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            raise ConfigError(f"{cls.card.name} has no preset {preset!r}; presets: {known}")
+        method.set_params(**presets[preset])
     method.set_params(**{k: v for k, v in params.items() if v is not None})
     return method
 
