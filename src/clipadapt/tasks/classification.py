@@ -144,8 +144,12 @@ def evaluate(
         A :class:`RunResult` with the accuracy in percent.
     """
     train, val, evaluation = prepare_sets(bundle, shots, seed, choice)
-    if "seed" in method.get_params():
+    params = method.get_params()
+    if "seed" in params:
         method.set_params(seed=seed)
+    if params.get("dataset") == "":
+        # methods with per-dataset schedules (HeGraphAdapter) learn which dataset this is
+        method.set_params(dataset=bundle.name)
     text = bundle.text(text_encoder) if bundle.has_text() else None
     if text is None and method.card.needs_text:
         raise MissingTensorError(
