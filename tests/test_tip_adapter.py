@@ -53,11 +53,15 @@ def test_grid_matches_tip_adapter_formula():
     assert grid[-1] == pytest.approx(0.1 + 199 * 6.9 / 200) and max(grid) < 7.0
 
 
-def test_pruned_search_equals_brute_force():
+@pytest.mark.parametrize("ties", [False, True])
+def test_pruned_search_equals_brute_force(ties):
     gen = torch.Generator().manual_seed(0)
     n, nk, c = 60, 40, 8
     zero_shot = torch.randn(n, c, generator=gen) * 3
     affinity = torch.rand(n, nk, generator=gen) * 2 - 1
+    if ties:  # integer text logits and equal cache logits: argmax must take the first maximum
+        zero_shot = torch.randint(0, 3, (n, c), generator=gen).float()
+        affinity = torch.zeros(n, nk)
     key_labels = torch.arange(nk) % c
     labels = torch.randint(0, c, (n,), generator=gen)
     val = ValidationSet(torch.randn(n, 4, generator=gen), labels)

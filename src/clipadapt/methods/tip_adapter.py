@@ -34,11 +34,6 @@ def cache_logits(affinity: Tensor, key_labels: Tensor, num_classes: int, beta: f
     return out.index_add_(1, key_labels, weights)
 
 
-# Most validation rows have only a handful of classes that can win the argmax for some alpha;
-# those rows are compared on this many columns, the rare others on all of them.
-_NARROW = 32
-
-
 def search_alpha_beta(
     zero_shot: Tensor,
     affinity: Tensor,
@@ -49,9 +44,10 @@ def search_alpha_beta(
 ) -> tuple[float, float, float]:
     """Exhaustive (β outer, α inner) search on validation logits; first best pair wins.
 
-    Exact but pruned: for a given β only classes whose best possible blended score (at the
-    largest α) reaches the smallest guaranteed maximum (at the smallest α) can win the argmax,
-    so the (α, N, C) comparison runs on those few columns instead of all C.
+    Exact, but pruned: for a given β a class can win a row's argmax for some α in the grid only
+    if its best possible score (at the largest α, since cache logits are >= 0) reaches the
+    smallest guaranteed row maximum (the row maximum at the smallest α). Those few (row, class)
+    pairs are scored for every α at once and reduced per row, instead of all C columns.
 
     Args:
         zero_shot: (Nv, C) text logits of the validation rows.
@@ -61,31 +57,32 @@ def search_alpha_beta(
         (alpha, beta, validation accuracy in percent).
     """
     val = require_validation(val, "tip_adapter search")
-    num_classes = zero_shot.shape[1]
-    alpha_t = torch.tensor(alphas, dtype=zero_shot.dtype, device=zero_shot.device)
+    num_rows, num_classes = zero_shot.shape
+    alpha_t = torch.tensor(alphas, dtype=zero_shot.dtype, device=zero_shot.device)[:, None]
     a_lo, a_hi = float(alpha_t.min()), float(alpha_t.max())
     labels = val.labels
+    arange = torch.arange(num_rows, device=labels.device)
     best = (alphas[0], betas[0], -1.0)
     for beta in betas:
         cache = cache_logits(affinity, key_labels, num_classes, beta)
-        upper = zero_shot + a_hi * cache  # cache >= 0, so this bounds every alpha's score
-        floor = (zero_shot + a_lo * cache).max(dim=1, keepdim=True).values
-        contenders = (upper >= floor).sum(dim=1)
-        predicted = torch.empty(len(alphas), labels.shape[0], dtype=torch.long, device=labels.device)
-        narrow = contenders <= _NARROW
-        for rows, width in ((narrow, _NARROW), (~narrow, num_classes)):
-            if not bool(rows.any()):
-                continue
-            width = min(width, num_classes)
-            columns = upper[rows].topk(width, dim=1).indices.sort(dim=1).values  # keep tie order
-            z = zero_shot[rows].gather(1, columns)
-            q = cache[rows].gather(1, columns)
-            blended = z[None] + alpha_t[:, None, None] * q[None]
-            predicted[:, rows] = columns.gather(1, blended.argmax(-1).T).T
-        correct = (predicted == labels[None]).float().mean(-1) * 100
-        j = int(torch.argmax(correct))
-        if float(correct[j]) > best[2]:
-            best = (alphas[j], beta, float(correct[j]))
+        upper = zero_shot + a_hi * cache
+        floor = (zero_shot + a_lo * cache).amax(dim=1, keepdim=True)
+        rows, cols = torch.nonzero(upper >= floor, as_tuple=True)  # row-major, so cols ascend
+        scores = zero_shot[rows, cols][None] + alpha_t * cache[rows, cols][None]  # (A, P)
+        row_max = torch.full((len(alphas), num_rows), -torch.inf, dtype=scores.dtype)
+        row_max.scatter_reduce_(1, rows.expand_as(scores), scores, reduce="amax")
+        true_score = zero_shot[arange, labels][None] + alpha_t * cache[arange, labels][None]
+        # argmax takes the first maximum: the true class must reach the maximum with no
+        # earlier class tied to it
+        tied_before = (scores == row_max[:, rows]) & (cols < labels[rows])[None]
+        blocked = torch.zeros_like(row_max).scatter_add_(
+            1, rows.expand_as(scores), tied_before.to(scores.dtype)
+        )
+        correct = (true_score >= row_max) & (blocked == 0)
+        accuracy = correct.to(zero_shot.dtype).mean(dim=1) * 100
+        j = int(torch.argmax(accuracy))
+        if float(accuracy[j]) > best[2]:
+            best = (alphas[j], beta, float(accuracy[j]))
     return best
 
 
