@@ -25,6 +25,11 @@ from clipadapt.testing import make_fixture
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IMAGENET = DATA / "clip_vitb32" / "imagenet.safetensors"
 
+#: Tip-Adapter (defaults, (α, β) searched on the 2-shot draw) on the 1-shot ImageNet protocol
+#: below; its grid search takes longer than this whole file, so its measured accuracy is kept
+#: here (command: docs/methods/node_adapter.md, "Results on the real ImageNet bundle").
+TIP_ADAPTER_1SHOT = 60.03
+
 #: small settings so every fit here takes well under a second on a shared CPU
 FAST = {"epochs": 3, "steps": 2, "hidden": 16, "heads": 2, "head_dim": 4, "adjoint": False}
 
@@ -183,7 +188,7 @@ def test_untrained_endpoint_equals_full_solve() -> None:
         ctx = method._context
         with torch.no_grad():
             solved = method._refine(method.model_, ctx["support"], ctx["mask"], ctx["text"])
-            shortcut = method._untrained_endpoint(method.model_, ctx, method._init_values())
+            shortcut = method._untrained_endpoint(ctx, method._init_values())
         assert torch.allclose(solved, shortcut, atol=1e-6), (
             solver,
             (solved - shortcut).abs().max(),
@@ -390,10 +395,9 @@ def test_imagenet_one_shot_validation_start_beats_tip_adapter() -> None:
     bundle = clipadapt.load_bundle(IMAGENET)
     choice = SplitChoice("train_1shot", "train_2shot", "train_4shot")
     zero_shot = evaluate(clipadapt.create_method("zeroshot"), bundle, shots=1, choice=choice)
-    tip = evaluate(clipadapt.create_method("tip_adapter"), bundle, shots=1, choice=choice)
     node = evaluate(NodeAdapter(epochs=0), bundle, shots=1, choice=choice)
     assert zero_shot.accuracy == pytest.approx(58.925, abs=0.01)  # data README anchor
-    assert node.accuracy >= tip.accuracy, (node.accuracy, tip.accuracy)
+    assert node.accuracy >= TIP_ADAPTER_1SHOT, (node.accuracy, TIP_ADAPTER_1SHOT)
     assert node.accuracy >= zero_shot.accuracy + 1.0
     # the modality gap: validation data picks a text-heavy start and a weak initial pull
     assert node.hyperparameters["blend_init"] < 0.5

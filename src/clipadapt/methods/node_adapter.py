@@ -738,9 +738,8 @@ class NodeAdapter(Adapter):
         best: tuple[dict[str, float], float] = ({}, -1.0)
         for values in itertools.product(*(space[n] for n in names)):
             init = {**self._init_values(), **dict(zip(names, map(float, values), strict=True))}
-            model = self._new_model(ctx["support"].shape[-1], init).to(ctx["support"].device)
             with torch.no_grad():
-                protos = self._untrained_endpoint(model, ctx, init)
+                protos = self._untrained_endpoint(ctx, init)
                 logits = self._prototype_logits(val.features, protos, ctx["text"])
             score = accuracy(logits, val.labels)
             log.debug("node_adapter init %s: val accuracy %.2f", init, score)
@@ -748,33 +747,37 @@ class NodeAdapter(Adapter):
                 best = ({n: init[n] for n in names}, score)
         return best
 
-    def _untrained_endpoint(
-        self, model: NodeAdapterModel, ctx: dict[str, Tensor], init: dict[str, float]
-    ) -> Tensor:
-        """P(t_end) of the untrained model without solving the (M, D) ODE.
+    def _untrained_endpoint(self, ctx: dict[str, Tensor], init: dict[str, float]) -> Tensor:
+        """P(t_end) of the untrained model for the start ``init``, without solving the (C, D) ODE.
 
-        Untrained, the shot weights are uniform and γ is the constant ``gamma_init``, so the
-        flow is the linear ODE ``dp/dt = s(t) (γ x̄ - p)`` (x̄ the plain mean of the shots) and
+        Untrained, u = 0 (so λ = ``blend_init`` for every class), the shot weights are uniform
+        and γ is the constant ``gamma_init``: the flow is the linear ODE
+        ``dp/dt = s(t) (γ x̄ - p)`` (x̄ the plain mean of the shots), whose solution is
         ``p(t_end) = a p(0) + b γ x̄`` with the scalars (a, b) given by the same solver on a
-        2-dimensional copy of it: identical to a full solve (same grid) at almost no cost.
+        2-dimensional copy of it. On a fixed grid this is identical to a full solve, at the
+        cost of a few vector operations per candidate (no weights are initialised).
         """
         support, mask, text = ctx["support"], ctx["mask"], ctx["text"]
         visual = masked_mean_direction(support, mask)
-        has = mask.any(dim=1)
-        p0 = self._initial(visual, text, has, model)
-        if model.flow is None or isinstance(model.flow, MLPFlow):  # MLP output starts at zero
+        has = mask.any(dim=1)[:, None]
+        if self.prototype == "text":
+            p0 = text
+        else:
+            lam = init["blend_init"] if self._blends() else 1.0
+            p0 = torch.where(has, lam * visual + (1.0 - lam) * text, text)
+        if not self._uses_ode() or self.dynamics == "mlp":  # the MLP output starts at zero
             return p0
-        flow = model.flow
+        s0, rho, t_end = self.s0, self.rho, float(self.t_end)
 
         def scalar_flow(t: Tensor, y: Tensor) -> Tensor:
-            return flow.step_scale(t) * (target - y)
+            return s0 * rho ** (t / t_end) * (target - y)
 
         target = torch.tensor([0.0, 1.0], dtype=p0.dtype, device=p0.device)
         start = torch.tensor([1.0, 0.0], dtype=p0.dtype, device=p0.device)
         a, b = self._solve(scalar_flow, start, adjoint=False)
         counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(p0.dtype)
         mean = (support * mask[..., None]).sum(dim=1) / counts
-        return torch.where(has[:, None], a * p0 + b * init["gamma_init"] * mean, p0)
+        return torch.where(has, a * p0 + b * init["gamma_init"] * mean, p0)
 
     def _train(
         self,
