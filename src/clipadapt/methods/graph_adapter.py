@@ -190,7 +190,7 @@ class GraphAdapter(Adapter):
         aggregated = getattr(self, "_aggregated", None)
         if aggregated is None:
             raise RuntimeError(
-                "graph_adapter: gradient logits need the graph inputs of a fit in this session"
+                "graph_adapter: gradient logits need the graph inputs of a fit in this process"
             )
         weights = normalize_rows(self._refine(*aggregated))
         return self.logit_scale * features @ weights.T

@@ -544,7 +544,7 @@ class HeGraphAdapter(Adapter):
         inputs = getattr(self, "_inputs", None)
         if inputs is None:
             raise RuntimeError(
-                "hegraph_adapter: gradient logits need the graph inputs of a fit in this session"
+                "hegraph_adapter: gradient logits need the graph inputs of a fit in this process"
             )
         positive, bias = self._propagate(inputs, self.alpha_np_test)
         return self._fused(features, normalize_rows(positive), self._biased_keys(inputs, bias))
