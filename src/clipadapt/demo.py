@@ -63,9 +63,9 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     print(f"[1/4] world datasets ({size}) -> {out / 'world-data'}")
-    folders = generate_world_datasets(out / "world-data", size=size)
-    if datasets is not None:
-        folders = [f for f in folders if f.name in set(datasets)]
+    folders = generate_world_datasets(
+        out / "world-data", size=size, names=list(datasets) if datasets is not None else None
+    )
     encoder = ClipEncoder(resolve_backbone(backbone), device="auto")
     print(f"[2/4] features with {encoder.backbone.display_name} -> {out / 'features'}")
     bundles = []
