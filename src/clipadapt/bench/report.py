@@ -347,8 +347,14 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
     stats = summarize(_classification(records))
     datasets = sorted({k[1] for k in stats})
     methods = sorted({k[0] for k in stats})
-    colours = plt.get_cmap("tab10")
-    style = {m: (colours(i % 10), "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
+    # tab20's even entries are ten strong colours, the odd ones their light twins: step through
+    # the strong ones first, and pair each with a distinct marker, so no two methods look alike
+    colours = plt.get_cmap("tab20")
+    markers = "osD^v<>ph*XPd8H"
+    style = {
+        m: (colours((2 * i) % 20 + (i // 10) % 2), markers[i % len(markers)])
+        for i, m in enumerate(methods)
+    }
 
     def average(m: str) -> tuple[list[int], list[float]]:
         xs, ys = [], []
