@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from clipadapt.bench.results import append_result, finished_ids, run_id
 from clipadapt.data.bundle import FeatureBundle, load_bundle
+from clipadapt.data.datasets import list_datasets
 from clipadapt.exceptions import ClipadaptError, ConfigError, MissingTensorError
 from clipadapt.methods.base import create_method, get_method_class, parse_method_spec
 from clipadapt.tasks.classification import SplitChoice, evaluate
@@ -60,19 +61,7 @@ from clipadapt.tasks.classification import SplitChoice, evaluate
 log = logging.getLogger(__name__)
 
 #: The CoOp suite of the papers (registered dataset names).
-PAPER_DATASETS = (
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
+PAPER_DATASETS = tuple(list_datasets())
 #: ImageNet's distribution-shift targets (bundle names looked up in ``bundle_dir``).
 PAPER_DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 

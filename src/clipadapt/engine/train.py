@@ -68,6 +68,17 @@ class TrainConfig:
     warmup_epochs: int = 0
     per_epoch_schedule: bool = False
 
+    @classmethod
+    def dassl_sgd(cls, **overrides: object) -> TrainConfig:
+        """CoOp/Dassl's recipe: SGD with momentum, one constant warmup epoch, then a cosine
+        schedule stepped per epoch. ``overrides`` set the remaining fields (epochs, lr, ...)."""
+        recipe: dict[str, object] = {
+            "optimizer": "sgd",
+            "warmup_epochs": 1,
+            "per_epoch_schedule": True,
+        }
+        return cls(**{**recipe, **overrides})
+
 
 @dataclass
 class TrainHistory:

@@ -132,16 +132,13 @@ class CLIPAdapter(Adapter):
             logits = self._scores(adapter, cached[epoch][index], ratio)
             return F.cross_entropy(logits.float(), train.labels[index])
 
-        config = TrainConfig(
+        config = TrainConfig.dassl_sgd(
             epochs=self.epochs,
             batch_size=self.batch_size,
             lr=lr,
             weight_decay=self.weight_decay,
-            optimizer="sgd",
             momentum=self.momentum,
-            warmup_epochs=1,
             warmup_lr=self.warmup_lr,
-            per_epoch_schedule=True,
             seed=self.seed,
         )
         history = train_loop(

@@ -206,16 +206,13 @@ class CoOp(Adapter):
             logits = self.logit_scale * cached[epoch][index] @ class_features.T
             return F.cross_entropy(logits.float(), labels[index])
 
-        config = TrainConfig(
+        config = TrainConfig.dassl_sgd(
             epochs=epochs,
             batch_size=self.batch_size,
             lr=self.lr,
             weight_decay=self.weight_decay,
-            optimizer="sgd",
             momentum=self.momentum,
-            warmup_epochs=1,
             warmup_lr=self.warmup_lr,
-            per_epoch_schedule=True,
             seed=self.seed,
         )
         history = train_loop(

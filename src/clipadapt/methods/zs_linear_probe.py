@@ -141,16 +141,13 @@ class ZSLinearProbe(Adapter):
             drift = (prototypes - base).square().sum(-1)
             return loss + (lambdas * drift).sum() / num_classes
 
-        config = TrainConfig(
+        config = TrainConfig.dassl_sgd(
             epochs=self.epochs,
             batch_size=self.batch_size,
             lr=self.lr,
             weight_decay=self.weight_decay,
-            optimizer="sgd",
             momentum=self.momentum,
-            warmup_epochs=1,
             warmup_lr=self.warmup_lr,
-            per_epoch_schedule=True,
             iters_per_epoch=max(1, len(train) // self.batch_size),
             seed=self.seed,
         )
