@@ -8,9 +8,10 @@ indices; everything generic lives here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,28 @@ class TrainConfig:
             "per_epoch_schedule": True,
         }
         return cls(**{**recipe, **overrides})
+
+
+_STEP_LIMIT: int | None = None
+
+
+@contextlib.contextmanager
+def limit_steps(steps: int | None) -> Iterator[None]:
+    """Stop every :func:`train_loop` inside the block after ``steps`` optimiser steps.
+
+    For benchmarks and profiling: the learning-rate schedule still spans the full configured
+    run, so the first ``steps`` steps are exactly those of a complete fit (a per-step time or a
+    comparison against another implementation of the same steps stays meaningful), but the
+    model ends undertrained. ``None`` lifts the limit.
+    """
+    global _STEP_LIMIT
+    if steps is not None and steps < 1:
+        raise ValueError(f"limit_steps needs steps >= 1 or None, got {steps}")
+    previous, _STEP_LIMIT = _STEP_LIMIT, steps
+    try:
+        yield
+    finally:
+        _STEP_LIMIT = previous
 
 
 @dataclass
@@ -214,6 +237,7 @@ def train_loop(
     best_score = -math.inf
     stale = 0
     step = 0
+    step_limit = _STEP_LIMIT
     for epoch in range(config.epochs):
         order = torch.randperm(num_rows, generator=generator)[:rows_per_epoch].to(device)
         running, count = 0.0, 0
@@ -235,6 +259,8 @@ def train_loop(
             running += float(loss.detach()) * index.numel()
             count += index.numel()
             step += 1
+            if step_limit is not None and step >= step_limit:
+                break
         mean_loss = running / max(count, 1)
         history.loss.append(mean_loss)
         score = None
@@ -252,6 +278,8 @@ def train_loop(
             on_epoch(epoch, mean_loss, score)
         log.debug("%s epoch %d loss %.4f val %s", what, epoch + 1, mean_loss, score)
         if config.patience is not None and stale >= config.patience:
+            break
+        if step_limit is not None and step >= step_limit:
             break
     history.steps = step
     if best_state is not None:

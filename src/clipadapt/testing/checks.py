@@ -142,6 +142,7 @@ def make_fixture(
     descriptions: int = 4,
     seed: int = 4,
     text_encoder: object | None = None,
+    noise_scale: float = NOISE,
 ) -> CheckFixture:
     """Build the separable fixture bundle (pure tensor maths, a few milliseconds).
 
@@ -158,6 +159,8 @@ def make_fixture(
         prompts: P per-prompt text features (``text_features_all``).
         descriptions: Q description features per class; the last one is masked out for every
             other class, so ``description_mask`` is not all True.
+        noise_scale: standard deviation of the per-row noise (raise it for a harder problem,
+            e.g. for benchmarks whose accuracy must not saturate).
         seed: everything is drawn from one generator seeded with it. The default, 4, gives a
             zero-shot test accuracy of 83 % at C=5 (so a method must learn to beat it) while
             every cluster is separable.
@@ -178,7 +181,7 @@ def make_fixture(
 
     def rows(per_class: int) -> tuple[Tensor, Tensor]:
         labels = torch.arange(c).repeat_interleave(per_class)
-        return _unit(centres[labels] + NOISE * noise(len(labels), d)), labels
+        return _unit(centres[labels] + noise_scale * noise(len(labels), d)), labels
 
     group = f"train_{shots}shot"
     train_x, train_y = rows(shots)

@@ -1,0 +1,1 @@
+"""clipadapt's performance benchmarks (`python -m benchmarks --help`)."""
