@@ -7,6 +7,7 @@ Errors meant for users print one line naming the problem and the fix and exit wi
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="use only deterministic kernels: torch.use_deterministic_algorithms(True), "
+        "cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset (GPU runs repeat "
+        "bit for bit; slower; see docs/reliability.md)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("list-methods", help="list registered methods")
@@ -743,6 +751,58 @@ COMMANDS = {
 }
 
 
+_ACCESS_HINT = (
+    "not writable (or not readable) by this user; fix its permissions or choose another "
+    "location (--out, --cache-dir)"
+)
+_SPACE_HINT = "disk full; free space there or choose another location (--out, --cache-dir)"
+_OS_HINTS = {
+    errno.ENOSPC: _SPACE_HINT,
+    errno.EDQUOT: _SPACE_HINT,
+    errno.EACCES: _ACCESS_HINT,
+    errno.EPERM: _ACCESS_HINT,
+    errno.EROFS: "read-only file system; choose another location (--out, --cache-dir)",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; choose another --out",
+    errno.EEXIST: "exists and is not a folder; choose another --out",
+    errno.EISDIR: "is a folder where a file is expected; choose another --out",
+    errno.ENOENT: "does not exist; check the path",
+}
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for a failed file operation: the path, what the system said, and the fix."""
+    where = error.filename or ""
+    if error.filename2:
+        where = f"{where} -> {error.filename2}"
+    what = error.strerror or str(error)
+    hint = _OS_HINTS.get(error.errno or -1)
+    message = f"{where}: {what}" if where else what
+    return f"{message}; {hint}" if hint else message
+
+
+def _one_line(message: str) -> str:
+    # a user error is one line on stderr, even when a parser's message spans several
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def set_deterministic() -> None:
+    """Make torch use only deterministic kernels (the ``--deterministic`` flag).
+
+    CPU runs are already bitwise repeatable; this matters on CUDA, where atomics-based
+    scatter/index_add, cuBLAS split-K reductions and cuDNN's benchmarked algorithm choice can
+    change the last bits from run to run. cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when its
+    context is created, so it is set here, before any CUDA work, unless the user set it.
+    """
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clipadapt`` command. Returns the exit code."""
     parser = build_parser()
@@ -758,12 +818,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    if args.deterministic:
+        set_deterministic()
     try:
         return int(handler(args) or 0)
     except ClipadaptError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -773,10 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         if args.debug:
             raise
-        print(
-            f"error: {error.strerror or error} ({getattr(error, 'filename', '') or ''})",
-            file=sys.stderr,
-        )
+        print(f"error: {_one_line(os_error_message(error))}", file=sys.stderr)
         return 2
 
 

@@ -40,14 +40,49 @@ def run_id(cell: dict[str, Any]) -> str:
 
 
 def append_result(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync, so a killed sweep never leaves a torn line behind."""
+    """Append one JSON line and fsync, so a killed sweep never leaves a torn line behind.
+
+    The line goes out in one ``write`` on an ``O_APPEND`` descriptor. A tail without its newline
+    (a write cut short by a crash or a full disk) is a record that never finished: it is cut off
+    before appending, so the new line cannot be glued onto it. A write that fails (disk full)
+    is rolled back to the previous end of the file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    data = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = _drop_torn_tail(fd, path)
+        try:
+            view = memoryview(data)
+            while view:  # one write for any real record; the loop only covers a short write
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _drop_torn_tail(fd: int, path: Path) -> int:
+    """Cut an unterminated last line off the open file; return the new size."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    keep, pos = 0, size
+    while pos > 0:
+        start = max(0, pos - (1 << 16))
+        found = os.pread(fd, pos - start, start).rfind(b"\n")
+        if found >= 0:
+            keep = start + found + 1
+            break
+        pos = start
+    log.warning(
+        "%s ends in a torn line (an interrupted write); removing %d bytes", path, size - keep
+    )
+    os.ftruncate(fd, keep)
+    return keep
 
 
 def read_results(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -326,12 +326,27 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"cannot read the sweep file {path}: {yaml_problem(error)}; fix the YAML syntax there"
+        ) from None
+    except OSError as error:
         raise ConfigError(f"cannot read the sweep file {path}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping (datasets:, methods:, ...)")
     data.update(parse_overrides(overrides))
     return sweep_from_dict(data, base_dir=path.resolve().parent)
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML parser error on one line: where (line, column) and what."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    what = f"{context}, {problem}" if context else problem
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return what
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -343,7 +358,10 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: {yaml_problem(error)}") from None
     return out
 
 

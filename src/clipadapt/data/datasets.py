@@ -1010,7 +1010,11 @@ def load_dataset(
                 f"{', '.join(DATASETS)} (or pass the path of an ImageFolder tree or of a folder "
                 "with split.json)"
             )
-        raise DatasetError(f"dataset root {path} does not exist")
+        raise DatasetError(
+            f"dataset root {path} does not exist; pass an ImageFolder tree "
+            "(root/<class>/<image>), a folder with split.json, or a registered dataset name "
+            "with --data-root"
+        )
     if path.is_file():
         if path.suffix.lower() != ".json":
             raise DatasetError(f"{path} is a file; pass a dataset folder or a split JSON file")

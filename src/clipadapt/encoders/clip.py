@@ -167,7 +167,12 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message does not say what is accepted
+        raise ConfigError(
+            f"unknown device {str(device)!r}; pass --device auto, cpu, cuda or cuda:N"
+        ) from None
 
 
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
