@@ -303,3 +303,27 @@ def test_imagenet_ablation_not_below_tip_adapter() -> None:
     )
     result = evaluate(ablation, bundle, seed=1, choice=choice)
     assert result.accuracy >= tip.accuracy, (result.accuracy, tip.accuracy)
+
+
+@pytest.mark.parametrize("equal_counts", [True, False])
+def test_biased_cache_matches_materialised_keys(equal_counts: bool) -> None:
+    """The factored affinity equals f · norm(k + γ b[y]) in value and in its gradient."""
+    from clipadapt.data.sets import normalize_rows
+    from clipadapt.methods._graph import BiasedCache
+
+    g = torch.Generator().manual_seed(0)
+    keys = normalize_rows(torch.randn(60, 16, generator=g))
+    labels = torch.arange(5).repeat(12)[torch.randperm(60, generator=g)]
+    if not equal_counts:
+        labels[0] = (labels[0] + 1) % 5
+    bias = torch.randn(5, 16, generator=g, requires_grad=True)
+    queries = normalize_rows(torch.randn(7, 16, generator=g))
+    cache = BiasedCache(keys, labels, 5)
+    assert (cache.grouped is not None) == equal_counts
+    fast = cache.affinity(queries, bias, 0.5)
+    slow = queries @ normalize_rows(keys + 0.5 * bias[labels]).T
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), bias)
+    (grad_slow,) = torch.autograd.grad(slow.square().sum(), bias)
+    torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.affinity(queries, None, 0.5), queries @ keys.T)

@@ -70,6 +70,59 @@ def cache_keys(train: TrainSet, use_views: bool) -> Tensor:
     return train.features
 
 
+class BiasedCache:
+    """Affinities to cache keys shifted by a per-class bias, without materialising the keys.
+
+    HeGraphAdapter's cache keys are ``k'_i = norm(k_i + γ b_{y_i})`` with a bias ``b`` (C, D)
+    that changes every step. Materialising ``k'`` moves the whole (N, D) cache through several
+    elementwise passes forward and backward per step; expanding the normalisation instead gives
+
+        f · k'_i = (f · k_i + γ f · b_{y_i}) / sqrt(|k_i|² + 2γ k_i · b_{y_i} + γ² |b_{y_i}|²),
+
+    where ``f · k_i`` uses the frozen keys (no gradient), ``f · b`` is a (B, C) product and the
+    only pass over the cache is the per-key ``k_i · b_{y_i}``. When every class has the same
+    number of keys that pass is a batched (C, K, D) x (C, D) product with no gather.
+
+    Args:
+        keys: (N, D) frozen cache keys.
+        key_labels: (N,) class of each key.
+        num_classes: C.
+    """
+
+    def __init__(self, keys: Tensor, key_labels: Tensor, num_classes: int) -> None:
+        self.keys = keys
+        self.key_labels = key_labels
+        self.key_sq_norms = (keys * keys).sum(dim=1)
+        counts = torch.bincount(key_labels, minlength=num_classes)
+        self.grouped: Tensor | None = None
+        self.order: Tensor | None = None
+        if len(key_labels) and bool((counts == counts[0]).all()) and int(counts[0]) > 0:
+            order = torch.argsort(key_labels, stable=True)
+            self.order = order
+            self.grouped = keys.index_select(0, order).reshape(num_classes, int(counts[0]), -1)
+
+    def key_bias_dots(self, bias: Tensor) -> Tensor:
+        """(N,) ``k_i · b_{y_i}``."""
+        if self.grouped is None or self.order is None:
+            return (self.keys * bias.index_select(0, self.key_labels)).sum(dim=1)
+        grouped = torch.bmm(self.grouped, bias[:, :, None]).reshape(-1)
+        return torch.empty_like(grouped).index_copy(0, self.order, grouped)
+
+    def affinity(self, features: Tensor, bias: Tensor | None, gamma: float) -> Tensor:
+        """(B, N) cosine-style affinities ``f · k'_i`` (plain ``f · k_i`` when ``bias`` is None)."""
+        base = features @ self.keys.T
+        if bias is None:
+            return base
+        labels = self.key_labels
+        shifted = base + gamma * (features @ bias.T).index_select(1, labels)
+        sq_norms = (
+            self.key_sq_norms
+            + 2.0 * gamma * self.key_bias_dots(bias)
+            + gamma * gamma * (bias * bias).sum(dim=1).index_select(0, labels)
+        )
+        return shifted / sq_norms.clamp_min(1e-24).sqrt()
+
+
 def normalize_relation(relation: Tensor, source_degree: str = "column") -> tuple[Tensor, Tensor]:
     """Symmetric GCN normalisation of a (possibly signed) relation matrix (spec §2.3).
 
@@ -135,6 +188,8 @@ class GCNBlock(nn.Module):
                 self.bias.zero_()
 
     def forward(self, aggregated: Tensor) -> Tensor:
+        if self.bias is not None and aggregated.ndim == 2:
+            return torch.tanh(torch.addmm(self.bias, aggregated, self.weight))
         out = aggregated @ self.weight
         if self.bias is not None:
             out = out + self.bias

@@ -19,6 +19,7 @@ from clipadapt.engine.search import search_logit_blend
 from clipadapt.engine.train import train_loop
 from clipadapt.exceptions import ConfigError, MissingTensorError
 from clipadapt.methods._graph import (
+    BiasedCache,
     GCNBlock,
     aggregate,
     block_param_count,
@@ -463,14 +464,19 @@ class HeGraphAdapter(Adapter):
         queries = train_view_features(train, self.use_views)
         labels = train.labels
 
+        cache = BiasedCache(inputs.keys, inputs.key_labels, num_classes)
+
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
             positive, bias = self._propagate(inputs, self.alpha_np_train)
-            keys = self._biased_keys(inputs, bias)
             batch = queries[epoch % queries.shape[0]].index_select(0, index)
-            z_text, z_vis = self._classifier_logits(batch, positive, keys, inputs.key_labels)
             target = labels.index_select(0, index)
+            z_text = self.logit_scale * batch @ normalize_rows(positive).T
             loss = F.cross_entropy(z_text.float(), target)
-            if z_vis is not None:
+            if self.classifier != "text":
+                affinity = cache.affinity(batch, bias, self.gamma)
+                z_vis = self.cache_scale * cache_logits(
+                    affinity, inputs.key_labels, num_classes, self.cache_beta
+                )
                 loss = loss + self.loss_weight * F.cross_entropy(z_vis.float(), target)
             return loss
 
