@@ -9,6 +9,7 @@ match is re-extracted, never used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -144,10 +146,23 @@ class TextCache:
         path = self.dir / f"{key}.safetensors"
         if path.is_file():
             try:
-                return load_file(str(path))["features"].float()
+                with safe_open(str(path), framework="pt") as handle:
+                    recorded = (handle.metadata() or {}).get("sha256")
+                    cached = handle.get_tensor("features")
+                # a file that parses can still hold flipped bits: the checksum of the tensor
+                # bytes, stored beside them, decides
+                if recorded == _tensor_sha256(cached):
+                    return cached.float()
+                log.warning("text cache %s does not match its checksum; re-encoding", path)
             except Exception as error:  # a damaged file is recomputed, never trusted
                 log.warning("unreadable text cache %s (%s); re-encoding", path, error)
-        features = encode(prompts)
+        features = encode(prompts).to(torch.float16).contiguous()
         with atomic_path(path) as tmp:
-            save_file({"features": features.to(torch.float16).contiguous()}, str(tmp))
-        return features.to(torch.float16).float()
+            save_file(
+                {"features": features}, str(tmp), metadata={"sha256": _tensor_sha256(features)}
+            )
+        return features.float()
+
+
+def _tensor_sha256(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
