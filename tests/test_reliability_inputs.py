@@ -1089,9 +1089,8 @@ WORKS_CASES: list[WorksCase] = [
 ]
 
 
-# YAML 1.1 (PyYAML) reads `1e-3` as a string, so `lr=1e-3`, the way learning rates are
-# written, is refused as "wrong type"; the option parser of methods/base.py must read it as a
-# float. Marked until that lands.
+# YAML 1.1 (PyYAML) reads `1e-3` as a string; a float option must still accept it, the way
+# learning rates are written.
 WORKS_CASES.append(
     WorksCase(
         "method_option_float_in_exponent_notation",
@@ -1099,10 +1098,7 @@ WORKS_CASES.append(
         ("clip_adapter on good",),
     )
 )
-_EXPECTED_TO_FAIL = {
-    "method_option_float_in_exponent_notation": "methods/base.py parse_method_spec reads "
-    "'1e-3' as a string (YAML 1.1); a float option must accept exponent notation",
-}
+_EXPECTED_TO_FAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

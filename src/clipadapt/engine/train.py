@@ -256,7 +256,7 @@ def train_loop(
                 loss = batch_loss(index, epoch)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"{what} diverged at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}); "
+                    f"{what} diverged at epoch {epoch + 1}, step {step + 1} (loss {float(loss.detach())}); "
                     f"lower the learning rate (lr={config.lr:g}) or check the input features"
                 )
             optimizer.zero_grad(set_to_none=True)
