@@ -247,6 +247,9 @@ def extract_dataset(
                 name,
                 {
                     "backbone": bkey,
+                    # fp16 autocast on a GPU and fp32 on the CPU give features ~1e-3 apart:
+                    # a resumed cache must never mix the two
+                    "precision": getattr(encoder, "precision", "fp32"),
                     "dataset": dataset.name,
                     **items_key,
                     "transform": transform.describe(),
@@ -287,7 +290,9 @@ def extract_dataset(
         report.skipped.pop("train_views", None)
         report.skipped[split] = [merged[i] for i in sorted(merged)]
 
-    text_cache = TextCache(cache_root, bname, bkey)
+    text_cache = TextCache(
+        cache_root, bname, {"backbone": bkey, "precision": getattr(encoder, "precision", "fp32")}
+    )
     classnames = list(dataset.classnames)
     templates = templates or list(getattr(dataset, "templates", None) or [dataset.template])
     prompts = class_prompts(classnames, templates)
