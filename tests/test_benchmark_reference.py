@@ -10,21 +10,14 @@ same searched hyperparameters, and honour ``limit_steps`` identically.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.reference import REFERENCES
 from clipadapt.engine.train import limit_steps
 from clipadapt.methods.base import create_method
 from clipadapt.testing.checks import make_fixture
-
-# benchmarks/ is a top-level folder of the repository, not part of the installed package
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from benchmarks.reference import REFERENCES  # noqa: E402
 
 # Small but real settings. The learning rate is raised (and HeGraphAdapter's warmup epoch at
 # 1e-5 dropped) so that two epochs move the logits by whole units: a reference that trained
