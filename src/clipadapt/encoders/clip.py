@@ -46,7 +46,7 @@ class BackboneSpec:
     """Where a backbone comes from.
 
     Attributes:
-        model_name: open_clip architecture name (``ViT-B-32``, ``RN50``, ``clipadapt-world-rn``).
+        model_name: open_clip architecture name (``ViT-B-32``, ``RN50``, ``clipadapt-world-rn32``).
         pretrained: open_clip weight tag (``openai``, ``laion2b_s34b_b79k``) or None.
         checkpoint: local weights file (safetensors, or a weights-only torch file) or None.
         tokenizer: a custom tokenizer description from a model card, or None for open_clip's.

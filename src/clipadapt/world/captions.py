@@ -3,7 +3,7 @@
 The features of a contrastively trained model carry only what the captions teach, so every
 attribute is named in a good share of captions (the probabilities below are parameters of
 :func:`caption`), with synonyms and two word orders. The one deliberate exception is the stripe
-orientation, named in only ``p_orientation`` (default 10 %) of striped objects' captions: the
+orientation, named in only ``p_orientation`` (default 25 %) of striped objects' captions: the
 fine-grained world task (``world_stripes``) is built on it, like real fine-grained benchmarks
 whose classes differ in what web captions rarely say.
 
@@ -116,7 +116,7 @@ RELATION_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def object_phrase(
+def _object_phrase(
     obj: WorldObject,
     rng: random.Random,
     p_size: float,
@@ -124,8 +124,10 @@ def object_phrase(
     p_texture: float,
     p_orientation: float,
     plural: bool = False,
+    p_shape_noun: float = 0.92,
 ) -> str:
-    """Noun phrase for one object (no article), each attribute kept with its probability."""
+    """Noun phrase for one object (no article), each attribute kept with its probability
+    (the shape noun is replaced by "shape"/"object" with probability ``1 - p_shape_noun``)."""
     words: list[str] = []
     if rng.random() < p_size:
         words.append(rng.choice(SIZE_WORDS[obj.size]))
@@ -144,11 +146,14 @@ def object_phrase(
                 if oriented
                 else rng.choice(TEXTURE_SUFFIX[obj.texture])
             )
-    noun = obj.shape if rng.random() < 0.92 else rng.choice(NOUNS)
+    noun = obj.shape if rng.random() < p_shape_noun else rng.choice(NOUNS)
     words.append(PLURAL.get(noun, noun + "s") if plural else noun)
     if suffix:
         words.append(suffix)
     return " ".join(words)
+
+
+object_phrase = _object_phrase
 
 
 def caption(
@@ -157,11 +162,12 @@ def caption(
     p_size: float = 0.55,
     p_colour: float = 0.85,
     p_texture: float = 0.65,
-    p_orientation: float = 0.1,
+    p_orientation: float = 0.25,
     p_position: float = 0.45,
     p_background: float = 0.45,
     p_relation: float = 0.65,
     p_count: float = 0.7,
+    p_shape_noun: float = 0.92,
 ) -> str:
     """A caption of ``scene`` naming each attribute with the given probability.
 
@@ -174,6 +180,7 @@ def caption(
         p_background: probability of naming the background.
         p_relation: probability that a two-object scene is described by its relation.
         p_count: probability that a multi-object scene names its count.
+        p_shape_noun: probability that an object's noun is its shape (else "shape"/"object").
 
     Returns:
         A lower-case caption, e.g. ``"a small red striped triangle left of a blue circle"``.
@@ -182,6 +189,10 @@ def caption(
     n = len(objs)
     attr = (p_size, p_colour, p_texture, p_orientation)
     first = objs[0]
+
+    def object_phrase(obj: WorldObject, rng: random.Random, *probs: float, **kw: bool) -> str:
+        return _object_phrase(obj, rng, *probs, p_shape_noun=p_shape_noun, **kw)
+
     if n == 1:
         phrase = object_phrase(first, rng, *attr)
         text = f"one {phrase}" if rng.random() < 0.15 else with_article(phrase)

@@ -48,6 +48,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     )
     if args.init:
         command += f" --init {shlex.quote(args.init)} --step-offset {args.step_offset}"
+    if args.twin_prob:
+        command += f" --twin-prob {args.twin_prob}"
     card = pretrain(
         args.out,
         steps=args.steps,
@@ -60,6 +62,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         command=command,
         init=args.init,
         step_offset=args.step_offset,
+        twin_prob=args.twin_prob,
     )
     curve = card["loss_curve"]
     print(
@@ -117,15 +120,22 @@ def register_cli(subparsers: Any) -> None:
 
     p = sub.add_parser("pretrain", help="train the world CLIP contrastively (CPU)")
     p.add_argument("--out", required=True, help="checkpoint .safetensors (card: same stem .json)")
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--init", help="continue from this checkpoint instead of random weights")
     p.add_argument("--step-offset", type=int, default=0, help="data seed offset (continuations)")
+    p.add_argument(
+        "--twin-prob",
+        type=float,
+        default=0.0,
+        help="share of scenes followed by a minimal-pair twin (shape, stripe orientation or "
+        "positions changed) in their batch; makes the loss need those attributes",
+    )
     p.set_defaults(handler=_pretrain)
 
     p = sub.add_parser("episodes", help="write few-shot reasoning episodes (JSON + images)")

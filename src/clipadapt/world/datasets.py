@@ -12,7 +12,7 @@ where zero-shot already equals the few-shot prototype):
   combination (a third also with a fixed size); names are unseen words, descriptions name the
   attributes. Name-only zero-shot is near chance, descriptions help, images help more.
 - ``world_stripes`` (fine-grained): 5 shapes x 3 stripe orientations; the orientation is named
-  in only ~10 % of striped captions in pre-training.
+  in only ~25 % of striped captions in pre-training.
 - ``world_count``: one to four objects ("three shapes").
 - ``world_relation``: two objects, 3 shape pairs x 4 relations ("a circle left of a square").
 - ``world_composite``: 64 classes, 8 shapes x 8 colours, half of the images with a small
@@ -57,11 +57,20 @@ from clipadapt.world.generator import (
     render,
     sample_sizes,
 )
-from clipadapt.world.texts import SCENE_TEMPLATES, SPECIES_NAMES, TEMPLATES, describe_species
+from clipadapt.world.texts import (
+    SCENE_TEMPLATES,
+    SPECIES_NAMES,
+    TEMPLATES,
+    describe_composite,
+    describe_count,
+    describe_relation,
+    describe_species,
+    describe_stripes,
+)
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 # Images per class and split: (train, val, test).
@@ -175,7 +184,16 @@ def _stripes_task() -> TaskSpec:
         return _scene(rng, [obj])
 
     names = [f"{adverb[o]} striped {s}" for s, o in classes]
-    return TaskSpec("world_stripes", names, TEMPLATES[0], TEMPLATES, sample, "world_stripes")
+    descriptions = {n: describe_stripes(s, o) for n, (s, o) in zip(names, classes, strict=True)}
+    return TaskSpec(
+        "world_stripes",
+        names,
+        TEMPLATES[0],
+        TEMPLATES,
+        sample,
+        "world_stripes",
+        descriptions=descriptions,
+    )
 
 
 def _count_task() -> TaskSpec:
@@ -197,8 +215,15 @@ def _count_task() -> TaskSpec:
             )
         return _scene(rng, objs)
 
+    descriptions = {n: describe_count(i + 1) for i, n in enumerate(names)}
     return TaskSpec(
-        "world_count", names, SCENE_TEMPLATES[0], SCENE_TEMPLATES, sample, "world_count"
+        "world_count",
+        names,
+        SCENE_TEMPLATES[0],
+        SCENE_TEMPLATES,
+        sample,
+        "world_count",
+        descriptions=descriptions,
     )
 
 
@@ -229,8 +254,15 @@ def _relation_task() -> TaskSpec:
                 return _scene(rng, [a, b])
 
     names = [f"a {a} {_RELATION_NAME[r]} a {b}" for a, r, b in classes]
+    descriptions = {n: describe_relation(*c) for n, c in zip(names, classes, strict=True)}
     return TaskSpec(
-        "world_relation", names, SCENE_TEMPLATES[0], SCENE_TEMPLATES, sample, "world_relation"
+        "world_relation",
+        names,
+        SCENE_TEMPLATES[0],
+        SCENE_TEMPLATES,
+        sample,
+        "world_relation",
+        descriptions=descriptions,
     )
 
 
@@ -251,7 +283,16 @@ def _composite_task() -> TaskSpec:
         return _scene(rng, [_single(rng, ("medium", "large"), shape=shape, colour=colour)])
 
     names = [f"{c} {s}" for s, c in classes]
-    return TaskSpec("world_composite", names, TEMPLATES[0], TEMPLATES, sample, "world_composite")
+    descriptions = {n: describe_composite(*c) for n, c in zip(names, classes, strict=True)}
+    return TaskSpec(
+        "world_composite",
+        names,
+        TEMPLATES[0],
+        TEMPLATES,
+        sample,
+        "world_composite",
+        descriptions=descriptions,
+    )
 
 
 def world_tasks(seed: int = 0) -> list[TaskSpec]:

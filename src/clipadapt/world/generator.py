@@ -330,20 +330,67 @@ def sample_scene(rng: random.Random, n_objects: int | None = None, same: bool = 
     return Scene(bg, rng.randrange(_BG_VARIANTS), tuple(objs))
 
 
+TWIN_KINDS: tuple[str, ...] = ("shape", "orientation", "swap")
+
+
+def twin_scene(scene: Scene, rng: random.Random) -> tuple[Scene, str] | None:
+    """A minimal-pair counterpart of ``scene`` differing in one attribute that colour, count
+    and background do not reveal: the shape of one object (of every object of that shape in
+    a group), the stripe orientation of the striped objects, or the positions of two objects
+    swapped (the relation flips). Returns (twin, kind), or None when no change applies.
+    """
+    objs = list(scene.objects)
+    kinds = ["shape"]
+    if any(o.texture == "striped" for o in objs):
+        kinds.append("orientation")
+    if len(objs) == 2 and objs[0][:4] != objs[1][:4]:
+        kinds.append("swap")
+    kind = rng.choice(kinds)
+    if kind == "shape":
+        old = rng.choice(objs).shape
+        new = rng.choice([s for s in SHAPES if s != old])
+        objs = [o._replace(shape=new) if o.shape == old else o for o in objs]
+    elif kind == "orientation":
+        striped = [o for o in objs if o.texture == "striped"]
+        new = rng.choice([r for r in ORIENTATIONS if r != striped[0].orientation])
+        objs = [o._replace(orientation=new) if o.texture == "striped" else o for o in objs]
+    else:
+        a, b = objs
+        (ax, ay), (bx, by) = a.centre, b.centre
+
+        def moved(obj: WorldObject, cx: float, cy: float) -> WorldObject:
+            half, limit = SIZES[obj.size] / 2, IMAGE_SIZE - SIZES[obj.size]
+            x = int(min(max(round(cx - half), 0), limit))
+            y = int(min(max(round(cy - half), 0), limit))
+            return obj._replace(x=x, y=y)
+
+        objs = [moved(a, bx, by), moved(b, ax, ay)]
+    twin = scene._replace(objects=tuple(objs))
+    return (twin, kind) if twin != scene else None
+
+
 class WorldGenerator:
     """Stream of (image, caption) pairs for pre-training.
 
     Args:
         group_prob: probability that a multi-object scene is a group of identical objects
             (teaches counting with plural nouns).
+        twin_prob: probability that a drawn scene is followed in the batch by its minimal-pair
+            twin (:func:`twin_scene`), captioned with the same phrasing choices except the
+            changed attribute, which is always named. In a random batch colour, count and
+            background tell almost every pair apart, so the contrastive loss barely needs shape,
+            orientation or relations; twins make it need them.
         caption_config: options forwarded to :func:`clipadapt.world.captions.caption`.
 
     Example:
         >>> images, captions, scenes = WorldGenerator().batch(4, seed=1)
     """
 
-    def __init__(self, group_prob: float = 0.3, **caption_config: float) -> None:
+    def __init__(
+        self, group_prob: float = 0.3, twin_prob: float = 0.0, **caption_config: float
+    ) -> None:
         self.group_prob = group_prob
+        self.twin_prob = twin_prob
         self.caption_config = caption_config
 
     def batch(self, n: int, seed: int) -> tuple[np.ndarray, list[str], list[Scene]]:
@@ -358,10 +405,32 @@ class WorldGenerator:
         images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         captions: list[str] = []
         scenes: list[Scene] = []
-        for i in range(n):
+        forced = {
+            "shape": {"p_shape_noun": 1.0},
+            "orientation": {"p_texture": 1.0, "p_orientation": 1.0},
+            "swap": {"p_relation": 1.0},
+        }
+        i = 0
+        while i < n:
             count = rng.choices((1, 2, 3, 4), (0.4, 0.3, 0.15, 0.15))[0]
             scene = sample_scene(rng, count, same=count > 1 and rng.random() < self.group_prob)
-            images[i] = render(scene, "normal", rng.getrandbits(32))
-            captions.append(caption(scene, rng, **self.caption_config))
+            twin = None
+            if self.twin_prob > 0 and i + 1 < n and rng.random() < self.twin_prob:
+                twin = twin_scene(scene, rng)
+            render_seed = rng.getrandbits(32)
+            config = dict(self.caption_config)
+            if twin is not None:
+                config.update(forced[twin[1]])
+            phrasing = rng.getstate()
+            images[i] = render(scene, "normal", render_seed)
+            captions.append(caption(scene, rng, **config))
             scenes.append(scene)
+            i += 1
+            if twin is not None:
+                twin_rng = random.Random()
+                twin_rng.setstate(phrasing)  # same phrasing choices, one attribute changed
+                images[i] = render(twin[0], "normal", render_seed)
+                captions.append(caption(twin[0], twin_rng, **config))
+                scenes.append(twin[0])
+                i += 1
         return images, captions, scenes

@@ -1,6 +1,6 @@
 """Contrastive pre-training of the small world CLIP, and loading the shipped checkpoint.
 
-The model is open_clip's ``CLIP`` built from ``encoders/model_configs/clipadapt-world-rn.json``
+The model is open_clip's ``CLIP`` built from ``encoders/model_configs/clipadapt-world-rn32.json``
 (a modified-ResNet image tower, layers [1, 1, 1, 1], width 16, 64-pixel input; a 3-layer
 width-128 text transformer over the word vocabulary of :mod:`clipadapt.world.texts`), trained
 with ``open_clip.ClipLoss`` on (image, caption) pairs drawn on the fly from
@@ -34,7 +34,7 @@ from clipadapt.world.tokenizer import WordTokenizer, tokenizer_from_card
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "clipadapt-world-rn"
+MODEL_NAME = "clipadapt-world-rn32"
 # open_clip's default (OpenAI) normalisation: any open_clip-based encoder that falls back to the
 # architecture's default preprocessing then feeds the world model exactly what it was trained on.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -104,6 +104,7 @@ def pretrain(
     command: str | None = None,
     init: str | Path | None = None,
     step_offset: int = 0,
+    twin_prob: float = 0.0,
 ) -> dict[str, Any]:
     """Train the world CLIP contrastively and write its checkpoint and model card.
 
@@ -124,6 +125,8 @@ def pretrain(
             random initialisation. The optimizer state starts fresh.
         step_offset: added to the step number in the data seed, so a continuation draws
             batches the first run never saw (use the first run's ``steps``).
+        twin_prob: share of scenes followed by a minimal-pair twin in their batch (see
+            :class:`~clipadapt.world.generator.WorldGenerator`).
 
     Returns:
         The model card (also written as JSON).
@@ -167,7 +170,7 @@ def pretrain(
         eps=1e-6,
     )
     loss_fn = open_clip.ClipLoss()
-    gen = WorldGenerator()
+    gen = WorldGenerator(twin_prob=twin_prob)
     curve: list[dict[str, float]] = []
     window: list[float] = []
     start = time.perf_counter()
@@ -210,6 +213,7 @@ def pretrain(
                 command=command,
                 step_offset=step_offset,
                 init_card=init_card,
+                twin_prob=twin_prob,
             )
             save_checkpoint(model, out_path)
             write_card(card, card_path)
@@ -245,10 +249,14 @@ def _card(tokenizer: WordTokenizer, **run: Any) -> dict[str, Any]:
         },
         "loss": "open_clip.ClipLoss (symmetric InfoNCE, learned temperature clamped at 100)",
         "data_recipe": (
-            "WorldGenerator() defaults: 1-4 objects (weights .4/.3/.15/.15), 30 % of multi-object "
-            "scenes are groups of identical objects; captions from clipadapt.world.captions."
-            "caption defaults; batch of step s drawn with seed = seed * 1000003 + step_offset + s"
+            f"WorldGenerator(twin_prob={run['twin_prob']}): 1-4 objects (weights "
+            ".4/.3/.15/.15), 30 % of multi-object scenes are groups of identical objects, each "
+            "scene followed by its minimal-pair twin (shape, stripe orientation or swapped "
+            "positions changed) with probability twin_prob; captions from "
+            "clipadapt.world.captions.caption defaults; batch of step s drawn with seed = "
+            "seed * 1000003 + step_offset + s"
         ),
+        "twin_prob": run["twin_prob"],
         "command": run["command"],
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),

@@ -9,12 +9,17 @@ from __future__ import annotations
 import random
 
 from clipadapt.world.captions import (
+    NUMBERS,
+    ORIENT_ADJ,
+    ORIENT_SUFFIX,
+    RELATION_WORDS,
     SIZE_WORDS,
     TEXTURE_ADJ,
     TEXTURE_SUFFIX,
     caption_words,
     with_article,
 )
+from clipadapt.world.generator import COLOURS, ORIENTATIONS, SHAPES
 from clipadapt.world.tokenizer import WordTokenizer, split_words
 
 # Invented names: never seen in pre-training captions, so a name alone carries nothing.
@@ -96,9 +101,64 @@ def describe_species(
     return [form.format(**fields) for form in _DESCRIPTION_FORMS]
 
 
+def describe_stripes(shape: str, orientation: str) -> list[str]:
+    """Sentences describing a striped shape whose class is its stripe orientation."""
+    adj, suffix = ORIENT_ADJ[orientation], ORIENT_SUFFIX[orientation]
+    return [
+        f"{with_article(adj)} {shape}.",
+        f"a photo of a striped {shape} {suffix}.",
+        f"a {shape} {suffix}.",
+        f"the stripes of the {shape} run {orientation}.",
+        f"a {shape} shape covered in {orientation} stripes.",
+    ]
+
+
+def describe_count(count: int) -> list[str]:
+    """Sentences describing a scene of ``count`` objects."""
+    word = NUMBERS[count - 1]
+    if count == 1:
+        return [
+            "one shape.",
+            "a single object on its own.",
+            "exactly one object.",
+            "a photo of one shape alone.",
+            "there is only one object.",
+        ]
+    return [
+        f"{word} shapes.",
+        f"a group of {word} objects.",
+        f"exactly {word} shapes together.",
+        f"a photo of {word} objects.",
+        f"there are {word} shapes.",
+    ]
+
+
+_INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def describe_relation(first: str, rel: str, second: str) -> list[str]:
+    """Sentences describing ``first`` in relation ``rel`` to ``second``, both ways round."""
+    inverse = _INVERSE[rel]
+    return [
+        *(f"a {first} {words} a {second}." for words in RELATION_WORDS[rel]),
+        *(f"a {second} {words} a {first}." for words in RELATION_WORDS[inverse][:2]),
+    ]
+
+
+def describe_composite(shape: str, colour: str) -> list[str]:
+    """Sentences describing one coloured shape, possibly beside a small other object."""
+    return [
+        f"{with_article(colour)} {shape}.",
+        f"a {shape} that is {colour}.",
+        f"a photo of {with_article(colour)} {shape}.",
+        f"a {colour} shape which looks like a {shape}.",
+        f"{with_article(colour)} {shape} next to a small other object.",
+    ]
+
+
 EXTRA_WORDS = (
     "no which looks like is always the body of has shape you can recognise by its or"
-    " photo image picture there"
+    " photo image picture there are only alone single own run that next to other"
 )
 
 
@@ -106,7 +166,18 @@ def world_vocabulary() -> list[str]:
     """Sorted word list covering captions, class names, descriptions and templates."""
     words = caption_words()
     words.update(SPECIES_NAMES)
-    for t in (*TEMPLATES, *SCENE_TEMPLATES, NEGATIVE_TEMPLATE, EXTRA_WORDS):
+    texts = [*TEMPLATES, *SCENE_TEMPLATES, NEGATIVE_TEMPLATE, EXTRA_WORDS]
+    for shape in SHAPES:
+        for orientation in ORIENTATIONS:
+            texts += describe_stripes(shape, orientation)
+        for colour in COLOURS:
+            texts += describe_composite(shape, colour)
+        for other in SHAPES:
+            for rel in _INVERSE:
+                texts += describe_relation(shape, rel, other)
+    for count in range(1, len(NUMBERS) + 1):
+        texts += describe_count(count)
+    for t in texts:
         words.update(split_words(t.replace("{}", " ")))
     return sorted(words)
 
