@@ -1,0 +1,131 @@
+"""Markdown rendering of a benchmark report (the JSON written beside it holds every number)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Targets of the performance issue, checked in the report (2 CPU cores; see docs/performance.md).
+FLOOR_RATIO_TARGET = 2.0
+NO_CACHE_FIT_TARGET_S = 60.0
+REFERENCE_SPEEDUP_TARGET = 10.0
+EXTRACTION_RATIO_TARGET = 0.9
+CACHE_METHODS = frozenset({"tip_adapter", "tip_adapter_f", "hegraph_adapter"})
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def training_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| method | steps | s/epoch | fit s | GEMM floor s | fit / floor | peak MiB "
+        "| predict rows/s | test acc % | target met |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    )
+    lines = []
+    for r in rows:
+        fit = _f(r["fit_seconds"]) + ("" if r["fit_measured"] else " (projected)")
+        if r.get("fit_unfinished"):
+            fit = f"> {r['fit_seconds']:.0f} (stopped)"
+            lines.append(
+                f"| {r['method']} | — | — | {fit} | — | — | {_f(r['peak_mib'], 0)} | — | — "
+                f"| {_mark(False)} |"
+            )
+            continue
+        if r["method"] in CACHE_METHODS or r["steps"] == 0:
+            ok = r["floor_ratio"] <= FLOOR_RATIO_TARGET or r["fit_seconds"] <= NO_CACHE_FIT_TARGET_S
+        else:
+            ok = r["fit_seconds"] <= NO_CACHE_FIT_TARGET_S or r["floor_ratio"] <= FLOOR_RATIO_TARGET
+        lines.append(
+            f"| {r['method']} | {_f(r['steps'])} | {_f(r.get('seconds_per_epoch'), 2)} | {fit} "
+            f"| {_f(r['gemm_floor_seconds'], 2)} | {_f(r['floor_ratio'], 2)} "
+            f"| {_f(r['peak_mib'], 0)} | {_f(r['predict_rows_per_s'], 0)} "
+            f"| {_f(r['test_accuracy'], 2)} | {_mark(ok)} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def reference_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| method | steps | ours s | reference s | speed-up | ours acc % | reference acc % "
+        "| difference (pt) | parity (≤ 0.2) | speed-up ≥ 10 |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['error']} |" + " |" * 8)
+            continue
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {_f(r['ours_seconds'], 2)} "
+            f"| {_f(r['reference_seconds'], 2)} | {_f(r['speedup'], 1)}x "
+            f"| {_f(r['ours_accuracy'], 2)} | {_f(r['reference_accuracy'], 2)} "
+            f"| {r['accuracy_difference']:+.2f} | {_mark(r['parity'])} "
+            f"| {_mark(r['speedup'] >= REFERENCE_SPEEDUP_TARGET)} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def render(report: dict[str, Any], command: str) -> str:
+    """The Markdown report: machine, command, then one table per section."""
+    m = report["machine"]
+    p = report["profile"]
+    out = [
+        f"# clipadapt benchmark ({p['name']})\n",
+        f"Command: `{command}`  ",
+        f"Run: {report['started']} to {report['finished']}  ",
+        f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} "
+        f"({m['torch_threads']} threads), CUDA: {m['cuda'] or 'none'}, Python {m['python']}  ",
+        f"Measured float32 GEMM rate: **{report['gemm_gflops']:.1f} GFLOP/s** "
+        f"({p['gemm_size']}² matrices, best of 5)\n",
+        f"Problem: {p['classes']} classes x {p['shots']} shots x {p['dim']} dims, "
+        f"{p['views']} augmented views, {p['classes'] * p['test_per_class']:,} test rows, "
+        f"float32 (synthetic, `clipadapt.testing.make_fixture`, noise {p['noise']}).\n",
+    ]
+    if "training" in report:
+        out += [
+            "## Training (paper schedules)\n",
+            "`fit s` is the whole fit (validation search included) with the method's default, "
+            "paper schedule; *(projected)* = fixed cost + planned steps x time per step, both "
+            f"measured on probes of {p['probe_steps']} and {2 * p['probe_steps']} steps, when "
+            f"the whole schedule would take longer than {p['full_budget_s']:.0f} s. "
+            "`GEMM floor` = the schedule's matrix-multiply FLOPs (counted with "
+            "`torch.utils.flop_counter`) / the measured GEMM rate. Targets: methods with a "
+            f"cache within {FLOOR_RATIO_TARGET:g}x of the floor, the others fit in "
+            f"≤ {NO_CACHE_FIT_TARGET_S:.0f} s.\n",
+            training_table(report["training"]),
+        ]
+    if "reference" in report:
+        out += [
+            "## Reference ratio\n",
+            "Ours vs a straightforward per-batch implementation written from the spec "
+            "(`benchmarks/reference.py`), same data, options, seed and optimiser steps.\n",
+            reference_table(report["reference"]),
+        ]
+    if "extraction" in report:
+        e = report["extraction"]
+        out += [
+            "## Extraction\n",
+            f"{e['images']} generated {e['image_size']}px PNG images, {e['model']}, batch "
+            f"{e['batch_size']}: pipeline (decode, transform, encode, cache write) "
+            f"**{e['pipeline_images_per_s']:.0f} images/s**, bare encoder on pre-decoded "
+            f"tensors {e['bare_encoder_images_per_s']:.0f} images/s, ratio **{e['ratio']:.2f}** "
+            f"(target ≥ {EXTRACTION_RATIO_TARGET}: {_mark(e['ratio'] >= EXTRACTION_RATIO_TARGET)}).\n",
+        ]
+    if "sweep" in report:
+        s = report["sweep"]
+        out += [
+            "## Sweep\n",
+            f"{s['runs']} runs ({s['methods']} x shots {s['shots']} x seeds {s['seeds']}) on "
+            f"`{s['dataset']}` ({s['size']} size) through the `make demo` code path, "
+            f"generation and extraction included: **{s['seconds']:.0f} s** wall time.\n",
+        ]
+    return "\n".join(out)

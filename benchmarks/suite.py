@@ -1,0 +1,441 @@
+"""The benchmark sections: training, reference ratio, extraction, prediction, sweep.
+
+Each section returns plain dicts (the JSON report); :mod:`benchmarks.report` turns them into
+Markdown. Sizes come from a :class:`Profile`: ``full`` is the ImageNet-16-shot shape of the
+performance issue, ``quick`` a small problem for CI that checks the report is produced and the
+reference parity holds, never wall-clock times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import math
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.measure import (
+    BudgetExceeded,
+    count_matmul_flops,
+    gemm_rate,
+    peak_memory,
+    recording_plan,
+    time_budget,
+    timed,
+)
+from clipadapt.engine.train import limit_steps
+from clipadapt.methods.base import create_method, get_method_class, list_methods, method_card
+from clipadapt.testing.checks import CheckFixture, make_fixture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes and budgets of one benchmark run."""
+
+    name: str
+    classes: int
+    dim: int
+    shots: int
+    views: int
+    val_per_class: int
+    test_per_class: int
+    noise: float
+    gemm_size: int
+    probe_steps: int  # steps per timing probe (two probes: n and 2n steps)
+    full_budget_s: float  # run the whole paper schedule when its projection is within this
+    reference_steps: int | None  # None: both implementations run the whole schedule
+    extraction_images: int
+    extraction_batch: int
+    sweep_shots: tuple[int, ...]
+    sweep_seeds: tuple[int, ...]
+    sweep_methods: str
+    sweep_size: str
+
+
+PROFILES = {
+    "full": Profile(
+        name="full",
+        classes=1000,
+        dim=1024,
+        shots=16,
+        views=10,
+        val_per_class=4,
+        test_per_class=50,
+        noise=1.0,
+        gemm_size=2048,
+        probe_steps=4,
+        full_budget_s=300.0,
+        reference_steps=4,
+        extraction_images=2048,
+        extraction_batch=128,
+        sweep_shots=(1, 2, 4, 8, 16),
+        sweep_seeds=(1, 2, 3),
+        sweep_methods="*",
+        sweep_size="default",
+    ),
+    "quick": Profile(
+        name="quick",
+        classes=20,
+        dim=64,
+        shots=4,
+        views=3,
+        val_per_class=2,
+        test_per_class=10,
+        noise=0.3,
+        gemm_size=256,
+        probe_steps=2,
+        full_budget_s=30.0,
+        reference_steps=None,
+        extraction_images=64,
+        extraction_batch=32,
+        sweep_shots=(1, 2),
+        sweep_seeds=(1,),
+        sweep_methods="zeroshot,tip_adapter,tip_adapter_f",
+        sweep_size="small",
+    ),
+}
+
+#: Methods with a straightforward reference implementation (benchmarks/reference.py).
+REFERENCE_METHODS = ("tip_adapter_f", "node_adapter", "hegraph_adapter")
+
+
+def make_problem(profile: Profile) -> CheckFixture:
+    """The synthetic problem: C classes x K shots x D dims with V augmented views, float32.
+
+    Built with :func:`clipadapt.testing.make_fixture` (text vectors, shifted image clusters,
+    negative and description features) with per-row noise ``profile.noise`` so accuracy stays
+    well below 100 % and a parity check between implementations can fail.
+    """
+    return make_fixture(
+        profile.classes,
+        profile.dim,
+        profile.shots,
+        views=profile.views,
+        val_per_class=profile.val_per_class,
+        test_per_class=profile.test_per_class,
+        noise_scale=profile.noise,
+        seed=0,
+    )
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark."""
+    import os
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """Options that select the paper's ImageNet schedule where a method's schedule depends on
+    the dataset (the synthetic problem is ImageNet-shaped)."""
+    params = inspect.signature(get_method_class(name).__init__).parameters
+    return {"dataset": "imagenet"} if "dataset" in params else {}
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    if labels.numel() == 0:
+        raise ValueError("accuracy of an empty set")
+    return float((logits.argmax(dim=-1) == labels).float().mean() * 100.0)
+
+
+# --------------------------------------------------------------------------------- training
+def bench_training(
+    name: str, problem: CheckFixture, profile: Profile, gemm_flops: float, device: str = "cpu"
+) -> dict[str, Any]:
+    """Time one method's fit with its paper schedule on ``problem``.
+
+    Two probes (``n`` and ``2n`` optimiser steps under :func:`limit_steps`) give the time per
+    step and the fixed cost (setup, validation search); two FLOP-counted probes (1 and 2 steps)
+    give the matmul FLOPs per step and the fixed FLOPs. When the projected full schedule fits
+    ``profile.full_budget_s`` the whole schedule is run and measured; otherwise the total is
+    projected and marked so. The GEMM floor is the schedule's matmul FLOPs over the measured
+    GEMM rate.
+    """
+    options = method_options(name)
+    train, text, val, test = problem.train, problem.text, problem.val, problem.test
+    budget = profile.full_budget_s
+
+    def fit(steps: int | None) -> tuple[float, Any, Any]:
+        method = create_method(name, **options)
+        with recording_plan(steps) as plan, time_budget(budget):
+            seconds, _ = timed(lambda: method.fit(train, text, val), device)
+        return seconds, plan, method
+
+    n = profile.probe_steps
+    row: dict[str, Any] = {"method": name, "options": options}
+    try:
+        with peak_memory(device) as memory:
+            t_n, plan, method = fit(n)
+    except BudgetExceeded:
+        # only a fit without a training loop (closed form, L-BFGS) can get here: its first
+        # probe is the whole fit
+        row.update(
+            steps=0,
+            epochs=None,
+            seconds_per_epoch=None,
+            fit_seconds=budget,
+            fit_measured=False,
+            fit_unfinished=True,
+            flops=None,
+            peak_mib=memory["peak_mib"],
+            gemm_floor_seconds=None,
+            floor_ratio=None,
+            predict_rows_per_s=None,
+            test_accuracy=None,
+        )
+        return row
+    if not plan.loops:  # no training loop (closed form, L-BFGS): that fit was the whole fit
+        flops, _ = count_matmul_flops(lambda: create_method(name, **options).fit(train, text, val))
+        row.update(
+            steps=0,
+            epochs=None,
+            seconds_per_epoch=None,
+            fit_seconds=t_n,
+            fit_measured=True,
+            flops=flops,
+            peak_mib=memory["peak_mib"],
+        )
+        fitted = method
+    else:
+        t_2n, _, fitted = fit(2 * n)
+        per_step = max((t_2n - t_n) / n, 1e-9)
+        fixed = max(t_n - n * per_step, 0.0)
+        flops_1, _ = count_matmul_flops(lambda: fit(1))
+        flops_2, _ = count_matmul_flops(lambda: fit(2))
+        step_flops = max(flops_2 - flops_1, 0)
+        fixed_flops = max(flops_1 - step_flops, 0)
+        total_steps = plan.planned_steps
+        projected = fixed + total_steps * per_step
+        row.update(
+            steps=total_steps,
+            epochs=plan.epochs,
+            seconds_per_epoch=per_step * plan.steps_per_epoch,
+            seconds_per_step=per_step,
+            fixed_seconds=fixed,
+            flops=fixed_flops + total_steps * step_flops,
+            flops_per_step=step_flops,
+            peak_mib=memory["peak_mib"],
+        )
+        row.update(fit_seconds=projected, fit_measured=False)
+        if projected <= budget:
+            try:
+                with peak_memory(device) as memory:
+                    seconds, _, fitted = fit(None)
+                row.update(fit_seconds=seconds, fit_measured=True, peak_mib=memory["peak_mib"])
+            except BudgetExceeded:
+                log.warning(
+                    "%s: the whole schedule ran past the budget; keeping the projection", name
+                )
+    row["gemm_floor_seconds"] = row["flops"] / gemm_flops
+    row["floor_ratio"] = row["fit_seconds"] / max(row["gemm_floor_seconds"], 1e-9)
+    seconds, logits = timed(lambda: fitted.logits(test.features), device)
+    row["predict_rows_per_s"] = test.features.shape[0] / seconds
+    row["test_accuracy"] = accuracy(logits, test.labels) if row["fit_measured"] else None
+    return row
+
+
+def training_methods() -> list[str]:
+    """Every registered method the synthetic problem can fit (CoOp needs the text tower)."""
+    return [m for m in list_methods() if "text_encoder" not in method_card(m).needs]
+
+
+# --------------------------------------------------------------------------------- reference
+def bench_reference(
+    name: str, problem: CheckFixture, profile: Profile, device: str = "cpu"
+) -> dict[str, Any]:
+    """Ours vs the straightforward per-batch implementation: same data, options, seed and
+    number of optimiser steps (``profile.reference_steps``; None: the whole schedule)."""
+    from benchmarks.reference import REFERENCES
+
+    options = method_options(name)
+    train, text, val, test = problem.train, problem.text, problem.val, problem.test
+    ours = create_method(name, **options)
+    with limit_steps(profile.reference_steps):
+        t_ours, _ = timed(lambda: ours.fit(train, text, val), device)
+    reference = REFERENCES[name](**options)
+    with limit_steps(profile.reference_steps):
+        t_ref, _ = timed(lambda: reference.fit(train, text, val), device)
+    acc_ours = accuracy(ours.logits(test.features), test.labels)
+    acc_ref = accuracy(reference.logits(test.features), test.labels)
+    return {
+        "method": name,
+        "steps": profile.reference_steps or "full schedule",
+        "ours_seconds": t_ours,
+        "reference_seconds": t_ref,
+        "speedup": t_ref / max(t_ours, 1e-9),
+        "ours_accuracy": acc_ours,
+        "reference_accuracy": acc_ref,
+        "accuracy_difference": acc_ours - acc_ref,
+        "parity": abs(acc_ours - acc_ref) <= 0.2,
+    }
+
+
+# --------------------------------------------------------------------------------- extraction
+def bench_extraction(profile: Profile, device: str = "cpu") -> dict[str, Any]:
+    """Pipeline images/s (decode, transform, encode, cache write) with the embedded world CLIP
+    vs the bare encoder's forward throughput on pre-decoded tensors at the same batch size."""
+    from PIL import Image
+
+    from clipadapt.encoders.clip import ClipEncoder, resolve_backbone
+    from clipadapt.features.cache import SplitCache
+    from clipadapt.features.extract import extract_split
+    from clipadapt.features.transforms import CleanView, load_rgb
+    from clipadapt.world.generator import WorldGenerator
+
+    encoder = ClipEncoder(resolve_backbone("world"), device=device)
+    view = CleanView(encoder.image_size, encoder.mean, encoder.std)
+    count, batch = profile.extraction_images, profile.extraction_batch
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        images, _, _ = WorldGenerator().batch(count, seed=0)
+        paths = []
+        for i, array in enumerate(images):
+            path = root / "images" / f"{i:05d}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(array).save(path)
+            paths.append(str(path))
+        keys = [Path(p).name for p in paths]
+        tensors = torch.stack([view(load_rgb(p)) for p in paths])
+        encoder.encode_images(tensors[:batch])  # warm-up
+
+        def bare() -> None:
+            for start in range(0, count, batch):
+                encoder.encode_images(tensors[start : start + batch])
+
+        t_bare, _ = timed(bare, device)
+        cache = SplitCache(root / "cache", "world", "bench", "images", {"view": view.describe()})
+        t_pipe, result = timed(
+            lambda: extract_split(
+                encoder.encode_images, paths, keys, cache, view, batch_size=batch, progress=False
+            ),
+            device,
+        )
+        assert result.features.shape[0] == count
+    return {
+        "model": encoder.backbone.display_name,
+        "images": count,
+        "batch_size": batch,
+        "image_size": encoder.image_size,
+        "pipeline_images_per_s": count / t_pipe,
+        "bare_encoder_images_per_s": count / t_bare,
+        "ratio": t_bare / t_pipe,
+    }
+
+
+# --------------------------------------------------------------------------------- sweep
+def bench_sweep(profile: Profile) -> dict[str, Any]:
+    """Wall time of the whole grid (shots x seeds x methods) on one world bundle, through the
+    same code path as ``make demo`` (dataset generation and feature extraction included, the
+    `demo` presets for the methods that have one)."""
+    from clipadapt.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = io.StringIO()
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(sink):
+            run_demo(
+                Path(tmp),
+                size=profile.sweep_size,
+                shots=profile.sweep_shots,
+                seeds=profile.sweep_seeds,
+                methods=profile.sweep_methods,
+                progress=False,
+                datasets=["world_species"],
+            )
+        seconds = time.perf_counter() - started
+        lines = (Path(tmp) / "results.jsonl").read_text().splitlines()
+    return {
+        "dataset": "world_species",
+        "size": profile.sweep_size,
+        "shots": list(profile.sweep_shots),
+        "seeds": list(profile.sweep_seeds),
+        "methods": profile.sweep_methods,
+        "runs": len(lines),
+        "seconds": seconds,
+    }
+
+
+# --------------------------------------------------------------------------------- all
+SECTIONS = ("training", "reference", "extraction", "sweep")
+
+
+def run_suite(
+    profile: Profile,
+    sections: tuple[str, ...] = SECTIONS,
+    methods: list[str] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the chosen sections; returns the JSON-able report."""
+    report: dict[str, Any] = {
+        "profile": asdict(profile),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    # the first optimiser built in a process pays a few seconds of one-off imports: pay them
+    # here, not inside the first method's timing
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).step()
+    report["gemm_gflops"] = gemm_rate(profile.gemm_size, device=device) / 1e9
+    say = print if progress else (lambda *a, **k: None)
+    say(f"GEMM rate: {report['gemm_gflops']:.1f} GFLOP/s")
+    problem = None
+    if {"training", "reference"} & set(sections):
+        started = time.perf_counter()
+        problem = make_problem(profile)
+        say(
+            f"problem: {problem.num_classes} classes x {profile.shots} shots, D={problem.dim}, "
+            f"{len(problem.test)} test rows ({time.perf_counter() - started:.1f}s)"
+        )
+    if "training" in sections:
+        rows = []
+        for name in methods or training_methods():
+            say(f"training: {name} ...", end=" ", flush=True)
+            row = bench_training(name, problem, profile, report["gemm_gflops"] * 1e9, device)
+            state = "measured" if row["fit_measured"] else "projected"
+            if row.get("fit_unfinished"):
+                state = "not finished within the budget"
+            say(f"{row['fit_seconds']:.1f}s ({state})")
+            rows.append(row)
+        report["training"] = rows
+    if "reference" in sections:
+        rows = []
+        for name in REFERENCE_METHODS:
+            if methods and name not in methods:
+                continue
+            say(f"reference: {name} ...", end=" ", flush=True)
+            try:
+                row = bench_reference(name, problem, profile, device)
+            except ImportError as error:
+                row = {"method": name, "error": f"no reference implementation ({error})"}
+            say(f"x{row.get('speedup', math.nan):.1f}")
+            rows.append(row)
+        report["reference"] = rows
+    if "extraction" in sections:
+        say("extraction ...", end=" ", flush=True)
+        report["extraction"] = bench_extraction(profile, device)
+        say(f"ratio {report['extraction']['ratio']:.2f}")
+    if "sweep" in sections:
+        say("sweep ...", end=" ", flush=True)
+        report["sweep"] = bench_sweep(profile)
+        say(f"{report['sweep']['seconds']:.0f}s")
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return report
