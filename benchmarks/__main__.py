@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,11 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument(
+        "--update",
+        action="store_true",
+        help="merge into an existing OUT/report.json: re-measured sections and method rows "
+        "replace theirs, everything else is kept (the command line is recorded per section)",
+    )
+    parser.add_argument(
         "--check-parity",
         action="store_true",
         help="exit 1 when a reference accuracy differs by more than 0.2 points",
     )
     return parser
+
+
+def merge_reports(old: dict, new: dict) -> dict:
+    """``old`` with the sections and method rows measured in ``new`` replaced."""
+    merged = dict(old)
+    for key, value in new.items():
+        if key in ("training", "reference") and key in old:
+            fresh = {row["method"]: row for row in value}
+            kept = [fresh.pop(row["method"], row) for row in old[key]]
+            merged[key] = kept + list(fresh.values())
+        elif key == "commands":
+            merged[key] = {**old.get(key, {}), **value}
+        elif key not in ("started", "gemm_gflops", "machine", "profile") or key not in old:
+            merged[key] = value
+    merged.setdefault("gemm_by_section", {})
+    for section in new.get("commands", {}):
+        merged["gemm_by_section"][section] = new["gemm_gflops"]
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.report import render
     from benchmarks.suite import PROFILES, SECTIONS, run_suite
+    from clipadapt._utils import atomic_write_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,16 +95,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    report = run_suite(profile, sections, methods, device=args.device)
     command = "python -m benchmarks " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from clipadapt._utils import atomic_write_text
+    previous = None
+    if args.update and (out / "report.json").is_file():
+        previous = json.loads((out / "report.json").read_text())
 
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "report.md", render(report, command.strip()))
+    def write(report: dict) -> None:
+        report = dict(report, commands={section: command.strip() for section in sections})
+        if "finished" not in report:
+            report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S") + " (partial)"
+        if previous is not None:
+            report = merge_reports(previous, report)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+        atomic_write_text(out / "report.md", render(report))
+
+    report = run_suite(profile, sections, methods, device=args.device, checkpoint=write)
+    write(report)
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     if args.check_parity:
         bad = [r for r in report.get("reference", []) if not r.get("parity", False)]

@@ -74,13 +74,14 @@ def reference_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def render(report: dict[str, Any], command: str) -> str:
-    """The Markdown report: machine, command, then one table per section."""
+def render(report: dict[str, Any]) -> str:
+    """The Markdown report: machine, commands, then one table per section."""
     m = report["machine"]
     p = report["profile"]
+    commands = sorted(set(report.get("commands", {}).values()))
     out = [
         f"# clipadapt benchmark ({p['name']})\n",
-        f"Command: `{command}`  ",
+        "Command(s): " + ", ".join(f"`{c}`" for c in commands) + "  ",
         f"Run: {report['started']} to {report['finished']}  ",
         f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} "
         f"({m['torch_threads']} threads), CUDA: {m['cuda'] or 'none'}, Python {m['python']}  ",

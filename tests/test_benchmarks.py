@@ -59,3 +59,30 @@ def test_quick_benchmark_writes_report_with_parity(tmp_path, capsys) -> None:
     assert report["sweep"]["runs"] == 2 * 3  # shots (1, 2) x three methods x one seed
     for heading in ("## Training", "## Reference ratio", "## Extraction", "## Sweep"):
         assert heading in markdown
+
+
+def test_update_merges_rows_and_keeps_the_rest() -> None:
+    from benchmarks.__main__ import merge_reports
+
+    old = {
+        "started": "t0",
+        "gemm_gflops": 100.0,
+        "training": [{"method": "a", "fit_seconds": 1.0}, {"method": "b", "fit_seconds": 2.0}],
+        "sweep": {"seconds": 5.0},
+        "commands": {"training": "old", "sweep": "old"},
+    }
+    new = {
+        "started": "t1",
+        "gemm_gflops": 90.0,
+        "training": [{"method": "b", "fit_seconds": 3.0}, {"method": "c", "fit_seconds": 4.0}],
+        "commands": {"training": "new"},
+    }
+    merged = merge_reports(old, new)
+    assert [(r["method"], r["fit_seconds"]) for r in merged["training"]] == [
+        ("a", 1.0),
+        ("b", 3.0),
+        ("c", 4.0),
+    ]
+    assert merged["sweep"] == {"seconds": 5.0} and merged["started"] == "t0"
+    assert merged["commands"] == {"training": "new", "sweep": "old"}
+    assert merged["gemm_by_section"] == {"training": 90.0}

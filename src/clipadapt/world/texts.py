@@ -63,15 +63,17 @@ SCENE_TEMPLATES: tuple[str, ...] = (
 NEGATIVE_TEMPLATE = "a photo of no {}."
 
 # CuPL-style description sentences; {n} is the species name, {a} its article.
+# Only the first names the texture: the trait that tells sibling species apart is mentioned
+# once, the salient shape and colour many times.
 _DESCRIPTION_FORMS: tuple[str, ...] = (
     "{a} {n} is {full}.",
-    "a photo of {a} {n}, which looks like {full}.",
+    "a photo of {a} {n}, which looks like {colour_shape}.",
     "{a} {n} is always {colour}.",
-    "the body of {a} {n} is {colour} and {texture}.",
+    "the body of {a} {n} is {colour}.",
     "{a} {n} has the shape of a {shape}.",
-    "you can recognise {a} {n} by its {shape} shape {suffix}.",
+    "you can recognise {a} {n} by its {shape} shape.",
     "{a} {n} is a {size_word} {shape}.",
-    "{a} {n} looks like {colour_shape} {suffix}.",
+    "{a} {n} looks like {colour_shape}.",
 )
 
 
@@ -80,8 +82,9 @@ def describe_species(
 ) -> list[str]:
     """Sentences describing one species' defining attributes in varied words.
 
-    Each sentence names a subset of the attributes; together they name all of them. ``size``
-    None means the species comes in every size (the size is then not described).
+    Each sentence names a subset of the attributes; together they name all of them, the
+    texture in one sentence only. ``size`` None means the species comes in every size (the
+    size is then not described).
     """
     rng = random.Random(f"{seed}:{name}")
     tex = rng.choice(TEXTURE_ADJ[texture])
