@@ -364,3 +364,33 @@ def test_corrupted_text_cache_is_reencoded(what: str, tmp_path: Path, tiny_encod
     assert torch.equal(cache.get(prompts, encode), first)
     assert calls == [prompts], "the damaged text cache must be re-encoded, not read"
     assert file.read_bytes() == clean_bytes
+
+
+def test_stale_temporaries_of_killed_writes_are_swept_and_fresh_ones_kept(tmp_path: Path) -> None:
+    from clipadapt._utils import remove_stale_temporaries
+
+    ours = tmp_path / ".shard-00000.safetensors.ab12cd.tmp"
+    theirs = tmp_path / ".tmpQx81Lz"  # the name safetensors' own writer uses
+    in_flight = tmp_path / ".shard-00001.safetensors.ef34gh.tmp"
+    finished = tmp_path / "shard-00000.safetensors"
+    for path in (ours, theirs, in_flight, finished):
+        path.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    for path in (ours, theirs, finished):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([in_flight.name, finished.name])
+    assert remove_stale_temporaries(tmp_path / "missing") == 0
+
+
+def test_cache_writes_leave_no_foreign_temporary_names(tmp_path: Path) -> None:
+    """Every temporary a cache write makes is one of ours (the test above can sweep it)."""
+    cache = TextCache(tmp_path, "tiny", {"model": "tiny"})
+    cache.get(["a", "b"], lambda prompts: torch.ones(len(prompts), 4))
+    split = SplitCache(tmp_path, "tiny", "imgs", "train", {"k": 1})
+    split.configure(num_items=2, shard_size=2)
+    split.write_shard(0, torch.ones(2, 4, dtype=torch.float16), torch.arange(2), [])
+    names = [p.name for p in tmp_path.rglob("*")]
+    assert names and not [n for n in names if n.startswith(".")]
+    assert split.shard_valid(0)

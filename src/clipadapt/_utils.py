@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,36 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically (temporary file + rename)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str], min_age_s: float = 3600.0) -> int:
+    """Delete temporary files that killed writes left in ``directory``; returns how many.
+
+    Matches this module's ``.<name>.<random>.tmp`` files and the ``.tmp<random>`` files that
+    safetensors' own writer creates. Only files older than ``min_age_s`` go, so a write that
+    another process has in flight right now is never touched.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    now, removed = time.time(), 0
+    for entry in directory.iterdir():
+        name = entry.name
+        if not (name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp"))):
+            continue
+        try:
+            if entry.is_file() and now - entry.stat().st_mtime >= min_age_s:
+                entry.unlink()
+                removed += 1
+        except OSError:  # gone already, or not ours to delete: leave it
+            continue
+    return removed
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:

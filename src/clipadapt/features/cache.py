@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
-from clipadapt._utils import atomic_path, atomic_write_json, safe_name, sha256_file, stable_hash
+from clipadapt._utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temporaries,
+    safe_name,
+    sha256_file,
+    stable_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ class SplitCache:
         )
         self.manifest_path = self.dir / MANIFEST
         self.manifest = self._read_manifest()
+        remove_stale_temporaries(self.dir)
 
     def _read_manifest(self) -> dict[str, Any]:
         if self.manifest_path.is_file():
@@ -108,8 +116,11 @@ class SplitCache:
     def write_shard(self, shard: int, features: Tensor, index: Tensor, skipped: list[dict]) -> None:
         name = f"shard-{shard:05d}.safetensors"
         path = self.dir / name
-        with atomic_path(path) as tmp:
-            save_file({"features": features.contiguous(), "index": index.contiguous()}, str(tmp))
+        # serialised in memory (a shard is small) and written through our own temporary file:
+        # safetensors' file writer leaves a temporary of its own behind when the process is killed
+        atomic_write_bytes(
+            path, save({"features": features.contiguous(), "index": index.contiguous()})
+        )
         self.manifest["shards"][str(shard)] = {
             "file": name,
             "sha256": sha256_file(path),
@@ -138,6 +149,7 @@ class TextCache:
     def __init__(self, root: Path, backbone: str, backbone_key: dict[str, Any]):
         self.dir = Path(root) / safe_name(backbone) / "text"
         self.backbone_key = backbone_key
+        remove_stale_temporaries(self.dir)
 
     def get(self, prompts: list[str], encode: Any) -> Tensor:
         key = stable_hash(
@@ -157,10 +169,9 @@ class TextCache:
             except Exception as error:  # a damaged file is recomputed, never trusted
                 log.warning("unreadable text cache %s (%s); re-encoding", path, error)
         features = encode(prompts).to(torch.float16).contiguous()
-        with atomic_path(path) as tmp:
-            save_file(
-                {"features": features}, str(tmp), metadata={"sha256": _tensor_sha256(features)}
-            )
+        atomic_write_bytes(
+            path, save({"features": features}, metadata={"sha256": _tensor_sha256(features)})
+        )
         return features.float()
 
 
