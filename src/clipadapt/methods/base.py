@@ -624,12 +624,14 @@ class Adapter:
             delattr(self, key)
         self.best_params_ = {}
 
-    def logits(self, features: Tensor, batch_size: int = 8192) -> Tensor:
+    def logits(self, features: Tensor, batch_size: int = 2048) -> Tensor:
         """Class logits for image features.
 
         Args:
             features: (N, D) image features (any float dtype; normalised here).
-            batch_size: rows per chunk, to bound memory on large test sets.
+            batch_size: rows per chunk, to bound memory on large test sets (a chunk's
+                (rows, cache size) affinities stay small: with 16,000 cache keys, prediction in
+                chunks of 2048 rows ran 1.1x faster than in chunks of 8192 on 2 cores).
 
         Returns:
             (N, C) float32 logits on the input's device.

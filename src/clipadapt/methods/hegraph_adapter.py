@@ -32,7 +32,7 @@ from clipadapt.methods._graph import (
     train_view_features,
 )
 from clipadapt.methods.base import Adapter, MethodCard, register_method
-from clipadapt.methods.tip_adapter import cache_logits
+from clipadapt.methods.tip_adapter import cache_logits, sort_cache_by_class
 
 log = logging.getLogger(__name__)
 
@@ -386,14 +386,15 @@ class HeGraphAdapter(Adapter):
                 np_adjacency, np_self = adjacency, self_coef
                 continue
             frozen[name] = aggregate(adjacency, self_coef, target, source)
+        keys, key_labels = sort_cache_by_class(cache_keys(train, self.use_views), train.labels)
         return GraphInputs(
             positive=positive,
             negative=negative,
             frozen=frozen,
             np_adjacency=np_adjacency,
             np_self=np_self,
-            keys=cache_keys(train, self.use_views),
-            key_labels=train.labels,
+            keys=keys,
+            key_labels=key_labels,
         )
 
     # ------------------------------------------------------------------ the graph
@@ -444,8 +445,9 @@ class HeGraphAdapter(Adapter):
         if self.classifier == "text":
             return z_text, None
         affinity = features @ keys.T
+        scratch = None if torch.is_grad_enabled() else affinity  # in place when predicting
         z_vis = self.cache_scale * cache_logits(
-            affinity, key_labels, text_weights.shape[0], self.cache_beta
+            affinity, key_labels, text_weights.shape[0], self.cache_beta, scratch=scratch
         )
         return z_text, z_vis
 

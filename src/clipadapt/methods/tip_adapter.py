@@ -22,16 +22,60 @@ def cache_keys_from(train: TrainSet, use_views: bool) -> Tensor:
     return train.features
 
 
-def cache_logits(affinity: Tensor, key_labels: Tensor, num_classes: int, beta: float) -> Tensor:
-    """``exp(-β (1 - A)) @ one_hot(labels)`` as a scatter-add (no (NK, C) one-hot matrix).
+def sort_cache_by_class(keys: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The cache with its keys grouped by class (stable), so :func:`cache_logits` can reduce
+    each class's K keys with a reshape-sum instead of a scatter. Already sorted: unchanged."""
+    if labels.numel() < 2 or bool((labels[1:] >= labels[:-1]).all()):
+        return keys, labels
+    order = torch.sort(labels, stable=True).indices
+    return keys[order], labels[order]
+
+
+def class_block_size(key_labels: Tensor, num_classes: int) -> int | None:
+    """K when the keys are sorted by class with exactly K keys per class, else None."""
+    n = key_labels.numel()
+    if n == 0 or n % num_classes:
+        return None
+    k = n // num_classes
+    expected = torch.arange(num_classes, device=key_labels.device).repeat_interleave(k)
+    return k if torch.equal(key_labels, expected) else None
+
+
+def cache_logits(
+    affinity: Tensor,
+    key_labels: Tensor,
+    num_classes: int,
+    beta: float,
+    *,
+    block: int | None | bool = True,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    """``exp(-β (1 - A)) @ one_hot(labels)`` without an (NK, C) one-hot matrix.
+
+    Keys grouped by class with K keys each (:func:`sort_cache_by_class` and a balanced draw)
+    are summed with a reshape (a contiguous reduction); other layouts use a scatter-add.
 
     Args:
         affinity: (N, NK) cosine affinities between queries and cache keys.
         key_labels: (NK,) class of each key.
+        block: K of a class-blocked layout; True works it out, None/False forces the scatter.
+        scratch: an (N, NK) buffer reused for the weights (no autograd; a search over many β
+            then allocates nothing per β).
     """
-    weights = torch.exp(-beta * (1.0 - affinity))
+    if block is True:
+        block = class_block_size(key_labels, num_classes)
+    if scratch is not None and not affinity.requires_grad:
+        weights = torch.mul(affinity, beta, out=scratch).sub_(beta).exp_()
+    else:
+        weights = torch.exp(-beta * (1.0 - affinity))
+    if block:
+        return weights.view(affinity.shape[0], num_classes, block).sum(dim=-1)
     out = torch.zeros(affinity.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
     return out.index_add_(1, key_labels, weights)
+
+
+#: Above this share of (row, class) candidate pairs a β is scored densely (every α, all C).
+DENSE_CANDIDATE_SHARE = 0.1
 
 
 def search_alpha_beta(
@@ -44,10 +88,13 @@ def search_alpha_beta(
 ) -> tuple[float, float, float]:
     """Exhaustive (β outer, α inner) search on validation logits; first best pair wins.
 
-    Exact, but pruned: for a given β a class can win a row's argmax for some α in the grid only
-    if its best possible score (at the largest α, since cache logits are >= 0) reaches the
-    smallest guaranteed row maximum (the row maximum at the smallest α). Those few (row, class)
-    pairs are scored for every α at once and reduced per row, instead of all C columns.
+    Exact, with two ways of scoring a β. A class can win a row's argmax for some α in the grid
+    only if its best possible score (at the largest α, since cache logits are >= 0) reaches the
+    smallest guaranteed row maximum (the row maximum at the smallest α). When those candidate
+    (row, class) pairs are few (a sharp β, a confident zero-shot head) only they are scored,
+    for every α at once, and reduced per row; when they are many (a flat β) the α grid is
+    scored densely, one (Nv, C) argmax per α, which is cheaper than gathering most pairs.
+    Both give argmax's first-maximum tie rule, so the choice never changes the result.
 
     Args:
         zero_shot: (Nv, C) text logits of the validation rows.
@@ -63,26 +110,37 @@ def search_alpha_beta(
     labels = val.labels
     arange = torch.arange(num_rows, device=labels.device)
     best = (alphas[0], betas[0], -1.0)
+    block = class_block_size(key_labels, num_classes)
+    scratch = torch.empty_like(affinity)  # one (Nv, NK) buffer for every β
+    dense_buffer = torch.empty_like(zero_shot)
     for beta in betas:
-        cache = cache_logits(affinity, key_labels, num_classes, beta)
+        cache = cache_logits(affinity, key_labels, num_classes, beta, block=block, scratch=scratch)
         upper = zero_shot + a_hi * cache
         floor = (zero_shot + a_lo * cache).amax(dim=1, keepdim=True)
-        rows, cols = torch.nonzero(upper >= floor, as_tuple=True)  # row-major, so cols ascend
-        scores = zero_shot[rows, cols][None] + alpha_t * cache[rows, cols][None]  # (A, P)
-        row_max = torch.full((len(alphas), num_rows), -torch.inf, dtype=scores.dtype)
-        row_max.scatter_reduce_(1, rows.expand_as(scores), scores, reduce="amax")
-        true_score = zero_shot[arange, labels][None] + alpha_t * cache[arange, labels][None]
-        # argmax takes the first maximum: the true class must reach the maximum with no
-        # earlier class tied to it
-        tied_before = (scores == row_max[:, rows]) & (cols < labels[rows])[None]
-        blocked = torch.zeros_like(row_max).scatter_add_(
-            1, rows.expand_as(scores), tied_before.to(scores.dtype)
-        )
-        correct = (true_score >= row_max) & (blocked == 0)
-        accuracy = correct.to(zero_shot.dtype).mean(dim=1) * 100
-        j = int(torch.argmax(accuracy))
-        if float(accuracy[j]) > best[2]:
-            best = (alphas[j], beta, float(accuracy[j]))
+        candidates = upper >= floor
+        if int(candidates.sum()) > DENSE_CANDIDATE_SHARE * candidates.numel():
+            correct_counts = []
+            for alpha in alphas:
+                torch.add(zero_shot, cache, alpha=alpha, out=dense_buffer)
+                correct_counts.append(dense_buffer.argmax(dim=1) == labels)
+            counts = torch.stack(correct_counts).sum(dim=1)
+        else:
+            rows, cols = torch.nonzero(candidates, as_tuple=True)  # row-major: cols ascend
+            scores = zero_shot[rows, cols][None] + alpha_t * cache[rows, cols][None]  # (A, P)
+            row_max = torch.full((len(alphas), num_rows), -torch.inf, dtype=scores.dtype)
+            row_max.scatter_reduce_(1, rows.expand_as(scores), scores, reduce="amax")
+            true_score = zero_shot[arange, labels][None] + alpha_t * cache[arange, labels][None]
+            # argmax takes the first maximum: the true class must reach the maximum with no
+            # earlier class tied to it
+            tied_before = (scores == row_max[:, rows]) & (cols < labels[rows])[None]
+            blocked = torch.zeros_like(row_max).scatter_add_(
+                1, rows.expand_as(scores), tied_before.to(scores.dtype)
+            )
+            counts = ((true_score >= row_max) & (blocked == 0)).sum(dim=1)
+        j = int(torch.argmax(counts))
+        accuracy = 100.0 * int(counts[j]) / num_rows
+        if accuracy > best[2]:
+            best = (alphas[j], beta, accuracy)
     return best
 
 
@@ -145,8 +203,8 @@ class TipAdapter(Adapter):
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
         self.text_weights_ = text.class_features.clone()
-        self.cache_keys_ = cache_keys_from(train, self.use_views).clone()
-        self.cache_labels_ = train.labels.clone()
+        keys, labels = sort_cache_by_class(cache_keys_from(train, self.use_views), train.labels)
+        self.cache_keys_, self.cache_labels_ = keys.clone(), labels.clone()
         self.n_classes_ = text.num_classes
         self._choose_alpha_beta(val)
 
@@ -181,5 +239,9 @@ class TipAdapter(Adapter):
     def _logits(self, features: Tensor) -> Tensor:
         zero_shot = self.logit_scale * features @ self.text_weights_.T
         affinity = features @ self.cache_keys_.T
-        cache = cache_logits(affinity, self.cache_labels_, self.text_weights_.shape[0], self.beta_)
-        return zero_shot + self.alpha_ * cache
+        # in place over the affinities when no gradient is wanted (prediction): one buffer less
+        scratch = None if torch.is_grad_enabled() else affinity
+        cache = cache_logits(
+            affinity, self.cache_labels_, self.text_weights_.shape[0], self.beta_, scratch=scratch
+        )
+        return zero_shot.add_(cache, alpha=self.alpha_)

@@ -10,7 +10,12 @@ from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet
 from clipadapt.engine.search import accuracy
 from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
 from clipadapt.methods.base import MethodCard, register_method
-from clipadapt.methods.tip_adapter import TipAdapter, cache_keys_from, cache_logits
+from clipadapt.methods.tip_adapter import (
+    TipAdapter,
+    cache_keys_from,
+    cache_logits,
+    sort_cache_by_class,
+)
 
 
 @register_method
@@ -108,9 +113,12 @@ class TipAdapterF(TipAdapter):
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
         self.text_weights_ = text.class_features.clone()
-        self.cache_labels_ = train.labels.clone()
         self.n_classes_ = text.num_classes
-        keys = nn.Parameter(cache_keys_from(train, self.use_views).clone())
+        start_keys, key_labels = sort_cache_by_class(
+            cache_keys_from(train, self.use_views), train.labels
+        )
+        self.cache_labels_ = key_labels.clone()
+        keys = nn.Parameter(start_keys.clone())
         self.cache_keys_ = keys
         views = train.views if self.use_views else None
         labels = train.labels
