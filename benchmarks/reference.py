@@ -25,7 +25,7 @@ run the same configuration and consume the same random numbers:
   ``clipadapt.methods._graph.paper_schedule`` (HeGraphAdapter's per-dataset epochs/lr table:
   configuration, not computation);
 - ``clipadapt.engine.train``: ``TrainConfig`` and ``_lr_at`` (the learning-rate schedule),
-  ``sample_view_rows`` (Tip-Adapter-F's per-epoch view draw) and ``_STEP_LIMIT`` (the step cap
+  ``sample_view_rows`` (the per-epoch view draw of Tip-Adapter-F and NODE-Adapter) and ``_STEP_LIMIT`` (the step cap
   of :func:`~clipadapt.engine.train.limit_steps`);
 - the test-time searches, which are not the training being compared and would dominate the
   reference's time if written naively at ImageNet size: ``search_alpha_beta`` / ``tip_grid``
@@ -523,13 +523,12 @@ class ReferenceNodeAdapter:
             else [*self.flow_.parameters()]
         )
 
-        if p["use_views"] and train.views is not None:
-            rows = train.views.reshape(-1, train.features.shape[1])
-            labels = train.labels[torch.arange(len(rows), device=device) % len(train)]
-        else:
-            rows, labels = train.features, train.labels
+        views = train.views if p["use_views"] else None
+        labels = train.labels
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
+            # one stored view per image per epoch, redrawn per batch (no reuse across steps)
+            rows = sample_view_rows(train.features, views, epoch, seed)
             prototypes, t_bar = self._prototypes(train, text)
             return F.cross_entropy(
                 self._class_logits(rows[index], prototypes, t_bar), labels[index]
@@ -555,7 +554,7 @@ class ReferenceNodeAdapter:
             start = [q.detach().clone() for q in params]
             start_score = val_score() if val_score is not None else None
             self.steps_, best_epoch, scores = _run_training(
-                params, optimizer, batch_loss, len(rows), config, val_score, amp=False
+                params, optimizer, batch_loss, len(train), config, val_score, amp=False
             )
             if start_score is not None and scores and start_score >= max(scores):
                 with torch.no_grad():  # the untrained start is best on validation data

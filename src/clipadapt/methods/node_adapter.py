@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
 from clipadapt.engine.search import accuracy, require_validation
-from clipadapt.engine.train import TrainConfig, train_loop
+from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
 from clipadapt.exceptions import ConfigError, NotFittedError, TrainingError
 from clipadapt.methods.base import Adapter, MethodCard, register_method
 
@@ -392,8 +392,9 @@ class NodeAdapter(Adapter):
             20, 256, 1e-3, 1e-4, 1e-4). One ODE solve per batch.
         select_on_val: keep the epoch (or the untrained start) with the best validation
             accuracy (inferred; the spec's default is the last epoch).
-        use_views: train on the augmented views of the support rows when the bundle has them
-            (the visual prototype always uses the un-augmented rows, spec §3).
+        use_views: train on the augmented views of the support rows when the bundle has them,
+            one view per image per epoch, drawn with a per-epoch seed (the visual prototype
+            always uses the un-augmented rows, spec §3).
         logit_scale: τ (CLIP's 100).
         seed: seeds the initialisation and the batch order.
 
@@ -789,19 +790,22 @@ class NodeAdapter(Adapter):
         params = [p for p in model.parameters() if p.requires_grad]
         if self.epochs == 0 or not params:
             return None
-        if self.use_views and train.views is not None:
-            rows = train.views.reshape(-1, train.dim)
-            image = torch.arange(rows.shape[0], device=rows.device) % len(train)
-        else:
-            rows = train.features
-            image = torch.arange(len(train), device=rows.device)
-        labels = train.labels[image]
-        slots = ctx["slot"][image]
+        # An epoch is one pass over the support images, each seen as one of its stored views
+        # (drawn per epoch): the Tip-Adapter-F convention the spec's schedule (20 epochs,
+        # batch 256) comes from, and the one the other trained methods here follow.
+        views = train.views if self.use_views else None
+        labels = train.labels
+        slots = ctx["slot"]
         support, mask, t_bar = ctx["support"], ctx["mask"], ctx["text"]
         loo = self.loss_prototypes == "loo"
         k = support.shape[1]
+        epoch_rows: dict[int, Tensor] = {}
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
+            if epoch not in epoch_rows:
+                epoch_rows.clear()
+                epoch_rows[epoch] = sample_view_rows(train.features, views, epoch, self.seed)
+            rows = epoch_rows[epoch]
             with torch.autocast(device_type=rows.device.type, enabled=False):
                 y = labels[index]
                 if not loo:
@@ -854,10 +858,10 @@ class NodeAdapter(Adapter):
             history = train_loop(
                 params,
                 batch_loss,
-                rows.shape[0],
+                len(train),
                 config,
                 val_score=val_score,
-                device=rows.device,
+                device=train.device,
                 what=f"{self.card.name} training",
             )
         except AssertionError as error:  # torchdiffeq's checks during the adjoint backward solve
