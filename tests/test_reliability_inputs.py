@@ -233,15 +233,18 @@ def _fit_into_readonly(ctx: Ctx) -> list[str]:
 
 def _disk_full_on_cache_write(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import clipadapt.features.cache as cache
+    from clipadapt._utils import atomic_path
 
-    real = cache.save_file
+    real = cache.atomic_write_bytes
 
-    def full(tensors: Any, filename: str, *args: Any, **kwargs: Any) -> None:
-        # write a few bytes first, as a real disk-full failure does
-        Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    def full(path: Path, data: bytes) -> None:
+        # through the real temporary file, a few bytes written first, as a real disk-full
+        # failure does
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data[:7])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
-    monkeypatch.setattr(cache, "save_file", full)
+    monkeypatch.setattr(cache, "atomic_write_bytes", full)
     assert real is not full
     return ctx.extract(ctx.images)
 
