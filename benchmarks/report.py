@@ -74,6 +74,16 @@ def reference_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _extraction_line(e: dict[str, Any]) -> str:
+    return (
+        f"- {e['images']} generated 64px PNG images, {e['model']} at {e['image_size']} px, "
+        f"batch {e['batch_size']}: pipeline (decode, transform, encode, cache write) "
+        f"**{e['pipeline_images_per_s']:.0f} images/s**, bare encoder on pre-decoded "
+        f"tensors {e['bare_encoder_images_per_s']:.0f} images/s, ratio **{e['ratio']:.2f}** "
+        f"(target ≥ {EXTRACTION_RATIO_TARGET}: {_mark(e['ratio'] >= EXTRACTION_RATIO_TARGET)}).\n"
+    )
+
+
 def render(report: dict[str, Any]) -> str:
     """The Markdown report: machine, commands, then one table per section."""
     m = report["machine"]
@@ -113,14 +123,9 @@ def render(report: dict[str, Any]) -> str:
         ]
     if "extraction" in report:
         e = report["extraction"]
-        out += [
-            "## Extraction\n",
-            f"{e['images']} generated {e['image_size']}px PNG images, {e['model']}, batch "
-            f"{e['batch_size']}: pipeline (decode, transform, encode, cache write) "
-            f"**{e['pipeline_images_per_s']:.0f} images/s**, bare encoder on pre-decoded "
-            f"tensors {e['bare_encoder_images_per_s']:.0f} images/s, ratio **{e['ratio']:.2f}** "
-            f"(target ≥ {EXTRACTION_RATIO_TARGET}: {_mark(e['ratio'] >= EXTRACTION_RATIO_TARGET)}).\n",
-        ]
+        out += ["## Extraction\n", _extraction_line(e)]
+        if "large" in e:
+            out.append(_extraction_line(e["large"]))
     if "sweep" in report:
         s = report["sweep"]
         out += [

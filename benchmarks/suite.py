@@ -58,6 +58,7 @@ class Profile:
     reference_steps: int | None  # None: both implementations run the whole schedule
     extraction_images: int
     extraction_batch: int
+    extraction_large_images: int  # ViT-B-32 at 224 px as a second, real-size encoder (0: skip)
     sweep_shots: tuple[int, ...]
     sweep_seeds: tuple[int, ...]
     sweep_methods: str
@@ -81,6 +82,7 @@ PROFILES = {
         reference_steps=3,
         extraction_images=2048,
         extraction_batch=128,
+        extraction_large_images=256,
         sweep_shots=(1, 2, 4, 8, 16),
         sweep_seeds=(1, 2, 3),
         sweep_methods="*",
@@ -102,6 +104,7 @@ PROFILES = {
         reference_steps=None,
         extraction_images=64,
         extraction_batch=32,
+        extraction_large_images=0,
         sweep_shots=(1, 2),
         sweep_seeds=(1,),
         sweep_methods="zeroshot,tip_adapter,tip_adapter_f",
@@ -337,15 +340,45 @@ def bench_reference(
 
 
 # --------------------------------------------------------------------------------- extraction
+def _pipeline_vs_bare(
+    encode: Any, view: Any, paths: list[str], batch: int, cache_root: Path, device: str
+) -> tuple[float, float]:
+    """(pipeline seconds, bare-encoder seconds) over ``paths`` at batch size ``batch``."""
+    from clipadapt.features.cache import SplitCache
+    from clipadapt.features.extract import extract_split
+    from clipadapt.features.transforms import load_rgb
+
+    count = len(paths)
+    keys = [Path(p).name for p in paths]
+    tensors = torch.stack([view(load_rgb(p)) for p in paths])
+    encode(tensors[:batch])  # warm-up
+
+    def bare() -> None:
+        for start in range(0, count, batch):
+            encode(tensors[start : start + batch])
+
+    t_bare, _ = timed(bare, device)
+    cache = SplitCache(cache_root, "bench", "bench", "images", {"view": view.describe()})
+    t_pipe, result = timed(
+        lambda: extract_split(
+            encode, paths, keys, cache, view, batch_size=batch, progress=False, device=device
+        ),
+        device,
+    )
+    assert result.features.shape[0] == count
+    return t_pipe, t_bare
+
+
 def bench_extraction(profile: Profile, device: str = "cpu") -> dict[str, Any]:
-    """Pipeline images/s (decode, transform, encode, cache write) with the embedded world CLIP
-    vs the bare encoder's forward throughput on pre-decoded tensors at the same batch size."""
+    """Pipeline images/s (decode, transform, encode, cache write) vs the bare encoder's forward
+    throughput on pre-decoded tensors at the same batch size: with the embedded world CLIP
+    (the small model), and in the full profile also with an open_clip ViT-B-32 at 224 px
+    (randomly initialised: the same cost as the pretrained weights, no download)."""
+    import open_clip
     from PIL import Image
 
     from clipadapt.encoders.clip import ClipEncoder, resolve_backbone
-    from clipadapt.features.cache import SplitCache
-    from clipadapt.features.extract import extract_split
-    from clipadapt.features.transforms import CleanView, load_rgb
+    from clipadapt.features.transforms import CleanView
     from clipadapt.world.generator import WorldGenerator
 
     encoder = ClipEncoder(resolve_backbone("world"), device=device)
@@ -360,32 +393,42 @@ def bench_extraction(profile: Profile, device: str = "cpu") -> dict[str, Any]:
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(array).save(path)
             paths.append(str(path))
-        keys = [Path(p).name for p in paths]
-        tensors = torch.stack([view(load_rgb(p)) for p in paths])
-        encoder.encode_images(tensors[:batch])  # warm-up
-
-        def bare() -> None:
-            for start in range(0, count, batch):
-                encoder.encode_images(tensors[start : start + batch])
-
-        t_bare, _ = timed(bare, device)
-        cache = SplitCache(root / "cache", "world", "bench", "images", {"view": view.describe()})
-        t_pipe, result = timed(
-            lambda: extract_split(
-                encoder.encode_images, paths, keys, cache, view, batch_size=batch, progress=False
-            ),
-            device,
+        t_pipe, t_bare = _pipeline_vs_bare(
+            encoder.encode_images, view, paths, batch, root / "cache-world", device
         )
-        assert result.features.shape[0] == count
-    return {
-        "model": encoder.backbone.display_name,
-        "images": count,
-        "batch_size": batch,
-        "image_size": encoder.image_size,
-        "pipeline_images_per_s": count / t_pipe,
-        "bare_encoder_images_per_s": count / t_bare,
-        "ratio": t_bare / t_pipe,
-    }
+        result: dict[str, Any] = {
+            "model": encoder.backbone.display_name,
+            "images": count,
+            "batch_size": batch,
+            "image_size": encoder.image_size,
+            "pipeline_images_per_s": count / t_pipe,
+            "bare_encoder_images_per_s": count / t_bare,
+            "ratio": t_bare / t_pipe,
+        }
+        if profile.extraction_large_images:
+            model = open_clip.create_model("ViT-B-32", pretrained=None).eval().to(device)
+            size = model.visual.image_size
+            size = size[0] if isinstance(size, tuple) else size
+            large_view = CleanView(size, encoder.mean, encoder.std)
+
+            def encode_large(x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return model.encode_image(x.to(device)).float().cpu()
+
+            n_large = profile.extraction_large_images
+            t_pipe, t_bare = _pipeline_vs_bare(
+                encode_large, large_view, paths[:n_large], 64, root / "cache-vitb32", device
+            )
+            result["large"] = {
+                "model": "ViT-B-32 (random init)",
+                "images": n_large,
+                "batch_size": 64,
+                "image_size": size,
+                "pipeline_images_per_s": n_large / t_pipe,
+                "bare_encoder_images_per_s": n_large / t_bare,
+                "ratio": t_bare / t_pipe,
+            }
+    return result
 
 
 # --------------------------------------------------------------------------------- sweep

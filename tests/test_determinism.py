@@ -194,3 +194,19 @@ def test_deterministic_flag_keeps_a_user_cublas_setting(
     assert main(["--deterministic", "list-methods"]) == 0
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_image_to_tensor_is_bitwise_torchvision() -> None:
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from clipadapt.features.transforms import _to_tensor
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    rng = np.random.default_rng(0)
+    for height, width in ((64, 64), (31, 47), (224, 224)):
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        expected = TF.normalize(TF.to_tensor(image), mean, std)
+        assert torch.equal(_to_tensor(image, mean, std), expected)

@@ -56,10 +56,20 @@ def _collate(
     return index, images, failed
 
 
-def _auto_workers(num_items: int) -> int:
+def _auto_workers(num_items: int, device: torch.device | str = "cpu") -> int:
+    """Decoding processes for the DataLoader.
+
+    On an accelerator the encoder leaves the cores free, so up to four decode in parallel. On
+    the CPU they only help with cores that torch's own threads leave idle: with 2 cores and
+    2 torch threads, one worker process made the world-model pipeline slower (600 vs 810
+    images/s, ``python -m benchmarks --sections extraction``), so decoding stays in-process.
+    """
     if num_items < 256:
         return 0  # process start-up costs more than decoding a few hundred images
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    cores = os.cpu_count() or 2
+    if torch.device(device).type == "cpu":
+        return max(0, min(4, cores - torch.get_num_threads()))
+    return max(1, min(4, cores - 1))
 
 
 @dataclass
@@ -84,6 +94,7 @@ def extract_split(
     num_workers: int | None = None,
     progress: bool = True,
     description: str = "extract",
+    device: torch.device | str = "cpu",
 ) -> SplitFeatures:
     """Encode ``paths`` through ``transform`` into ``cache``, resuming from complete shards.
 
@@ -95,7 +106,8 @@ def extract_split(
         transform: the clean view or the augmented views.
         shard_size: items per shard (the unit of resumption).
         batch_size: images per encoder call (views multiply it).
-        num_workers: DataLoader workers (None: automatic).
+        num_workers: DataLoader workers (None: automatic, see ``device``).
+        device: where ``encode_images`` runs; sets the automatic worker count.
         progress: show a progress bar.
 
     Returns:
@@ -105,7 +117,7 @@ def extract_split(
     missing = cache.missing_shards()
     encoded = sum(len(cache.shard_range(s)) for s in missing)
     if missing:
-        workers = _auto_workers(encoded) if num_workers is None else num_workers
+        workers = _auto_workers(encoded, device) if num_workers is None else num_workers
         order = [i for s in missing for i in cache.shard_range(s)]
         rows = _ImageRows([paths[i] for i in order], [keys[i] for i in order], transform)
         # batches never straddle shards, so each shard is written as soon as it is complete
@@ -268,6 +280,7 @@ def extract_dataset(
                 num_workers=num_workers,
                 progress=progress,
                 description=f"{dataset.name}/{name}",
+                device=getattr(encoder, "device", "cpu"),
             )
             report.encoded[name] = result.encoded_items
             report.skipped[name] = result.skipped

@@ -19,7 +19,12 @@ from torchvision.transforms import functional as TF
 
 
 def _to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    return TF.normalize(TF.to_tensor(image), mean, std)
+    """``TF.normalize(TF.to_tensor(image), mean, std)`` with the same operations in the same
+    order (bitwise equal, tested), without torchvision's per-call checks: half the time on a
+    64-pixel image, which the small embedded model encodes in about 1 ms."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+    x = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div_(255)
+    return x.sub_(torch.tensor(mean)[:, None, None]).div_(torch.tensor(std)[:, None, None])
 
 
 def load_rgb(path: str) -> Image.Image:
