@@ -25,30 +25,33 @@ def _mark(ok: bool) -> str:
 
 
 def training_table(rows: list[dict[str, Any]]) -> str:
+    """One row per method; the two targets of the performance issue in their own columns:
+    every method within 2x of its GEMM floor, and the methods without a training cache
+    (everything but Tip-Adapter-F and HeGraphAdapter) fitting in 60 s."""
     head = (
-        "| method | steps | s/epoch | fit s | GEMM floor s | fit / floor | peak MiB "
-        "| predict rows/s | test acc % | target met |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        f"| method | steps | s/epoch | fit s | GEMM floor s | fit / floor | peak MiB "
+        f"| predict rows/s | test acc % | ≤ {FLOOR_RATIO_TARGET:g}x floor "
+        f"| ≤ {NO_CACHE_FIT_TARGET_S:.0f} s (no cache) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
     )
     lines = []
     for r in rows:
         fit = _f(r["fit_seconds"]) + ("" if r["fit_measured"] else " (projected)")
+        no_cache = r["method"] not in CACHE_METHODS
         if r.get("fit_unfinished"):
             fit = f"> {r['fit_seconds']:.0f} (stopped)"
             lines.append(
                 f"| {r['method']} | — | — | {fit} | — | — | {_f(r['peak_mib'], 0)} | — | — "
-                f"| {_mark(False)} |"
+                f"| {_mark(False)} | {_mark(False) if no_cache else '—'} |"
             )
             continue
-        if r["method"] in CACHE_METHODS or r["steps"] == 0:
-            ok = r["floor_ratio"] <= FLOOR_RATIO_TARGET or r["fit_seconds"] <= NO_CACHE_FIT_TARGET_S
-        else:
-            ok = r["fit_seconds"] <= NO_CACHE_FIT_TARGET_S or r["floor_ratio"] <= FLOOR_RATIO_TARGET
+        floor_ok = _mark(r["floor_ratio"] <= FLOOR_RATIO_TARGET)
+        fit_ok = _mark(r["fit_seconds"] <= NO_CACHE_FIT_TARGET_S) if no_cache else "—"
         lines.append(
             f"| {r['method']} | {_f(r['steps'])} | {_f(r.get('seconds_per_epoch'), 2)} | {fit} "
             f"| {_f(r['gemm_floor_seconds'], 2)} | {_f(r['floor_ratio'], 2)} "
             f"| {_f(r['peak_mib'], 0)} | {_f(r['predict_rows_per_s'], 0)} "
-            f"| {_f(r['test_accuracy'], 2)} | {_mark(ok)} |"
+            f"| {_f(r['test_accuracy'], 2)} | {floor_ok} | {fit_ok} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -106,12 +109,13 @@ def render(report: dict[str, Any]) -> str:
             "## Training (paper schedules)\n",
             "`fit s` is the whole fit (validation search included) with the method's default, "
             "paper schedule; *(projected)* = fixed cost + planned steps x time per step, both "
-            f"measured on probes of {p['probe_steps']} and {2 * p['probe_steps']} steps, when "
+            "measured on two probes of n and 2n steps (n grows from "
+            f"{p['probe_steps']} until the extra steps take {p['min_probe_seconds']:g} s), when "
             f"the whole schedule would take longer than {p['full_budget_s']:.0f} s. "
             "`GEMM floor` = the schedule's matrix-multiply FLOPs (counted with "
-            "`torch.utils.flop_counter`) / the measured GEMM rate. Targets: methods with a "
-            f"cache within {FLOOR_RATIO_TARGET:g}x of the floor, the others fit in "
-            f"≤ {NO_CACHE_FIT_TARGET_S:.0f} s.\n",
+            "`torch.utils.flop_counter`) / the measured GEMM rate. Targets: every method "
+            f"within {FLOOR_RATIO_TARGET:g}x of its floor; the methods without a training cache "
+            f"also fit in ≤ {NO_CACHE_FIT_TARGET_S:.0f} s.\n",
             training_table(report["training"]),
         ]
     if "reference" in report:

@@ -249,25 +249,26 @@ def _bench_training(
         )
         fitted = method
     else:
-        # The per-step time comes from probes without validation data: a validation search
-        # (Tip-Adapter-F's α/β, CLIP-Adapter's grid) is a fixed cost, paid once in the first
-        # probe above, not in every probe. Cheap steps drown in noise over a few steps: grow the
-        # probes until the extra steps take long enough to time, or cover a tenth of the run.
-        plain_n, plain_plan, _ = fit(n, with_val=False)
-        t_2n, _, _ = fit(2 * n, with_val=False)
-        per_run = max(plain_plan.planned_steps, 1)
-        while t_2n - plain_n < profile.min_probe_seconds and 2 * n < per_run // 10:
+        # Probes run the real configuration (validation data included): a fixed cost such as
+        # Tip-Adapter-F's α/β search cancels in the difference of two probes, and a grid
+        # trained as several loops (one per grid point, each capped at the probe's steps) is
+        # divided out. Cheap steps drown in noise over a few steps: grow the probes until the
+        # extra steps take long enough to time, or cover a tenth of the run.
+        loops = max(len(plan.loops), 1)
+        t_2n, _, _ = fit(2 * n)
+        per_run = max(plan.planned_steps // loops, 1)
+        while t_2n - t_n < profile.min_probe_seconds and 2 * n < per_run // 10:
             n *= 4
-            plain_n, _, _ = fit(n, with_val=False)
-            t_2n, _, _ = fit(2 * n, with_val=False)
+            t_n, _, _ = fit(n)
+            t_2n, _, _ = fit(2 * n)
         row["probe_steps"] = [n, 2 * n]
-        per_step = max((t_2n - plain_n) / n, 1e-9)
-        fixed = max(t_n - profile.probe_steps * per_step, 0.0)
+        per_step = max((t_2n - t_n) / (n * loops), 1e-9)
+        fixed = max(t_n - loops * n * per_step, 0.0)
         fitted = method
         flops_1, _ = count_matmul_flops(lambda: fit(1))
         flops_2, _ = count_matmul_flops(lambda: fit(2))
-        step_flops = max(flops_2 - flops_1, 0)
-        fixed_flops = max(flops_1 - step_flops, 0)
+        step_flops = max(flops_2 - flops_1, 0) / loops
+        fixed_flops = max(flops_1 - loops * step_flops, 0)
         total_steps = plan.planned_steps
         projected = fixed + total_steps * per_step
         row.update(

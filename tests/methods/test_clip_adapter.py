@@ -75,3 +75,17 @@ def test_imagenet_bundle_one_shot() -> None:
     result = evaluate(method, load_bundle(path), choice=choice)
     # measured with the full search (docs/methods/clip_adapter.md): 59.7; zero-shot 58.9
     assert 57.5 <= result.accuracy <= 62.0
+
+
+def test_stacked_grid_trains_each_ratio_as_a_separate_fit_would() -> None:
+    fx = make_fixture(shots=2)
+    method = create_method("clip_adapter", epochs=8, ratio_grid=(0.2, 0.6))
+    method.text_weights_ = fx.text.class_features.clone()
+    stacked = method._train_grid(fx.train, (0.2, 0.6), 0.002)
+    for (adapter, losses), ratio in zip(stacked, (0.2, 0.6), strict=True):
+        alone, alone_losses = method._train_grid(fx.train, (ratio,), 0.002)[0]
+        torch.testing.assert_close(adapter.down.weight, alone.down.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(adapter.up.weight, alone.up.weight, rtol=1e-4, atol=1e-6)
+        assert losses == pytest.approx(alone_losses, rel=1e-4)
+    # the two grid points really differ (the ratio reaches the gradient)
+    assert not torch.allclose(stacked[0][0].up.weight, stacked[1][0].up.weight)
