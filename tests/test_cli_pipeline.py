@@ -340,3 +340,16 @@ def test_unknown_method_in_bench(tmp_path, capsys):
     )
     assert code == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_auto_workers_leave_the_cpu_to_torch_and_feed_an_accelerator(monkeypatch) -> None:
+    import clipadapt.features.extract as extract
+
+    monkeypatch.setattr(extract.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(extract.torch, "get_num_threads", lambda: 2)
+    assert extract._auto_workers(10_000, "cpu") == 0  # both cores already run torch
+    assert extract._auto_workers(10_000, "cuda") == 1  # the encoder leaves the cores free
+    assert extract._auto_workers(100, "cuda") == 0  # too few images to pay a process start
+    monkeypatch.setattr(extract.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(extract.torch, "get_num_threads", lambda: 8)
+    assert extract._auto_workers(10_000, "cpu") == 4
