@@ -134,8 +134,13 @@ class CLIPAdapter(Adapter):
         start = Bottleneck(train.dim, self.reduction)
         start.reset_parameters(self._generator())
         count = len(ratios)
-        down = nn.Parameter(start.down.weight.detach().to(train.device).repeat(count, 1, 1))
-        up = nn.Parameter(start.up.weight.detach().to(train.device).repeat(count, 1, 1))
+        hidden_dim = start.down.weight.shape[0]
+        # layouts that need no transposed copies: the shared input meets all G down-projections
+        # in one (B, D) x (D, G*H) product, and the up-projections are stored as (G, H, D)
+        down = nn.Parameter(start.down.weight.detach().to(train.device).repeat(count, 1))
+        up = nn.Parameter(
+            start.up.weight.detach().T.contiguous().to(train.device).repeat(count, 1, 1)
+        )
         ratio = torch.tensor(ratios, dtype=train.features.dtype, device=train.device)[:, None, None]
         views = train.views if self.use_views else None
         cached: dict[int, Tensor] = {}
@@ -146,14 +151,12 @@ class CLIPAdapter(Adapter):
                 cached.clear()
                 cached[epoch] = sample_view_rows(train.features, views, epoch, self.seed)
             x = cached[epoch][index]  # (B, D)
-            hidden = F.relu(torch.matmul(x, down.transpose(1, 2)))  # (G, B, D/r)
-            adapted = F.relu(torch.bmm(hidden, up.transpose(1, 2)))  # (G, B, D)
+            hidden = F.relu(x @ down.T).view(len(index), count, hidden_dim).transpose(0, 1)
+            adapted = F.relu(torch.bmm(hidden, up))  # (G, B, D)
             g = normalize_rows(ratio * adapted + (1.0 - ratio) * x)
-            logits = self.logit_scale * g @ self.text_weights_.T  # (G, B, C)
+            logits = self.logit_scale * g.flatten(0, 1) @ self.text_weights_.T  # (G*B, C)
             target = train.labels[index].repeat(count)
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="none").view(
-                count, -1
-            )
+            losses = F.cross_entropy(logits.float(), target, reduction="none").view(count, -1)
             per_adapter = losses.mean(dim=1)
             epoch_losses.setdefault(epoch, torch.zeros(count))
             epoch_losses[epoch] += per_adapter.detach().cpu() * len(index)
@@ -180,8 +183,8 @@ class CLIPAdapter(Adapter):
         for g in range(count):
             adapter = Bottleneck(train.dim, self.reduction).to(train.device)
             with torch.no_grad():
-                adapter.down.weight.copy_(down[g])
-                adapter.up.weight.copy_(up[g])
+                adapter.down.weight.copy_(down[g * hidden_dim : (g + 1) * hidden_dim])
+                adapter.up.weight.copy_(up[g].T)
             losses = [float(epoch_losses[e][g]) / len(train) for e in sorted(epoch_losses)]
             trained.append((adapter, losses))
         return trained
