@@ -106,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(report: dict) -> None:
         report = dict(report, commands={section: command.strip() for section in sections})
+        # each method row keeps the command and GEMM rate it was measured with, so a report
+        # merged from several --update runs still says where every row came from
+        for key in ("training", "reference"):
+            report[key] = [
+                {"command": command.strip(), "gemm_gflops": report.get("gemm_gflops"), **row}
+                for row in report.get(key, [])
+            ]
+        if not report["training"]:
+            del report["training"]
+        if not report["reference"]:
+            del report["reference"]
         if "finished" not in report:
             report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S") + " (partial)"
         if previous is not None:

@@ -82,6 +82,20 @@ def reference_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def provenance(rows: list[dict[str, Any]]) -> str:
+    """Which command (and GEMM rate) measured which rows, when a merged report mixes runs."""
+    groups: dict[tuple[str, float | None], list[str]] = {}
+    for r in rows:
+        groups.setdefault((r.get("command", "?"), r.get("gemm_gflops")), []).append(r["method"])
+    if len(groups) < 2:
+        return ""
+    lines = ["Rows by run (a report merged from several `--update` runs):\n"]
+    for (command, rate), methods in groups.items():
+        at = f" at {rate:.1f} GFLOP/s" if rate else ""
+        lines.append(f"- `{command}`{at}: {', '.join(methods)}")
+    return "\n".join(lines) + "\n"
+
+
 def _extraction_line(e: dict[str, Any]) -> str:
     return (
         f"- {e['images']} generated 64px PNG images, {e['model']} at {e['image_size']} px, "
@@ -122,6 +136,7 @@ def render(report: dict[str, Any]) -> str:
             f"within {FLOOR_RATIO_TARGET:g}x of its floor; the methods without a training cache "
             f"also fit in ≤ {NO_CACHE_FIT_TARGET_S:.0f} s.\n",
             training_table(report["training"]),
+            provenance(report["training"]),
         ]
     if "reference" in report:
         out += [
@@ -129,6 +144,7 @@ def render(report: dict[str, Any]) -> str:
             "Ours vs a straightforward per-batch implementation written from the spec "
             "(`benchmarks/reference.py`), same data, options, seed and optimiser steps.\n",
             reference_table(report["reference"]),
+            provenance(report["reference"]),
         ]
     if "extraction" in report:
         e = report["extraction"]
