@@ -46,15 +46,13 @@ def training_table(rows: list[dict[str, Any]]) -> str:
             )
             continue
         # a fit with (almost) no matrix products (zero-shot) has no floor to be measured against
-        floor_ok = (
-            _mark(r["floor_ratio"] <= FLOOR_RATIO_TARGET)
-            if r["gemm_floor_seconds"] >= 0.01
-            else "—"
-        )
+        has_floor = r["gemm_floor_seconds"] >= 0.01
+        floor_ok = _mark(r["floor_ratio"] <= FLOOR_RATIO_TARGET) if has_floor else "—"
+        ratio = _f(r["floor_ratio"], 2) if has_floor else "—"
         fit_ok = _mark(r["fit_seconds"] <= NO_CACHE_FIT_TARGET_S) if no_cache else "—"
         lines.append(
             f"| {r['method']} | {_f(r['steps'])} | {_f(r.get('seconds_per_epoch'), 2)} | {fit} "
-            f"| {_f(r['gemm_floor_seconds'], 2)} | {_f(r['floor_ratio'], 2)} "
+            f"| {_f(r['gemm_floor_seconds'], 2)} | {ratio} "
             f"| {_f(r['peak_mib'], 0)} | {_f(r['predict_rows_per_s'], 0)} "
             f"| {_f(r['test_accuracy'], 2)} | {floor_ok} | {fit_ok} |"
         )
