@@ -109,14 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         # each method row keeps the command and GEMM rate it was measured with, so a report
         # merged from several --update runs still says where every row came from
         for key in ("training", "reference"):
-            report[key] = [
-                {"command": command.strip(), "gemm_gflops": report.get("gemm_gflops"), **row}
-                for row in report.get(key, [])
-            ]
-        if not report["training"]:
-            del report["training"]
-        if not report["reference"]:
-            del report["reference"]
+            if key in report:
+                report[key] = [
+                    {"command": command.strip(), "gemm_gflops": report.get("gemm_gflops"), **row}
+                    for row in report[key]
+                ]
         if "finished" not in report:
             report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S") + " (partial)"
         if previous is not None:

@@ -25,8 +25,8 @@ run the same configuration and consume the same random numbers:
   ``clipadapt.methods._graph.paper_schedule`` (HeGraphAdapter's per-dataset epochs/lr table:
   configuration, not computation);
 - ``clipadapt.engine.train``: ``TrainConfig`` and ``_lr_at`` (the learning-rate schedule),
-  ``sample_view_rows`` (the per-epoch view draw of Tip-Adapter-F and NODE-Adapter) and ``_STEP_LIMIT`` (the step cap
-  of :func:`~clipadapt.engine.train.limit_steps`);
+  ``sample_view_rows`` (the per-epoch view draw of Tip-Adapter-F and NODE-Adapter) and
+  ``_STEP_LIMIT`` (the step cap of :func:`~clipadapt.engine.train.limit_steps`);
 - the test-time searches, which are not the training being compared and would dominate the
   reference's time if written naively at ImageNet size: ``search_alpha_beta`` / ``tip_grid``
   (Tip-Adapter-F's α/β grid search) and ``engine.search.search_logit_blend``

@@ -342,9 +342,9 @@ def bench_reference(
 
 # --------------------------------------------------------------------------------- extraction
 def _pipeline_vs_bare(
-    encode: Any, view: Any, paths: list[str], batch: int, cache_root: Path, device: str
-) -> tuple[float, float]:
-    """(pipeline seconds, bare-encoder seconds) over ``paths`` at batch size ``batch``."""
+    model: str, encode: Any, view: Any, paths: list[str], batch: int, cache_root: Path, device: str
+) -> dict[str, Any]:
+    """One extraction row: pipeline vs bare-encoder images/s over ``paths`` at batch ``batch``."""
     from clipadapt.features.cache import SplitCache
     from clipadapt.features.extract import extract_split
     from clipadapt.features.transforms import load_rgb
@@ -367,7 +367,15 @@ def _pipeline_vs_bare(
         device,
     )
     assert result.features.shape[0] == count
-    return t_pipe, t_bare
+    return {
+        "model": model,
+        "images": count,
+        "batch_size": batch,
+        "image_size": view.size,
+        "pipeline_images_per_s": count / t_pipe,
+        "bare_encoder_images_per_s": count / t_bare,
+        "ratio": t_bare / t_pipe,
+    }
 
 
 def bench_extraction(profile: Profile, device: str = "cpu") -> dict[str, Any]:
@@ -394,41 +402,33 @@ def bench_extraction(profile: Profile, device: str = "cpu") -> dict[str, Any]:
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(array).save(path)
             paths.append(str(path))
-        t_pipe, t_bare = _pipeline_vs_bare(
-            encoder.encode_images, view, paths, batch, root / "cache-world", device
+        result = _pipeline_vs_bare(
+            encoder.backbone.display_name,
+            encoder.encode_images,
+            view,
+            paths,
+            batch,
+            root / "cache-world",
+            device,
         )
-        result: dict[str, Any] = {
-            "model": encoder.backbone.display_name,
-            "images": count,
-            "batch_size": batch,
-            "image_size": encoder.image_size,
-            "pipeline_images_per_s": count / t_pipe,
-            "bare_encoder_images_per_s": count / t_bare,
-            "ratio": t_bare / t_pipe,
-        }
         if profile.extraction_large_images:
             model = open_clip.create_model("ViT-B-32", pretrained=None).eval().to(device)
             size = model.visual.image_size
             size = size[0] if isinstance(size, tuple) else size
-            large_view = CleanView(size, encoder.mean, encoder.std)
 
             def encode_large(x: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     return model.encode_image(x.to(device)).float().cpu()
 
-            n_large = profile.extraction_large_images
-            t_pipe, t_bare = _pipeline_vs_bare(
-                encode_large, large_view, paths[:n_large], 64, root / "cache-vitb32", device
+            result["large"] = _pipeline_vs_bare(
+                "ViT-B-32 (random init)",
+                encode_large,
+                CleanView(size, encoder.mean, encoder.std),
+                paths[: profile.extraction_large_images],
+                64,
+                root / "cache-vitb32",
+                device,
             )
-            result["large"] = {
-                "model": "ViT-B-32 (random init)",
-                "images": n_large,
-                "batch_size": 64,
-                "image_size": size,
-                "pipeline_images_per_s": n_large / t_pipe,
-                "bare_encoder_images_per_s": n_large / t_bare,
-                "ratio": t_bare / t_pipe,
-            }
     return result
 
 

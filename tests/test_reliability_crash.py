@@ -382,15 +382,3 @@ def test_stale_temporaries_of_killed_writes_are_swept_and_fresh_ones_kept(tmp_pa
     assert remove_stale_temporaries(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([in_flight.name, finished.name])
     assert remove_stale_temporaries(tmp_path / "missing") == 0
-
-
-def test_cache_writes_leave_no_foreign_temporary_names(tmp_path: Path) -> None:
-    """Every temporary a cache write makes is one of ours (the test above can sweep it)."""
-    cache = TextCache(tmp_path, "tiny", {"model": "tiny"})
-    cache.get(["a", "b"], lambda prompts: torch.ones(len(prompts), 4))
-    split = SplitCache(tmp_path, "tiny", "imgs", "train", {"k": 1})
-    split.configure(num_items=2, shard_size=2)
-    split.write_shard(0, torch.ones(2, 4, dtype=torch.float16), torch.arange(2), [])
-    names = [p.name for p in tmp_path.rglob("*")]
-    assert names and not [n for n in names if n.startswith(".")]
-    assert split.shard_valid(0)

@@ -158,8 +158,9 @@ class CLIPAdapter(Adapter):
             target = train.labels[index].repeat(count)
             losses = F.cross_entropy(logits.float(), target, reduction="none").view(count, -1)
             per_adapter = losses.mean(dim=1)
-            epoch_losses.setdefault(epoch, torch.zeros(count))
-            epoch_losses[epoch] += per_adapter.detach().cpu() * len(index)
+            # summed on the device: no host synchronisation per step
+            epoch_losses.setdefault(epoch, torch.zeros(count, device=train.device))
+            epoch_losses[epoch] += per_adapter.detach() * len(index)
             return per_adapter.sum()
 
         config = TrainConfig.dassl_sgd(
