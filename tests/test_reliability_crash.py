@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from typing import Any
 
 import pytest
 import torch
+import tqdm.auto
+import tqdm.std
 
 from clipadapt.bench.results import append_result, read_results
 from clipadapt.bench.runner import Grid, run_grid
@@ -50,8 +53,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _private_progress_lock() -> None:
+    """Give this forked child its own tqdm lock before it draws any bar.
+
+    tqdm's default lock wraps a multiprocessing semaphore that a forked child shares with its
+    parent. A child killed while it holds it (a bar being created or closed) leaves it taken
+    for good, and the parent then blocks on its next bar: the whole test run hangs.
+    """
+    lock = threading.RLock()
+    tqdm.std.tqdm.set_lock(lock)
+    tqdm.auto.tqdm.set_lock(lock)
+
+
 def _child(work: Callable[[], Any]) -> None:
     try:
+        _private_progress_lock()
         work()
     except BaseException:  # noqa: BLE001 - any failure is a non-zero exit the parent sees
         os._exit(1)
@@ -66,11 +82,26 @@ def _run_killed(work: Callable[[], Any], delay: float) -> bool:
     if proc.is_alive():
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
+    # the parent's bars must never wait on a lock a killed child took with it
+    assert _progress_lock_free(), "a killed child left tqdm's lock held"
     if proc.exitcode == -signal.SIGKILL:
         return True
     # it finished just before the signal: a complete run, not a kill
     assert proc.exitcode == 0, f"the child failed (exit {proc.exitcode})"
     return False
+
+
+def _progress_lock_free() -> bool:
+    """Whether this process can take every part of its tqdm lock within a few seconds."""
+    lock = tqdm.auto.tqdm.get_lock()
+    taken = []
+    for part in getattr(lock, "locks", [lock]):
+        if not part.acquire(timeout=10):
+            break
+        taken.append(part)
+    for part in reversed(taken):
+        part.release()
+    return len(taken) == len(getattr(lock, "locks", [lock]))
 
 
 def _run_to_completion(work: Callable[[], Any]) -> float:
@@ -98,6 +129,17 @@ def _check_cache_consistent(root: Path) -> int:
             assert hashlib.sha256(shard.read_bytes()).hexdigest() == record["sha256"], shard
             recorded += 1
     return recorded
+
+
+def test_a_child_killed_inside_a_progress_bar_does_not_block_the_parent() -> None:
+    list(tqdm.auto.tqdm(range(2), disable=True))  # the parent's lock exists before the fork
+
+    def hold_the_lock_forever() -> None:
+        tqdm.auto.tqdm.get_lock().acquire()
+        time.sleep(600)
+
+    assert _run_killed(hold_the_lock_forever, 1.0)
+    assert _progress_lock_free()
 
 
 # ------------------------------------------------------------------------------ extraction
