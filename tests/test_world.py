@@ -186,6 +186,9 @@ def test_twin_scenes_change_one_hidden_attribute_and_their_captions_say_so() -> 
         if kind == "shape":
             assert any(a.shape != b.shape for a, b in pairs)
             assert all(a[1:] == b[1:] for a, b in pairs)
+        elif kind == "texture":
+            assert any(a.texture != b.texture for a, b in pairs)
+            assert all(a.shape == b.shape and (a.x, a.y) == (b.x, b.y) for a, b in pairs)
         elif kind == "orientation":
             assert any(a.orientation != b.orientation for a, b in pairs)
             assert all(a.shape == b.shape and (a.x, a.y) == (b.x, b.y) for a, b in pairs)
@@ -194,7 +197,11 @@ def test_twin_scenes_change_one_hidden_attribute_and_their_captions_say_so() -> 
             ta, tb = twin.objects
             assert (ta.shape, tb.shape) == (a.shape, b.shape)
             assert relation_of(ta, tb) != relation_of(a, b) or (ta.x, ta.y) != (a.x, a.y)
-    assert kinds == {"shape", "orientation", "swap"}
+    assert kinds == {"shape", "texture", "orientation", "swap"}
+    only_swaps = [twin_scene(sample_scene(rng, 2), rng, kinds=("swap",)) for _ in range(20)]
+    assert {r[1] for r in only_swaps if r is not None} == {"swap"}
+    with pytest.raises(ValueError, match="twin kinds"):
+        WorldGenerator(twin_kinds=("colour",))
 
     images, captions, scenes = WorldGenerator(twin_prob=1.0).batch(40, seed=2)
     assert len(captions) == len(scenes) == images.shape[0] == 40
@@ -204,6 +211,23 @@ def test_twin_scenes_change_one_hidden_attribute_and_their_captions_say_so() -> 
         if s1 == s2:
             continue
         assert first != second, (first, second)  # the changed attribute is always named
+    # a texture twin keeps every other phrasing choice: its caption differs in texture words only
+    _, captions, _ = WorldGenerator(twin_prob=1.0, twin_kinds=("texture",)).batch(40, seed=4)
+    from clipadapt.world.captions import ORIENT_ADJ, ORIENT_SUFFIX, TEXTURE_ADJ, TEXTURE_SUFFIX
+
+    texture_words = {
+        w
+        for table in (TEXTURE_ADJ, TEXTURE_SUFFIX)
+        for options in table.values()
+        for phrase in options
+        for w in phrase.split()
+    } | {w for table in (ORIENT_ADJ, ORIENT_SUFFIX) for v in table.values() for w in v.split()}
+
+    def rest(text: str) -> list[str]:
+        return [w for w in text.replace(",", "").split() if w not in texture_words]
+
+    for first, second in zip(captions[::2], captions[1::2], strict=True):
+        assert first != second and rest(first) == rest(second), (first, second)
     # without twins the stream is the plain generator's
     plain = WorldGenerator().batch(6, seed=2)[1]
     assert plain == WorldGenerator(twin_prob=0.0).batch(6, seed=2)[1]
@@ -430,12 +454,26 @@ def test_shipped_zero_shot_matches_the_card(tmp_path) -> None:
     from clipadapt.world.evaluate import evaluate_world_model
 
     card = read_card()
-    report = evaluate_world_model(data_root=tmp_path, names=["world_species"])
+    report = evaluate_world_model(
+        data_root=tmp_path, names=["world_species"], probe_attributes=False
+    )
     got = report["datasets"]["world_species"]["zero_shot"]
     want = card["evaluation"]["datasets"]["world_species"]["zero_shot"]
     for text in ("name", "descriptions"):
         assert abs(got[text] - want[text]) <= 1.0, (text, got, want)
     assert TEMPLATES[0] == "a photo of a {}."
+
+
+@needs_checkpoint
+def test_attribute_probes_see_what_the_shipped_features_carry() -> None:
+    from clipadapt.world.evaluate import ATTRIBUTES, attribute_probes
+
+    model, _, _ = load_world_model()
+    probes = attribute_probes(model, n_images=900)
+    assert tuple(probes) == ATTRIBUTES
+    assert probes["colour"]["probe_all"] > 90  # every caption-taught colour is carried
+    assert probes["shape"]["probe_all"] > 2 * probes["shape"]["chance"]
+    assert all(0 <= p["probe_16"] <= 100 and p["classes"] >= 3 for p in probes.values())
 
 
 @needs_checkpoint

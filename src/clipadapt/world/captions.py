@@ -135,16 +135,21 @@ def _object_phrase(
         words.append(obj.colour)
     suffix = ""
     if rng.random() < p_texture:
-        oriented = obj.texture == "striped" and rng.random() < p_orientation
-        if rng.random() < 0.7:
+        # A fixed number of draws whatever the texture, so a minimal-pair twin whose texture
+        # changed keeps every other phrasing choice of its original.
+        orient_roll, form_roll, word_roll = rng.random(), rng.random(), rng.random()
+        oriented = obj.texture == "striped" and orient_roll < p_orientation
+        if form_roll < 0.7:
             words.append(
-                ORIENT_ADJ[obj.orientation] if oriented else rng.choice(TEXTURE_ADJ[obj.texture])
+                ORIENT_ADJ[obj.orientation]
+                if oriented
+                else _pick(TEXTURE_ADJ[obj.texture], word_roll)
             )
         else:
             suffix = (
                 ORIENT_SUFFIX[obj.orientation]
                 if oriented
-                else rng.choice(TEXTURE_SUFFIX[obj.texture])
+                else _pick(TEXTURE_SUFFIX[obj.texture], word_roll)
             )
     noun = obj.shape if rng.random() < p_shape_noun else rng.choice(NOUNS)
     words.append(PLURAL.get(noun, noun + "s") if plural else noun)
@@ -154,6 +159,10 @@ def _object_phrase(
 
 
 object_phrase = _object_phrase
+
+
+def _pick(options: tuple[str, ...], roll: float) -> str:
+    return options[min(int(roll * len(options)), len(options) - 1)]
 
 
 def caption(

@@ -103,6 +103,14 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{r['prototype_16']:.1f} | {r['linear_probe_16']:.1f} |"
         )
     print(json.dumps(report["summary"]))
+    print("\nwhat the image features carry (linear probes on one-object scenes):")
+    print("| attribute | classes | chance | probe 16 | probe all |")
+    print("|---|---|---|---|---|")
+    for name, r in report["attribute_probes"].items():
+        print(
+            f"| {name} | {r['classes']} | {r['chance']:.1f} | {r['probe_16']:.1f} | "
+            f"{r['probe_all']:.1f} |"
+        )
     return 0
 
 
@@ -133,8 +141,8 @@ def register_cli(subparsers: Any) -> None:
         "--twin-prob",
         type=float,
         default=0.0,
-        help="share of scenes followed by a minimal-pair twin (shape, stripe orientation or "
-        "positions changed) in their batch; makes the loss need those attributes",
+        help="share of scenes followed by a minimal-pair twin (shape, texture, stripe "
+        "orientation or positions changed) in their batch; makes the loss need those attributes",
     )
     p.set_defaults(handler=_pretrain)
 

@@ -90,6 +90,70 @@ def probe_logits(w: Tensor, x: Tensor) -> Tensor:
     return 10 * torch.cat([x, torch.ones(len(x), 1)], dim=1) @ w
 
 
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "texture", "size", "background", "orientation")
+
+
+@torch.no_grad()
+def attribute_probes(
+    model: torch.nn.Module, n_images: int = 6000, seed: int = 5
+) -> dict[str, dict[str, float]]:
+    """What the image features carry: a linear probe per attribute on one-object scenes.
+
+    ``n_images`` generated single-object scenes; the first two thirds train, the rest are
+    scored. Each attribute gets a 16-shot probe and one on every training image (orientation:
+    striped objects only). The better of two weight decays on the scored part is reported:
+    an upper bound meant for diagnosis (does the tower carry the attribute at all?), never a
+    method comparison, and these scenes are not any dataset's test split.
+    """
+    import random
+
+    import numpy as np
+
+    from clipadapt.world.generator import render, sample_scene
+    from clipadapt.world.pretrain import images_to_tensor
+
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, 1) for _ in range(n_images)]
+    x = images_to_tensor(np.stack([render(sc, "normal", i) for i, sc in enumerate(scenes)]))
+    feats = torch.cat(
+        [
+            F.normalize(model.encode_image(x[i : i + 500]).float(), dim=-1)
+            for i in range(0, len(x), 500)
+        ]
+    )
+    objects = [sc.objects[0] for sc in scenes]
+    values = {
+        "colour": [o.colour for o in objects],
+        "shape": [o.shape for o in objects],
+        "texture": [o.texture for o in objects],
+        "size": [o.size for o in objects],
+        "background": [sc.background for sc in scenes],
+        "orientation": [o.orientation if o.texture == "striped" else None for o in objects],
+    }
+    out = {}
+    for name, vals in values.items():
+        keep = torch.tensor([i for i, v in enumerate(vals) if v is not None])
+        classes = sorted({v for v in vals if v is not None})
+        y = torch.tensor([classes.index(vals[i]) for i in keep.tolist()])
+        f = feats[keep]
+        n_train = len(y) * 2 // 3
+        y_tr, f_te, y_te = y[:n_train], f[n_train:], y[n_train:]
+        few = torch.cat([torch.nonzero(y_tr == c).flatten()[:16] for c in range(len(classes))])
+        res = {"classes": len(classes), "chance": round(100 / len(classes), 1)}
+        for label, idx in (("probe_16", few), ("probe_all", torch.arange(n_train))):
+            res[label] = round(
+                max(
+                    accuracy(
+                        probe_logits(fit_linear_probe(f[idx], y[idx], len(classes), d), f_te), y_te
+                    )
+                    for d in PROBE_DECAYS[:2]
+                ),
+                1,
+            )
+        out[name] = res
+    return out
+
+
 def _prompts(meta: dict[str, Any], folder: Path) -> dict[str, list[list[str]]]:
     names = meta["classnames"]
     out = {
@@ -112,6 +176,7 @@ def evaluate_world_model(
     update_card: bool = False,
     names: list[str] | None = None,
     threads: int | None = 1,
+    probe_attributes: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot and 16-shot accuracies of a world CLIP on every world dataset.
 
@@ -124,6 +189,7 @@ def evaluate_world_model(
         names: only these datasets (shifted sets need their source in the list).
         threads: torch CPU threads while evaluating (restored afterwards); 1 by default because
             on a shared CPU more threads were several times slower; None keeps torch's.
+        probe_attributes: add :func:`attribute_probes` (about 20 s) as ``"attribute_probes"``.
 
     Returns:
         ``{"datasets": {name: {...}}, "summary": {...}, "seconds": float}``.
@@ -132,7 +198,7 @@ def evaluate_world_model(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _evaluate(card_path, data_root, size, seed, update_card, names)
+        return _evaluate(card_path, data_root, size, seed, update_card, names, probe_attributes)
     finally:
         torch.set_num_threads(previous)
 
@@ -144,6 +210,7 @@ def _evaluate(
     seed: int,
     update_card: bool,
     names: list[str] | None,
+    probe_attributes: bool,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     path = Path(card_path) if card_path else default_card_path()
@@ -206,6 +273,9 @@ def _evaluate(
         "seconds": round(time.perf_counter() - start, 1),
         "recipe": {"size": size, "seed": seed},
     }
+    if probe_attributes:
+        report["attribute_probes"] = attribute_probes(model)
+    report["seconds"] = round(time.perf_counter() - start, 1)
     if update_card:
         card = read_card(path)
         card["evaluation"] = report

@@ -330,26 +330,35 @@ def sample_scene(rng: random.Random, n_objects: int | None = None, same: bool = 
     return Scene(bg, rng.randrange(_BG_VARIANTS), tuple(objs))
 
 
-TWIN_KINDS: tuple[str, ...] = ("shape", "orientation", "swap")
+TWIN_KINDS: tuple[str, ...] = ("shape", "texture", "orientation", "swap")
 
 
-def twin_scene(scene: Scene, rng: random.Random) -> tuple[Scene, str] | None:
+def twin_scene(
+    scene: Scene, rng: random.Random, kinds: Sequence[str] = TWIN_KINDS
+) -> tuple[Scene, str] | None:
     """A minimal-pair counterpart of ``scene`` differing in one attribute that colour, count
     and background do not reveal: the shape of one object (of every object of that shape in
-    a group), the stripe orientation of the striped objects, or the positions of two objects
-    swapped (the relation flips). Returns (twin, kind), or None when no change applies.
+    a group), its texture (likewise), the stripe orientation of the striped objects, or the
+    positions of two objects swapped (the relation flips). ``kinds`` restricts the changes
+    drawn from. Returns (twin, kind), or None when no change applies.
     """
     objs = list(scene.objects)
-    kinds = ["shape"]
-    if any(o.texture == "striped" for o in objs):
-        kinds.append("orientation")
-    if len(objs) == 2 and objs[0][:4] != objs[1][:4]:
-        kinds.append("swap")
-    kind = rng.choice(kinds)
+    applicable = [k for k in ("shape", "texture") if k in kinds]
+    if "orientation" in kinds and any(o.texture == "striped" for o in objs):
+        applicable.append("orientation")
+    if "swap" in kinds and len(objs) == 2 and objs[0][:4] != objs[1][:4]:
+        applicable.append("swap")
+    if not applicable:
+        return None
+    kind = rng.choice(applicable)
     if kind == "shape":
         old = rng.choice(objs).shape
         new = rng.choice([s for s in SHAPES if s != old])
         objs = [o._replace(shape=new) if o.shape == old else o for o in objs]
+    elif kind == "texture":
+        old = rng.choice(objs).texture
+        new = rng.choice([t for t in TEXTURES if t != old])
+        objs = [o._replace(texture=new) if o.texture == old else o for o in objs]
     elif kind == "orientation":
         striped = [o for o in objs if o.texture == "striped"]
         new = rng.choice([r for r in ORIENTATIONS if r != striped[0].orientation])
@@ -379,7 +388,8 @@ class WorldGenerator:
             twin (:func:`twin_scene`), captioned with the same phrasing choices except the
             changed attribute, which is always named. In a random batch colour, count and
             background tell almost every pair apart, so the contrastive loss barely needs shape,
-            orientation or relations; twins make it need them.
+            texture, orientation or relations; twins make it need them.
+        twin_kinds: the changes a twin may carry (a subset of :data:`TWIN_KINDS`).
         caption_config: options forwarded to :func:`clipadapt.world.captions.caption`.
 
     Example:
@@ -387,10 +397,18 @@ class WorldGenerator:
     """
 
     def __init__(
-        self, group_prob: float = 0.3, twin_prob: float = 0.0, **caption_config: float
+        self,
+        group_prob: float = 0.3,
+        twin_prob: float = 0.0,
+        twin_kinds: Sequence[str] = TWIN_KINDS,
+        **caption_config: float,
     ) -> None:
+        unknown = sorted(set(twin_kinds) - set(TWIN_KINDS))
+        if unknown or not twin_kinds:
+            raise ValueError(f"twin kinds {list(twin_kinds)}: expected a subset of {TWIN_KINDS}")
         self.group_prob = group_prob
         self.twin_prob = twin_prob
+        self.twin_kinds = tuple(twin_kinds)
         self.caption_config = caption_config
 
     def batch(self, n: int, seed: int) -> tuple[np.ndarray, list[str], list[Scene]]:
@@ -407,6 +425,7 @@ class WorldGenerator:
         scenes: list[Scene] = []
         forced = {
             "shape": {"p_shape_noun": 1.0},
+            "texture": {"p_texture": 1.0},
             "orientation": {"p_texture": 1.0, "p_orientation": 1.0},
             "swap": {"p_relation": 1.0},
         }
@@ -416,7 +435,7 @@ class WorldGenerator:
             scene = sample_scene(rng, count, same=count > 1 and rng.random() < self.group_prob)
             twin = None
             if self.twin_prob > 0 and i + 1 < n and rng.random() < self.twin_prob:
-                twin = twin_scene(scene, rng)
+                twin = twin_scene(scene, rng, self.twin_kinds)
             render_seed = rng.getrandbits(32)
             config = dict(self.caption_config)
             if twin is not None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from clipadapt.exceptions import CheckpointError, ConfigError
-from clipadapt.world.generator import WorldGenerator
+from clipadapt.world.generator import TWIN_KINDS, WorldGenerator
 from clipadapt.world.texts import world_tokenizer
 from clipadapt.world.tokenizer import WordTokenizer, tokenizer_from_card
 
@@ -251,12 +251,13 @@ def _card(tokenizer: WordTokenizer, **run: Any) -> dict[str, Any]:
         "data_recipe": (
             f"WorldGenerator(twin_prob={run['twin_prob']}): 1-4 objects (weights "
             ".4/.3/.15/.15), 30 % of multi-object scenes are groups of identical objects, each "
-            "scene followed by its minimal-pair twin (shape, stripe orientation or swapped "
-            "positions changed) with probability twin_prob; captions from "
+            "scene followed by its minimal-pair twin (shape, texture, stripe orientation or "
+            "swapped positions changed) with probability twin_prob; captions from "
             "clipadapt.world.captions.caption defaults; batch of step s drawn with seed = "
             "seed * 1000003 + step_offset + s"
         ),
         "twin_prob": run["twin_prob"],
+        "twin_kinds": list(TWIN_KINDS),
         "command": run["command"],
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
