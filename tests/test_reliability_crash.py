@@ -94,14 +94,15 @@ def _run_killed(work: Callable[[], Any], delay: float) -> bool:
 def _progress_lock_free() -> bool:
     """Whether this process can take every part of its tqdm lock within a few seconds."""
     lock = tqdm.auto.tqdm.get_lock()
+    parts = getattr(lock, "locks", [lock])
     taken = []
-    for part in getattr(lock, "locks", [lock]):
+    for part in parts:
         if not part.acquire(timeout=10):
             break
         taken.append(part)
     for part in reversed(taken):
         part.release()
-    return len(taken) == len(getattr(lock, "locks", [lock]))
+    return len(taken) == len(parts)
 
 
 def _run_to_completion(work: Callable[[], Any]) -> float:

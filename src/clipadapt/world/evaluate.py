@@ -90,9 +90,6 @@ def probe_logits(w: Tensor, x: Tensor) -> Tensor:
     return 10 * torch.cat([x, torch.ones(len(x), 1)], dim=1) @ w
 
 
-ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "texture", "size", "background", "orientation")
-
-
 @torch.no_grad()
 def attribute_probes(
     model: torch.nn.Module, n_images: int = 6000, seed: int = 5
@@ -192,7 +189,8 @@ def evaluate_world_model(
         probe_attributes: add :func:`attribute_probes` (about 20 s) as ``"attribute_probes"``.
 
     Returns:
-        ``{"datasets": {name: {...}}, "summary": {...}, "seconds": float}``.
+        ``{"datasets": {name: {...}}, "summary": {...}, "recipe": {...}, "attribute_probes":
+        {...} (with ``probe_attributes``), "seconds": float}``.
     """
     previous = torch.get_num_threads()
     if threads:
@@ -270,7 +268,6 @@ def _evaluate(
     report = {
         "datasets": results,
         "summary": summary,
-        "seconds": round(time.perf_counter() - start, 1),
         "recipe": {"size": size, "seed": seed},
     }
     if probe_attributes:
