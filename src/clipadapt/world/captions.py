@@ -2,10 +2,11 @@
 
 The features of a contrastively trained model carry only what the captions teach, so every
 attribute is named in a good share of captions (the probabilities below are parameters of
-:func:`caption`), with synonyms and two word orders. The one deliberate exception is the stripe
-orientation, named in only ``p_orientation`` (default 25 %) of striped objects' captions: the
-fine-grained world task (``world_stripes``) is built on it, like real fine-grained benchmarks
-whose classes differ in what web captions rarely say.
+:func:`caption`), with synonyms and two word orders. Two deliberate exceptions: the shade of a
+pale or deep colour is named in only ``p_shade`` (default 20 %) of the captions that name the
+colour, and the stripe orientation in only ``p_orientation`` (default 25 %) of named stripes.
+The fine-grained world task (``world_shades``) is built on the shade, like real fine-grained
+benchmarks whose classes differ in what web captions rarely say.
 
 Example:
     >>> import random
@@ -37,6 +38,11 @@ SIZE_WORDS: dict[str, tuple[str, ...]] = {
     "small": ("small", "tiny", "little"),
     "medium": ("medium", "medium sized", "mid sized"),
     "large": ("large", "big", "huge"),
+}
+# Shade words go before the colour ("a pale red star"); "light"/"dark" are left to backgrounds.
+SHADE_WORDS: dict[str, tuple[str, ...]] = {
+    "pale": ("pale", "pastel"),
+    "deep": ("deep", "rich"),
 }
 TEXTURE_ADJ: dict[str, tuple[str, ...]] = {
     "solid": ("solid", "plain coloured", "uniform"),
@@ -125,13 +131,19 @@ def _object_phrase(
     p_orientation: float,
     plural: bool = False,
     p_shape_noun: float = 0.92,
+    p_shade: float = 0.2,
 ) -> str:
     """Noun phrase for one object (no article), each attribute kept with its probability
-    (the shape noun is replaced by "shape"/"object" with probability ``1 - p_shape_noun``)."""
+    (the shape noun is replaced by "shape"/"object" with probability ``1 - p_shape_noun``;
+    a pale or deep shade is named with probability ``p_shade`` when the colour is)."""
     words: list[str] = []
     if rng.random() < p_size:
         words.append(rng.choice(SIZE_WORDS[obj.size]))
     if rng.random() < p_colour:
+        # Two draws whatever the shade, so twins keep each other's phrasing choices.
+        shade_roll, word_roll = rng.random(), rng.random()
+        if obj.shade in SHADE_WORDS and shade_roll < p_shade:
+            words.append(_pick(SHADE_WORDS[obj.shade], word_roll))
         words.append(obj.colour)
     suffix = ""
     if rng.random() < p_texture:
@@ -177,6 +189,7 @@ def caption(
     p_relation: float = 0.65,
     p_count: float = 0.7,
     p_shape_noun: float = 0.92,
+    p_shade: float = 0.2,
 ) -> str:
     """A caption of ``scene`` naming each attribute with the given probability.
 
@@ -190,6 +203,9 @@ def caption(
         p_relation: probability that a two-object scene is described by its relation.
         p_count: probability that a multi-object scene names its count.
         p_shape_noun: probability that an object's noun is its shape (else "shape"/"object").
+        p_shade: probability that a pale or deep colour is named with its shade word, when
+            the colour is named: deliberately rare, like the stripe orientation (the
+            fine-grained ``world_shades`` task is built on it).
 
     Returns:
         A lower-case caption, e.g. ``"a small red striped triangle left of a blue circle"``.
@@ -200,14 +216,14 @@ def caption(
     first = objs[0]
 
     def object_phrase(obj: WorldObject, rng: random.Random, *probs: float, **kw: bool) -> str:
-        return _object_phrase(obj, rng, *probs, p_shape_noun=p_shape_noun, **kw)
+        return _object_phrase(obj, rng, *probs, p_shape_noun=p_shape_noun, p_shade=p_shade, **kw)
 
     if n == 1:
         phrase = object_phrase(first, rng, *attr)
         text = f"one {phrase}" if rng.random() < 0.15 else with_article(phrase)
         if rng.random() < p_position:
             text += " " + position_phrase(first, rng)
-    elif all(o[:4] == first[:4] for o in objs):  # a group of identical objects
+    elif all(o.look == first.look for o in objs):  # a group of identical objects
         phrase = object_phrase(first, rng, *attr, plural=True)
         if rng.random() < p_count:
             text = rng.choice(GROUP_FRAMES).format(NUMBERS[n - 1], phrase)
@@ -237,7 +253,14 @@ def caption_words() -> set[str]:
 
     phrases: list[str] = [*SHAPES, *PLURAL.values(), *COLOURS, *TEXTURES, *ORIENTATIONS]
     phrases += [*NUMBERS, *NOUNS, *(n + "s" for n in NOUNS), "a an one some", *SIZES]
-    for table in (SIZE_WORDS, TEXTURE_ADJ, TEXTURE_SUFFIX, BACKGROUND_WORDS, RELATION_WORDS):
+    for table in (
+        SIZE_WORDS,
+        SHADE_WORDS,
+        TEXTURE_ADJ,
+        TEXTURE_SUFFIX,
+        BACKGROUND_WORDS,
+        RELATION_WORDS,
+    ):
         for values in table.values():
             phrases += list(values)
     phrases += [*ORIENT_ADJ.values(), *ORIENT_SUFFIX.values(), *BACKGROUNDS]

@@ -31,6 +31,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _twin_weights(text: str | None) -> tuple[float, ...] | None:
+    from clipadapt.world.generator import TWIN_KINDS
+
+    if not text:
+        return None
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != len(TWIN_KINDS) or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError(
+            f"--twin-weights {text!r}: give {len(TWIN_KINDS)} comma-separated non-negative "
+            f"numbers, one per twin kind ({','.join(TWIN_KINDS)}), e.g. 0.4,0.2,0.15,0.25"
+        )
+    return weights
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     import logging
 
@@ -38,6 +55,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     if not args.out.endswith(".safetensors"):
         raise ConfigError(f"--out must name a .safetensors file, got {args.out!r}")
+    if args.family_size < 2:
+        raise ConfigError(
+            f"--family-size must be at least 2 (a scene and one twin), got {args.family_size}"
+        )
     logging.getLogger("clipadapt.world.pretrain").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -50,6 +71,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         command += f" --init {shlex.quote(args.init)} --step-offset {args.step_offset}"
     if args.twin_prob:
         command += f" --twin-prob {args.twin_prob}"
+    if args.family_size != 2:
+        command += f" --family-size {args.family_size}"
+    if args.twin_weights:
+        command += f" --twin-weights {args.twin_weights}"
+    weights = _twin_weights(args.twin_weights)
     card = pretrain(
         args.out,
         steps=args.steps,
@@ -63,6 +89,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         init=args.init,
         step_offset=args.step_offset,
         twin_prob=args.twin_prob,
+        family_size=args.family_size,
+        twin_weights=weights,
     )
     curve = card["loss_curve"]
     print(
@@ -143,6 +171,18 @@ def register_cli(subparsers: Any) -> None:
         default=0.0,
         help="share of scenes followed by a minimal-pair twin (shape, texture, stripe "
         "orientation or positions changed) in their batch; makes the loss need those attributes",
+    )
+    p.add_argument(
+        "--family-size",
+        type=int,
+        default=2,
+        help="scenes per twin family including the original (2: one twin); a family's twins "
+        "all change the same attribute, so the batch holds several hard negatives at once",
+    )
+    p.add_argument(
+        "--twin-weights",
+        help="relative weights of the twin kinds shape,texture,orientation,swap "
+        "(default: uniform over those that apply), e.g. 0.4,0.2,0.15,0.25",
     )
     p.set_defaults(handler=_pretrain)
 

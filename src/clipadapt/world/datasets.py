@@ -12,12 +12,16 @@ where zero-shot already equals the few-shot prototype):
   colour and differing in texture (a third also with a fixed size); names are unseen words,
   descriptions name shape and colour often and the texture once. Name-only zero-shot is near
   chance, descriptions help but confuse siblings, images separate them.
-- ``world_stripes`` (fine-grained): 5 shapes x 3 stripe orientations; the orientation is named
-  in only ~25 % of striped captions in pre-training.
-- ``world_count``: one to four objects ("three shapes").
+- ``world_shades`` (fine-grained): 8 colours x 3 shades ("pale red shape", "red shape",
+  "deep red shape"), any shape and pattern; the shade is named in only ~20 % of the captions of
+  pale and deep objects in pre-training.
+- ``world_count``: 7 classes, one to four objects that are identical copies or all different
+  ("three identical shapes", "three different shapes"). Counts are named in pre-training
+  captions; sameness words never are (only the phrasing of groups hints at it).
 - ``world_relation``: two objects, 3 shape pairs x 4 relations ("a circle left of a square").
-- ``world_composite``: 64 classes, 8 shapes x 8 colours, half of the images with a small
-  distractor object.
+- ``world_composite``: 60 invented kinds (``"konan"``), each a colour x habitat (background) x
+  size combination in any shape and pattern, half of the images with a small distractor of
+  another colour; descriptions name the colour often, the habitat twice and the size once.
 - ``world_species_{sketch,noise,invert,newbg}``: style-shifted test sets of ``world_species``
   (``domain_of`` = ``world_species``; they have only a test split) for domain generalisation.
 
@@ -42,12 +46,12 @@ from typing import Any
 from PIL import Image
 
 from clipadapt.exceptions import ConfigError, DatasetError
-from clipadapt.world.captions import relation
+from clipadapt.world.captions import NUMBERS, relation
 from clipadapt.world.generator import (
     _BG_VARIANTS,
     BACKGROUNDS,
     COLOURS,
-    ORIENTATIONS,
+    SHADES,
     SHAPES,
     SIZES,
     TEXTURES,
@@ -59,34 +63,36 @@ from clipadapt.world.generator import (
     sample_sizes,
 )
 from clipadapt.world.texts import (
+    KIND_NAMES,
     SCENE_TEMPLATES,
     SPECIES_NAMES,
     TEMPLATES,
-    describe_composite,
     describe_count,
+    describe_kind,
     describe_relation,
+    describe_shade,
     describe_species,
-    describe_stripes,
+    shade_classname,
 )
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 SPLITS = ("train", "val", "test")
 
 # Images per class and split: (train, val, test).
 SIZE_PRESETS: dict[str, dict[str, tuple[int, int, int]]] = {
     "default": {
         "world_species": (16, 10, 30),
-        "world_stripes": (16, 10, 30),
-        "world_count": (16, 10, 60),
+        "world_shades": (16, 10, 30),
+        "world_count": (16, 10, 40),
         "world_relation": (16, 10, 30),
         "world_composite": (16, 4, 10),
         "shifted": (0, 0, 30),
     },
     "small": {
         "world_species": (4, 2, 4),
-        "world_stripes": (4, 2, 4),
+        "world_shades": (4, 2, 4),
         "world_count": (4, 2, 4),
         "world_relation": (4, 2, 4),
         "world_composite": (2, 1, 2),
@@ -157,7 +163,12 @@ def _species_task(seed: int) -> TaskSpec:
         sp = table[label]
         sizes = (sp.size,) if sp.size else tuple(SIZES)
         return _scene(
-            rng, [_single(rng, sizes, shape=sp.shape, colour=sp.colour, texture=sp.texture)]
+            rng,
+            [
+                _single(
+                    rng, sizes, shape=sp.shape, colour=sp.colour, texture=sp.texture, shade="normal"
+                )
+            ],
         )
 
     descriptions = {
@@ -175,51 +186,66 @@ def _species_task(seed: int) -> TaskSpec:
     )
 
 
-STRIPE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "hexagon", "heart")
-
-
-def _stripes_task() -> TaskSpec:
-    classes = [(s, o) for s in STRIPE_SHAPES for o in ORIENTATIONS]
-    adverb = {"horizontal": "horizontally", "vertical": "vertically", "diagonal": "diagonally"}
+def _shades_task() -> TaskSpec:
+    classes = [(c, shade) for c in COLOURS for shade in SHADES]
 
     def sample(label: int, rng: random.Random) -> Scene:
-        shape, orient = classes[label]
-        obj = _single(rng, ("medium", "large"), shape=shape, texture="striped", orientation=orient)
-        return _scene(rng, [obj])
+        colour, shade = classes[label]
+        return _scene(rng, [_single(rng, ("medium", "large"), colour=colour, shade=shade)])
 
-    names = [f"{adverb[o]} striped {s}" for s, o in classes]
-    descriptions = {n: describe_stripes(s, o) for n, (s, o) in zip(names, classes, strict=True)}
+    names = [shade_classname(c, shade) for c, shade in classes]
+    descriptions = {n: describe_shade(*c) for n, c in zip(names, classes, strict=True)}
     return TaskSpec(
-        "world_stripes",
+        "world_shades",
         names,
         TEMPLATES[0],
         TEMPLATES,
         sample,
-        "world_stripes",
+        "world_shades",
         descriptions=descriptions,
     )
 
 
-def _count_task() -> TaskSpec:
-    names = ["one shape", "two shapes", "three shapes", "four shapes"]
+COUNT_CLASSES: tuple[tuple[int, bool | None], ...] = (
+    (1, None),
+    *((n, alike) for n in (2, 3, 4) for alike in (True, False)),
+)
 
+
+def count_classname(count: int, alike: bool | None) -> str:
+    """``"one shape"``, ``"two identical shapes"``, ``"two different shapes"``, ..."""
+    if count == 1:
+        return "one shape"
+    return f"{NUMBERS[count - 1]} {'identical' if alike else 'different'} shapes"
+
+
+def _count_task() -> TaskSpec:
     def sample(label: int, rng: random.Random) -> Scene:
-        n = label + 1
+        n, alike = COUNT_CLASSES[label]
         while True:
             sizes = sample_sizes(rng, n)
+            if alike:
+                sizes = [sizes[0]] * n
             corners = place(rng, sizes)
             if corners is not None:
                 break
-        same = rng.random() < 0.5
         first = random_object(rng, sizes[0], *corners[0])
+        if alike:
+            return _scene(rng, [first._replace(x=x, y=y) for x, y in corners])
         objs = [first]
         for size, (x, y) in zip(sizes[1:], corners[1:], strict=True):
-            objs.append(
-                first._replace(size=size, x=x, y=y) if same else random_object(rng, size, x, y)
-            )
+            other = random_object(rng, size, x, y)
+            # "different": no two objects share shape and colour.
+            while any((o.shape, o.colour) == (other.shape, other.colour) for o in objs):
+                other = random_object(rng, size, x, y)
+            objs.append(other)
         return _scene(rng, objs)
 
-    descriptions = {n: describe_count(i + 1) for i, n in enumerate(names)}
+    names = [count_classname(n, alike) for n, alike in COUNT_CLASSES]
+    descriptions = {
+        name: describe_count(n, alike)
+        for name, (n, alike) in zip(names, COUNT_CLASSES, strict=True)
+    }
     return TaskSpec(
         "world_count",
         names,
@@ -270,27 +296,57 @@ def _relation_task() -> TaskSpec:
     )
 
 
-def _composite_task() -> TaskSpec:
-    classes = [(s, c) for s in SHAPES for c in COLOURS]
+@dataclass(frozen=True)
+class Kind:
+    """A ``world_composite`` class: an invented name for a colour, habitat (background) and
+    size; any shape and pattern."""
+
+    name: str
+    colour: str
+    background: str
+    size: str
+
+
+def kind_table(seed: int = 0) -> list[Kind]:
+    """The 60 kinds: 60 of the 8 x 5 x 3 colour x habitat x size combinations, drawn from
+    ``seed`` so every colour has 7 or 8 kinds (the colour narrows a kind down to about eight;
+    habitat and size, the traits the descriptions name less, tell them apart)."""
+    rng = random.Random(f"kind-table:{seed}")
+    per_colour = [len(KIND_NAMES) // len(COLOURS)] * len(COLOURS)
+    for i in rng.sample(range(len(COLOURS)), len(KIND_NAMES) % len(COLOURS)):
+        per_colour[i] += 1
+    combos = []
+    for colour, n in zip(COLOURS, per_colour, strict=True):
+        pool = [(b, z) for b in BACKGROUNDS for z in SIZES]
+        combos += [(colour, b, z) for b, z in rng.sample(pool, n)]
+    rng.shuffle(combos)
+    return [Kind(name, *c) for name, c in zip(KIND_NAMES, combos, strict=True)]
+
+
+def _composite_task(seed: int) -> TaskSpec:
+    table = kind_table(seed)
 
     def sample(label: int, rng: random.Random) -> Scene:
-        shape, colour = classes[label]
+        kind = table[label]
+        objects = [_single(rng, (kind.size,), colour=kind.colour, shade="normal")]
         if rng.random() < 0.5:
-            sizes = [rng.choice(("medium", "large")), "small"]
-            corners = place(rng, sizes)
+            corners = place(rng, [kind.size, "small"])
             if corners is not None:
-                target = random_object(rng, sizes[0], *corners[0], shape=shape, colour=colour)
                 other = random_object(rng, "small", *corners[1])
-                while other.shape == shape and other.colour == colour:
+                while other.colour == kind.colour:
                     other = random_object(rng, "small", *corners[1])
-                return _scene(rng, [target, other])
-        return _scene(rng, [_single(rng, ("medium", "large"), shape=shape, colour=colour)])
+                target = random_object(
+                    rng, kind.size, *corners[0], colour=kind.colour, shade="normal"
+                )
+                objects = [target, other]
+        return Scene(kind.background, rng.randrange(_BG_VARIANTS), tuple(objects))
 
-    names = [f"{c} {s}" for s, c in classes]
-    descriptions = {n: describe_composite(*c) for n, c in zip(names, classes, strict=True)}
+    descriptions = {
+        k.name: describe_kind(k.name, k.colour, k.background, k.size, seed) for k in table
+    }
     return TaskSpec(
         "world_composite",
-        names,
+        [k.name for k in table],
         TEMPLATES[0],
         TEMPLATES,
         sample,
@@ -302,7 +358,7 @@ def _composite_task() -> TaskSpec:
 def world_tasks(seed: int = 0) -> list[TaskSpec]:
     """Every world dataset's specification, source tasks first, then the shifted variants."""
     species = _species_task(seed)
-    tasks = [species, _stripes_task(), _count_task(), _relation_task(), _composite_task()]
+    tasks = [species, _shades_task(), _count_task(), _relation_task(), _composite_task(seed)]
     for style in SHIFT_STYLES:
         tasks.append(
             TaskSpec(

@@ -90,17 +90,43 @@ def probe_logits(w: Tensor, x: Tensor) -> Tensor:
     return 10 * torch.cat([x, torch.ones(len(x), 1)], dim=1) @ w
 
 
+def _relation_scenes(rng: Any, n: int) -> tuple[list[Any], list[str]]:
+    """Two-object scenes with two different colours and a clear relation, labelled with the
+    relation of the object whose colour name sorts first to the other one."""
+    from clipadapt.world.captions import relation
+    from clipadapt.world.generator import BACKGROUNDS, Scene, place, random_object, sample_sizes
+
+    scenes, labels = [], []
+    while len(scenes) < n:
+        sizes = sample_sizes(rng, 2)
+        corners = place(rng, sizes)
+        if corners is None:
+            continue
+        a, b = (random_object(rng, z, *c) for z, c in zip(sizes, corners, strict=True))
+        (ax, ay), (bx, by) = a.centre, b.centre
+        if a.colour == b.colour or abs(abs(ax - bx) - abs(ay - by)) <= 4:
+            continue
+        first, second = (a, b) if a.colour < b.colour else (b, a)
+        scenes.append(Scene(rng.choice(BACKGROUNDS), rng.randrange(8), (first, second)))
+        labels.append(relation(first, second))
+    return scenes, labels
+
+
 @torch.no_grad()
 def attribute_probes(
     model: torch.nn.Module, n_images: int = 6000, seed: int = 5
 ) -> dict[str, dict[str, float]]:
-    """What the image features carry: a linear probe per attribute on one-object scenes.
+    """What the image features carry: a linear probe per attribute on generated scenes.
 
-    ``n_images`` generated single-object scenes; the first two thirds train, the rest are
-    scored. Each attribute gets a 16-shot probe and one on every training image (orientation:
-    striped objects only). The better of two weight decays on the scored part is reported:
-    an upper bound meant for diagnosis (does the tower carry the attribute at all?), never a
-    method comparison, and these scenes are not any dataset's test split.
+    ``n_images`` one-object scenes for the object attributes and the background, and half as
+    many scenes for each of two scene attributes: the object count (1-4 objects) and the
+    relation between two objects of different colours (of the object whose colour name sorts
+    first to the other; the shapes vary freely, so only a binding of colour and position
+    tells it). In each set the first two thirds train and the rest are scored. Each attribute
+    gets a 16-shot probe and one on every training image (orientation: striped objects only).
+    The better of two weight decays on the scored part is reported: an upper bound meant for
+    diagnosis (does the tower carry the attribute at all?), never a method comparison, and
+    these scenes are not any dataset's test split.
     """
     import random
 
@@ -109,26 +135,37 @@ def attribute_probes(
     from clipadapt.world.generator import render, sample_scene
     from clipadapt.world.pretrain import images_to_tensor
 
+    def encode(scenes: list[Any]) -> Tensor:
+        x = images_to_tensor(np.stack([render(sc, "normal", i) for i, sc in enumerate(scenes)]))
+        return torch.cat(
+            [
+                F.normalize(model.encode_image(x[i : i + 500]).float(), dim=-1)
+                for i in range(0, len(x), 500)
+            ]
+        )
+
     rng = random.Random(seed)
-    scenes = [sample_scene(rng, 1) for _ in range(n_images)]
-    x = images_to_tensor(np.stack([render(sc, "normal", i) for i, sc in enumerate(scenes)]))
-    feats = torch.cat(
-        [
-            F.normalize(model.encode_image(x[i : i + 500]).float(), dim=-1)
-            for i in range(0, len(x), 500)
-        ]
-    )
-    objects = [sc.objects[0] for sc in scenes]
-    values = {
-        "colour": [o.colour for o in objects],
-        "shape": [o.shape for o in objects],
-        "texture": [o.texture for o in objects],
-        "size": [o.size for o in objects],
-        "background": [sc.background for sc in scenes],
-        "orientation": [o.orientation if o.texture == "striped" else None for o in objects],
+    singles = [sample_scene(rng, 1) for _ in range(n_images)]
+    counted = [sample_scene(rng, rng.randint(1, 4)) for _ in range(n_images // 2)]
+    pairs, relations = _relation_scenes(rng, n_images // 2)
+    single_feats = encode(singles)
+    objects = [sc.objects[0] for sc in singles]
+    groups: dict[str, tuple[Tensor, list[Any]]] = {
+        "colour": (single_feats, [o.colour for o in objects]),
+        "shape": (single_feats, [o.shape for o in objects]),
+        "texture": (single_feats, [o.texture for o in objects]),
+        "size": (single_feats, [o.size for o in objects]),
+        "shade": (single_feats, [o.shade for o in objects]),
+        "background": (single_feats, [sc.background for sc in singles]),
+        "orientation": (
+            single_feats,
+            [o.orientation if o.texture == "striped" else None for o in objects],
+        ),
+        "count": (encode(counted), [len(sc.objects) for sc in counted]),
+        "relation": (encode(pairs), relations),
     }
     out = {}
-    for name, vals in values.items():
+    for name, (feats, vals) in groups.items():
         keep = torch.tensor([i for i, v in enumerate(vals) if v is not None])
         classes = sorted({v for v in vals if v is not None})
         y = torch.tensor([classes.index(vals[i]) for i in keep.tolist()])
@@ -186,7 +223,7 @@ def evaluate_world_model(
         names: only these datasets (shifted sets need their source in the list).
         threads: torch CPU threads while evaluating (restored afterwards); 1 by default because
             on a shared CPU more threads were several times slower; None keeps torch's.
-        probe_attributes: add :func:`attribute_probes` (about 20 s) as ``"attribute_probes"``.
+        probe_attributes: add :func:`attribute_probes` (about 30 s) as ``"attribute_probes"``.
 
     Returns:
         ``{"datasets": {name: {...}}, "summary": {...}, "recipe": {...}, "attribute_probes":

@@ -6,7 +6,8 @@ image costs a handful of numpy slice assignments. Everything is deterministic gi
 :class:`WorldGenerator` draws scenes with :class:`random.Random` (scalar draws are far cheaper
 than numpy's) and every noisy asset is built once from a fixed numpy seed.
 
-Attributes of an object: shape, colour, texture (with a stripe orientation), size and position;
+Attributes of an object: shape, colour (with a shade: pale, normal or deep), texture (with a
+stripe orientation), size and position;
 scene attributes: background, object count and the pairwise relations implied by positions.
 
 Example:
@@ -50,6 +51,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 125, 190),
     "cyan": (50, 210, 220),
 }
+# Shades of a colour: pale (mixed with white), normal, deep (darkened). Drawn with these weights.
+SHADES: tuple[str, ...] = ("pale", "normal", "deep")
+SHADE_WEIGHTS: tuple[float, ...] = (0.2, 0.6, 0.2)
+_PALE_WHITE = 0.45  # share of white mixed into a pale colour
+_DEEP_FACTOR = 0.55  # brightness kept by a deep colour
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered")
 ORIENTATIONS: tuple[str, ...] = ("horizontal", "vertical", "diagonal")
 SIZES: dict[str, int] = {"small": 12, "medium": 18, "large": 26}
@@ -73,6 +79,12 @@ class WorldObject(NamedTuple):
     x: int
     y: int
     orientation: str = "horizontal"  # only meaningful for striped objects
+    shade: str = "normal"
+
+    @property
+    def look(self) -> tuple[str, str, str, str, str]:
+        """What two copies of an object share: shape, colour, texture, size and shade."""
+        return self.shape, self.colour, self.texture, self.size, self.shade
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -154,11 +166,11 @@ def texture_pattern(texture: str, orientation: str = "horizontal") -> np.ndarray
         return None
     if texture == "striped":
         coord = {"horizontal": yy, "vertical": xx, "diagonal": xx + yy}[orientation]
-        return (coord % 4) < 2
+        return (coord % 6) < 3
     if texture == "dotted":
-        return ((yy % 5) < 2) & ((xx % 5) < 2)
+        return ((yy % 7) < 3) & ((xx % 7) < 3)
     if texture == "checkered":
-        return ((yy // 3) + (xx // 3)) % 2 == 0
+        return ((yy // 4) + (xx // 4)) % 2 == 0
     raise ValueError(f"unknown texture {texture!r}")
 
 
@@ -210,11 +222,24 @@ def background_bank(kind: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- render
 
 
+def shade_rgb(colour: str, shade: str = "normal") -> np.ndarray:
+    """RGB (float array) of ``colour`` in ``shade``, before the per-object jitter."""
+    rgb = np.asarray(COLOURS[colour], dtype=float)
+    if shade == "pale":
+        return (1 - _PALE_WHITE) * rgb + _PALE_WHITE * 255.0
+    if shade == "deep":
+        return _DEEP_FACTOR * rgb
+    if shade != "normal":
+        raise ValueError(f"unknown shade {shade!r}; expected one of {SHADES}")
+    return rgb
+
+
 def _paint(canvas: np.ndarray, obj: WorldObject, jitter: np.ndarray, sketch: bool) -> None:
     s = SIZES[obj.size]
     mask = outline_mask(obj.shape, obj.size) if sketch else shape_mask(obj.shape, obj.size)
     region = canvas[obj.y : obj.y + s, obj.x : obj.x + s]
-    colour = np.clip(np.asarray(COLOURS[obj.colour]) + jitter, 0, 255)
+    colour = shade_rgb(obj.colour, obj.shade) + jitter
+    colour = np.clip(colour, 0, 255)
     if sketch:
         # Outline drawings: dark line work of the object's colour, no texture fill.
         region[mask] = (colour * 0.55).astype(np.uint8)
@@ -285,7 +310,8 @@ def place(
 
 
 def random_object(rng: random.Random, size: str, x: int, y: int, **fixed: str) -> WorldObject:
-    """An object with uniformly drawn attributes, except those given in ``fixed``."""
+    """An object with uniformly drawn attributes (the shade with :data:`SHADE_WEIGHTS`),
+    except those given in ``fixed``."""
     return WorldObject(
         shape=fixed.get("shape") or rng.choice(SHAPES),
         colour=fixed.get("colour") or rng.choice(tuple(COLOURS)),
@@ -294,6 +320,7 @@ def random_object(rng: random.Random, size: str, x: int, y: int, **fixed: str) -
         x=x,
         y=y,
         orientation=fixed.get("orientation") or rng.choice(ORIENTATIONS),
+        shade=fixed.get("shade") or rng.choices(SHADES, SHADE_WEIGHTS)[0],
     )
 
 
@@ -333,6 +360,109 @@ def sample_scene(rng: random.Random, n_objects: int | None = None, same: bool = 
 TWIN_KINDS: tuple[str, ...] = ("shape", "texture", "orientation", "swap")
 
 
+def _applicable_kinds(objs: Sequence[WorldObject], kinds: Sequence[str]) -> list[str]:
+    applicable = [k for k in ("shape", "texture") if k in kinds]
+    if "orientation" in kinds and any(o.texture == "striped" for o in objs):
+        applicable.append("orientation")
+    if "swap" in kinds and len(objs) == 2 and objs[0].look != objs[1].look:
+        applicable.append("swap")
+    return applicable
+
+
+def _draw_new(rng: random.Random, options: list[str], n: int) -> list[str]:
+    # One value is drawn with choice() so that pairs (n = 1) keep the draws of the pair-only
+    # generator that trained earlier checkpoints.
+    return [rng.choice(options)] if n == 1 else rng.sample(options, min(n, len(options)))
+
+
+def _rotated_pair(a: WorldObject, b: WorldObject, quarter_turns: int) -> list[WorldObject]:
+    """``a`` and ``b`` moved so the offset between their centres turns by 90 degrees x
+    ``quarter_turns`` about its midpoint (2: the positions swapped, the relation reversed)."""
+    (ax, ay), (bx, by) = a.centre, b.centre
+    mx, my, dx, dy = (ax + bx) / 2, (ay + by) / 2, (bx - ax) / 2, (by - ay) / 2
+    for _ in range(quarter_turns % 4):
+        dx, dy = -dy, dx
+
+    def moved(obj: WorldObject, cx: float, cy: float) -> WorldObject:
+        half, limit = SIZES[obj.size] / 2, IMAGE_SIZE - SIZES[obj.size]
+        x = int(min(max(round(cx - half), 0), limit))
+        y = int(min(max(round(cy - half), 0), limit))
+        return obj._replace(x=x, y=y)
+
+    return [moved(a, mx - dx, my - dy), moved(b, mx + dx, my + dy)]
+
+
+def _overlap(a: WorldObject, b: WorldObject) -> bool:
+    sa, sb = SIZES[a.size], SIZES[b.size]
+    return not (a.x + sa < b.x or b.x + sb < a.x or a.y + sa < b.y or b.y + sb < a.y)
+
+
+def twin_family(
+    scene: Scene,
+    rng: random.Random,
+    kinds: Sequence[str] = TWIN_KINDS,
+    size: int = 2,
+    weights: Sequence[float] | None = None,
+) -> tuple[list[Scene], str] | None:
+    """Up to ``size - 1`` minimal-pair variants of ``scene``, all changing the same attribute.
+
+    The attribute is one that colour, count and background do not reveal (see
+    :func:`twin_scene`); a family of ``k`` variants gives the contrastive loss ``k`` hard
+    negatives at once that differ from each other only there (four shapes of the same red
+    striped object, say). Shape families change one shape into up to 7 others, texture
+    families into up to 3, orientation families into up to 2, and relation families
+    (``"swap"``) turn the offset between two objects by 180, 90 and 270 degrees, keeping the
+    variants whose objects stay apart and whose relation is new.
+
+    Args:
+        scene: the scene to vary.
+        rng: source of randomness.
+        kinds: the changes to draw from (a subset of :data:`TWIN_KINDS`).
+        size: family size including ``scene`` (2: one twin).
+        weights: relative weight of each of ``kinds`` (None: uniform over the applicable ones).
+
+    Returns:
+        (variants, kind), or None when no change applies.
+    """
+    objs = list(scene.objects)
+    applicable = _applicable_kinds(objs, kinds)
+    if not applicable or size < 2:
+        return None
+    if weights is None:
+        kind = rng.choice(applicable)
+    else:
+        table = dict(zip(kinds, weights, strict=True))
+        kind = rng.choices(applicable, [table[k] for k in applicable])[0]
+    n = size - 1
+    variants: list[list[WorldObject]] = []
+    if kind == "shape":
+        old = rng.choice(objs).shape
+        for new in _draw_new(rng, [s for s in SHAPES if s != old], n):
+            variants.append([o._replace(shape=new) if o.shape == old else o for o in objs])
+    elif kind == "texture":
+        old = rng.choice(objs).texture
+        for new in _draw_new(rng, [t for t in TEXTURES if t != old], n):
+            variants.append([o._replace(texture=new) if o.texture == old else o for o in objs])
+    elif kind == "orientation":
+        current = next(o for o in objs if o.texture == "striped").orientation
+        for new in _draw_new(rng, [r for r in ORIENTATIONS if r != current], n):
+            variants.append(
+                [o._replace(orientation=new) if o.texture == "striped" else o for o in objs]
+            )
+    else:
+        from clipadapt.world.captions import relation
+
+        seen = {relation(*objs)}
+        for turns in (2, 1, 3)[:n]:
+            moved = _rotated_pair(objs[0], objs[1], turns)
+            if not _overlap(*moved) and relation(*moved) not in seen:
+                seen.add(relation(*moved))
+                variants.append(moved)
+    twins = [scene._replace(objects=tuple(v)) for v in variants]
+    twins = [t for t in twins if t != scene]
+    return (twins, kind) if twins else None
+
+
 def twin_scene(
     scene: Scene, rng: random.Random, kinds: Sequence[str] = TWIN_KINDS
 ) -> tuple[Scene, str] | None:
@@ -342,40 +472,8 @@ def twin_scene(
     positions of two objects swapped (the relation flips). ``kinds`` restricts the changes
     drawn from. Returns (twin, kind), or None when no change applies.
     """
-    objs = list(scene.objects)
-    applicable = [k for k in ("shape", "texture") if k in kinds]
-    if "orientation" in kinds and any(o.texture == "striped" for o in objs):
-        applicable.append("orientation")
-    if "swap" in kinds and len(objs) == 2 and objs[0][:4] != objs[1][:4]:
-        applicable.append("swap")
-    if not applicable:
-        return None
-    kind = rng.choice(applicable)
-    if kind == "shape":
-        old = rng.choice(objs).shape
-        new = rng.choice([s for s in SHAPES if s != old])
-        objs = [o._replace(shape=new) if o.shape == old else o for o in objs]
-    elif kind == "texture":
-        old = rng.choice(objs).texture
-        new = rng.choice([t for t in TEXTURES if t != old])
-        objs = [o._replace(texture=new) if o.texture == old else o for o in objs]
-    elif kind == "orientation":
-        striped = [o for o in objs if o.texture == "striped"]
-        new = rng.choice([r for r in ORIENTATIONS if r != striped[0].orientation])
-        objs = [o._replace(orientation=new) if o.texture == "striped" else o for o in objs]
-    else:
-        a, b = objs
-        (ax, ay), (bx, by) = a.centre, b.centre
-
-        def moved(obj: WorldObject, cx: float, cy: float) -> WorldObject:
-            half, limit = SIZES[obj.size] / 2, IMAGE_SIZE - SIZES[obj.size]
-            x = int(min(max(round(cx - half), 0), limit))
-            y = int(min(max(round(cy - half), 0), limit))
-            return obj._replace(x=x, y=y)
-
-        objs = [moved(a, bx, by), moved(b, ax, ay)]
-    twin = scene._replace(objects=tuple(objs))
-    return (twin, kind) if twin != scene else None
+    family = twin_family(scene, rng, kinds)
+    return None if family is None else (family[0][0], family[1])
 
 
 class WorldGenerator:
@@ -390,6 +488,11 @@ class WorldGenerator:
             background tell almost every pair apart, so the contrastive loss barely needs shape,
             texture, orientation or relations; twins make it need them.
         twin_kinds: the changes a twin may carry (a subset of :data:`TWIN_KINDS`).
+        family_size: scenes per twin family, the original included (2: one twin; up to 8
+            for shape families, see :func:`twin_family`). Larger families put several hard
+            negatives that differ only in the changed attribute into the same batch.
+        twin_weights: relative weight of each of ``twin_kinds`` (None: uniform over the
+            kinds that apply to the scene).
         caption_config: options forwarded to :func:`clipadapt.world.captions.caption`.
 
     Example:
@@ -401,14 +504,29 @@ class WorldGenerator:
         group_prob: float = 0.3,
         twin_prob: float = 0.0,
         twin_kinds: Sequence[str] = TWIN_KINDS,
+        family_size: int = 2,
+        twin_weights: Sequence[float] | None = None,
         **caption_config: float,
     ) -> None:
         unknown = sorted(set(twin_kinds) - set(TWIN_KINDS))
         if unknown or not twin_kinds:
             raise ValueError(f"twin kinds {list(twin_kinds)}: expected a subset of {TWIN_KINDS}")
+        if family_size < 2:
+            raise ValueError(
+                f"family_size must be at least 2 (a scene and a twin), got {family_size}"
+            )
+        if twin_weights is not None and (
+            len(twin_weights) != len(twin_kinds) or min(twin_weights) < 0 or sum(twin_weights) <= 0
+        ):
+            raise ValueError(
+                f"twin_weights {list(twin_weights)}: need one non-negative weight per twin kind "
+                f"{list(twin_kinds)}, not all zero"
+            )
         self.group_prob = group_prob
         self.twin_prob = twin_prob
         self.twin_kinds = tuple(twin_kinds)
+        self.family_size = family_size
+        self.twin_weights = None if twin_weights is None else tuple(twin_weights)
         self.caption_config = caption_config
 
     def batch(self, n: int, seed: int) -> tuple[np.ndarray, list[str], list[Scene]]:
@@ -433,23 +551,24 @@ class WorldGenerator:
         while i < n:
             count = rng.choices((1, 2, 3, 4), (0.4, 0.3, 0.15, 0.15))[0]
             scene = sample_scene(rng, count, same=count > 1 and rng.random() < self.group_prob)
-            twin = None
+            family = None
             if self.twin_prob > 0 and i + 1 < n and rng.random() < self.twin_prob:
-                twin = twin_scene(scene, rng, self.twin_kinds)
+                size = min(self.family_size, n - i)
+                family = twin_family(scene, rng, self.twin_kinds, size, self.twin_weights)
             render_seed = rng.getrandbits(32)
             config = dict(self.caption_config)
-            if twin is not None:
-                config.update(forced[twin[1]])
+            if family is not None:
+                config.update(forced[family[1]])
             phrasing = rng.getstate()
             images[i] = render(scene, "normal", render_seed)
             captions.append(caption(scene, rng, **config))
             scenes.append(scene)
             i += 1
-            if twin is not None:
+            for twin in family[0] if family is not None else ():
                 twin_rng = random.Random()
                 twin_rng.setstate(phrasing)  # same phrasing choices, one attribute changed
-                images[i] = render(twin[0], "normal", render_seed)
-                captions.append(caption(twin[0], twin_rng, **config))
-                scenes.append(twin[0])
+                images[i] = render(twin, "normal", render_seed)
+                captions.append(caption(twin, twin_rng, **config))
+                scenes.append(twin)
                 i += 1
         return images, captions, scenes

@@ -86,6 +86,9 @@ def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the shipped file private
     save_file(state, tmp)
     os.replace(tmp, path)
 
@@ -105,6 +108,8 @@ def pretrain(
     init: str | Path | None = None,
     step_offset: int = 0,
     twin_prob: float = 0.0,
+    family_size: int = 2,
+    twin_weights: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """Train the world CLIP contrastively and write its checkpoint and model card.
 
@@ -127,6 +132,9 @@ def pretrain(
             batches the first run never saw (use the first run's ``steps``).
         twin_prob: share of scenes followed by a minimal-pair twin in their batch (see
             :class:`~clipadapt.world.generator.WorldGenerator`).
+        family_size: scenes per twin family, the original included (2: a single twin).
+        twin_weights: relative weights of the twin kinds, in
+            :data:`~clipadapt.world.generator.TWIN_KINDS` order (None: uniform).
 
     Returns:
         The model card (also written as JSON).
@@ -170,7 +178,7 @@ def pretrain(
         eps=1e-6,
     )
     loss_fn = open_clip.ClipLoss()
-    gen = WorldGenerator(twin_prob=twin_prob)
+    gen = WorldGenerator(twin_prob=twin_prob, family_size=family_size, twin_weights=twin_weights)
     curve: list[dict[str, float]] = []
     window: list[float] = []
     start = time.perf_counter()
@@ -214,6 +222,8 @@ def pretrain(
                 step_offset=step_offset,
                 init_card=init_card,
                 twin_prob=twin_prob,
+                family_size=family_size,
+                twin_weights=twin_weights,
             )
             save_checkpoint(model, out_path)
             write_card(card, card_path)
@@ -249,15 +259,19 @@ def _card(tokenizer: WordTokenizer, **run: Any) -> dict[str, Any]:
         },
         "loss": "open_clip.ClipLoss (symmetric InfoNCE, learned temperature clamped at 100)",
         "data_recipe": (
-            f"WorldGenerator(twin_prob={run['twin_prob']}): 1-4 objects (weights "
+            f"WorldGenerator(twin_prob={run['twin_prob']}, family_size={run['family_size']}, "
+            f"twin_weights={run['twin_weights']}): 1-4 objects (weights "
             ".4/.3/.15/.15), 30 % of multi-object scenes are groups of identical objects, each "
-            "scene followed by its minimal-pair twin (shape, texture, stripe orientation or "
-            "swapped positions changed) with probability twin_prob; captions from "
+            "scene followed with probability twin_prob by up to family_size - 1 minimal-pair "
+            "twins that all change the same attribute (shape, texture, stripe orientation or "
+            "the two objects' relative position; kind drawn with twin_weights); captions from "
             "clipadapt.world.captions.caption defaults; batch of step s drawn with seed = "
             "seed * 1000003 + step_offset + s"
         ),
         "twin_prob": run["twin_prob"],
         "twin_kinds": list(TWIN_KINDS),
+        "family_size": run["family_size"],
+        "twin_weights": None if run["twin_weights"] is None else list(run["twin_weights"]),
         "command": run["command"],
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),

@@ -9,9 +9,8 @@ from __future__ import annotations
 import random
 
 from clipadapt.world.captions import (
+    BACKGROUND_WORDS,
     NUMBERS,
-    ORIENT_ADJ,
-    ORIENT_SUFFIX,
     RELATION_WORDS,
     SIZE_WORDS,
     TEXTURE_ADJ,
@@ -19,7 +18,7 @@ from clipadapt.world.captions import (
     caption_words,
     with_article,
 )
-from clipadapt.world.generator import COLOURS, ORIENTATIONS, SHAPES
+from clipadapt.world.generator import COLOURS, SHAPES
 from clipadapt.world.tokenizer import WordTokenizer, split_words
 
 # Invented names: never seen in pre-training captions, so a name alone carries nothing.
@@ -45,6 +44,18 @@ SPECIES_NAMES: tuple[str, ...] = (
     "yulo",
     "cravet",
 )
+
+# Invented names of the 60 kinds of ``world_composite`` (kept apart from the species names).
+KIND_NAMES: tuple[str, ...] = (
+    "baigick", "basosk", "beevil", "boulo", "bradat", "brainur", "bresux", "brimut",
+    "brovack", "dekax", "dreetur", "driren", "driset", "felat", "fouver", "gaisun",
+    "gasisk", "gevund", "gleenu", "gligem", "gokan", "kamund", "konan", "konusk",
+    "krotind", "krulor", "muzot", "noutut", "peerox", "pidin", "pletel", "plitux",
+    "plogack", "plusom", "pouson", "pouvick", "rairat", "rubar", "sheedit", "shezin",
+    "shivack", "silin", "skeenux", "staret", "steenol", "stubisk", "sutax", "tairund",
+    "tekor", "thagul", "thurem", "trezum", "trodux", "trurin", "vake", "vebisk",
+    "vugir", "vumim", "zeesu", "zidask",
+)  # fmt: skip
 
 TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -104,20 +115,15 @@ def describe_species(
     return [form.format(**fields) for form in _DESCRIPTION_FORMS]
 
 
-def describe_stripes(shape: str, orientation: str) -> list[str]:
-    """Sentences describing a striped shape whose class is its stripe orientation."""
-    adj, suffix = ORIENT_ADJ[orientation], ORIENT_SUFFIX[orientation]
-    return [
-        f"{with_article(adj)} {shape}.",
-        f"a photo of a striped {shape} {suffix}.",
-        f"a {shape} {suffix}.",
-        f"the stripes of the {shape} run {orientation}.",
-        f"a {shape} shape covered in {orientation} stripes.",
-    ]
+def describe_count(count: int, alike: bool | None = None) -> list[str]:
+    """Sentences describing a scene of ``count`` objects.
 
-
-def describe_count(count: int) -> list[str]:
-    """Sentences describing a scene of ``count`` objects."""
+    ``alike`` True: the objects are identical copies; False: no two are identical; None:
+    either (one object, or a count-only class). The words for sameness ("identical",
+    "different", ...) never occur in pre-training captions, only the group phrasings do ("a
+    group of three ...", "... together"), so these descriptions tell alike from mixed scenes
+    only through the phrasing real captions use for groups.
+    """
     word = NUMBERS[count - 1]
     if count == 1:
         return [
@@ -127,12 +133,28 @@ def describe_count(count: int) -> list[str]:
             "a photo of one shape alone.",
             "there is only one object.",
         ]
+    if alike is None:
+        return [
+            f"{word} shapes.",
+            f"a group of {word} objects.",
+            f"exactly {word} shapes together.",
+            f"a photo of {word} objects.",
+            f"there are {word} shapes.",
+        ]
+    if alike:
+        return [
+            f"{word} identical shapes.",
+            f"a group of {word} shapes that are all the same.",
+            f"{word} copies of one shape together.",
+            f"exactly {word} shapes of the same kind.",
+            f"a photo of {word} alike objects.",
+        ]
     return [
-        f"{word} shapes.",
-        f"a group of {word} objects.",
-        f"exactly {word} shapes together.",
-        f"a photo of {word} objects.",
-        f"there are {word} shapes.",
+        f"{word} different shapes.",
+        f"{word} shapes of different kinds.",
+        f"{word} unlike objects.",
+        f"exactly {word} shapes, each one different.",
+        f"a photo of {word} mixed objects.",
     ]
 
 
@@ -148,15 +170,69 @@ def describe_relation(first: str, rel: str, second: str) -> list[str]:
     ]
 
 
-def describe_composite(shape: str, colour: str) -> list[str]:
-    """Sentences describing one coloured shape, possibly beside a small other object."""
-    return [
-        f"{with_article(colour)} {shape}.",
-        f"a {shape} that is {colour}.",
-        f"a photo of {with_article(colour)} {shape}.",
-        f"a {colour} shape which looks like a {shape}.",
-        f"{with_article(colour)} {shape} next to a small other object.",
-    ]
+# Kind descriptions: the colour is named in most sentences, the habitat (background) in two and
+# the size in one, as the species descriptions dwell on the salient trait; the shape and the
+# pattern are free (a kind comes in every shape and pattern).
+_KIND_FORMS: tuple[str, ...] = (
+    "{a} {n} is {full} shape.",
+    "a photo of {a} {n}, which is {colour}.",
+    "{a} {n} is always {colour}.",
+    "the body of {a} {n} is {colour}.",
+    "{a} {n} can have any shape and pattern.",
+    "{a} {n} lives {habitat}.",
+    "you can recognise {a} {n} by its {colour} colour.",
+    "{a} {n} looks like {colour_shape} {habitat}.",
+)
+
+
+def describe_kind(name: str, colour: str, background: str, size: str, seed: int = 0) -> list[str]:
+    """Sentences describing one ``world_composite`` kind: colour, habitat (the background) and
+    size; any shape and pattern."""
+    rng = random.Random(f"kind:{seed}:{name}")
+    fields = {
+        "n": name,
+        "a": "a",
+        "full": with_article(f"{rng.choice(SIZE_WORDS[size])} {colour}"),
+        "colour": colour,
+        "habitat": rng.choice(BACKGROUND_WORDS[background]),
+        "colour_shape": with_article(f"{colour} shape"),
+    }
+    return [form.format(**fields) for form in _KIND_FORMS]
+
+
+_SHADE_FORMS: dict[str, tuple[str, ...]] = {
+    "pale": (
+        "a pale {c} shape.",
+        "a shape in pastel {c}.",
+        "a {c} shape mixed with white.",
+        "a light {c} object.",
+        "a photo of a pale {c} object.",
+    ),
+    "normal": (
+        "a {c} shape.",
+        "a shape in pure {c}.",
+        "a {c} shape, neither pale nor deep.",
+        "a bright {c} object.",
+        "a photo of a {c} object.",
+    ),
+    "deep": (
+        "a deep {c} shape.",
+        "a shape in rich {c}.",
+        "a {c} shape mixed with black.",
+        "a dark {c} object.",
+        "a photo of a deep {c} object.",
+    ),
+}
+
+
+def shade_classname(colour: str, shade: str) -> str:
+    """``"pale red shape"``, ``"red shape"`` or ``"deep red shape"``."""
+    return f"{colour} shape" if shade == "normal" else f"{shade} {colour} shape"
+
+
+def describe_shade(colour: str, shade: str) -> list[str]:
+    """Sentences describing a shape of ``colour`` in ``shade`` (pale, normal or deep)."""
+    return [form.format(c=colour) for form in _SHADE_FORMS[shade]]
 
 
 EXTRA_WORDS = (
@@ -169,17 +245,21 @@ def world_vocabulary() -> list[str]:
     """Sorted word list covering captions, class names, descriptions and templates."""
     words = caption_words()
     words.update(SPECIES_NAMES)
+    words.update(KIND_NAMES)
     texts = [*TEMPLATES, *SCENE_TEMPLATES, NEGATIVE_TEMPLATE, EXTRA_WORDS]
     for shape in SHAPES:
-        for orientation in ORIENTATIONS:
-            texts += describe_stripes(shape, orientation)
-        for colour in COLOURS:
-            texts += describe_composite(shape, colour)
         for other in SHAPES:
             for rel in _INVERSE:
                 texts += describe_relation(shape, rel, other)
     for count in range(1, len(NUMBERS) + 1):
-        texts += describe_count(count)
+        for alike in (None, True, False):
+            texts += describe_count(count, alike)
+    for colour in COLOURS:
+        for shade in _SHADE_FORMS:
+            texts += [shade_classname(colour, shade), *describe_shade(colour, shade)]
+        for background in BACKGROUND_WORDS:
+            for size in SIZE_WORDS:
+                texts += describe_kind("velk", colour, background, size)
     for t in texts:
         words.update(split_words(t.replace("{}", " ")))
     return sorted(words)
