@@ -114,6 +114,13 @@ def relation(a: WorldObject, b: WorldObject) -> str:
     return "above" if ay < by else "below"
 
 
+def clear_relation(a: WorldObject, b: WorldObject, margin: float = 4.0) -> str | None:
+    """:func:`relation` of ``a`` to ``b`` when its axis dominates the other by more than
+    ``margin`` pixels, else None (a near-diagonal pair has no clear relation)."""
+    (ax, ay), (bx, by) = a.centre, b.centre
+    return relation(a, b) if abs(abs(ax - bx) - abs(ay - by)) > margin else None
+
+
 RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "left": LEFT,
     "right": RIGHT,

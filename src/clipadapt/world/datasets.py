@@ -46,7 +46,7 @@ from typing import Any
 from PIL import Image
 
 from clipadapt.exceptions import ConfigError, DatasetError
-from clipadapt.world.captions import NUMBERS, relation
+from clipadapt.world.captions import NUMBERS, clear_relation
 from clipadapt.world.generator import (
     _BG_VARIANTS,
     BACKGROUNDS,
@@ -278,9 +278,7 @@ def _relation_task() -> TaskSpec:
                 continue
             a = random_object(rng, sizes[0], *corners[0], shape=a_shape)
             b = random_object(rng, sizes[1], *corners[1], shape=b_shape)
-            (ax, ay), (bx, by) = a.centre, b.centre
-            # A clear relation: the dominant axis wins by a margin of 4 pixels.
-            if relation(a, b) == rel and abs(abs(ax - bx) - abs(ay - by)) > 4:
+            if clear_relation(a, b) == rel:
                 return _scene(rng, [a, b])
 
     names = [f"a {a} {_RELATION_NAME[r]} a {b}" for a, r, b in classes]
@@ -328,17 +326,15 @@ def _composite_task(seed: int) -> TaskSpec:
 
     def sample(label: int, rng: random.Random) -> Scene:
         kind = table[label]
-        objects = [_single(rng, (kind.size,), colour=kind.colour, shade="normal")]
-        if rng.random() < 0.5:
-            corners = place(rng, [kind.size, "small"])
-            if corners is not None:
+        corners = place(rng, [kind.size, "small"]) if rng.random() < 0.5 else None
+        if corners is None:
+            objects = [_single(rng, (kind.size,), colour=kind.colour, shade="normal")]
+        else:
+            target = random_object(rng, kind.size, *corners[0], colour=kind.colour, shade="normal")
+            other = random_object(rng, "small", *corners[1])
+            while other.colour == kind.colour:
                 other = random_object(rng, "small", *corners[1])
-                while other.colour == kind.colour:
-                    other = random_object(rng, "small", *corners[1])
-                target = random_object(
-                    rng, kind.size, *corners[0], colour=kind.colour, shade="normal"
-                )
-                objects = [target, other]
+            objects = [target, other]
         return Scene(kind.background, rng.randrange(_BG_VARIANTS), tuple(objects))
 
     descriptions = {

@@ -38,7 +38,7 @@ from typing import Any
 from PIL import Image
 
 from clipadapt.exceptions import ConfigError
-from clipadapt.world.captions import NUMBERS, relation
+from clipadapt.world.captions import NUMBERS, clear_relation
 from clipadapt.world.datasets import RELATION_PAIRS, RELATIONS
 from clipadapt.world.generator import (
     _BG_VARIANTS,
@@ -101,8 +101,7 @@ def _relation(rng: random.Random) -> tuple[dict[str, Any], Any]:
         while True:
             a, b = _objects(rng, 2)
             a, b = a._replace(shape=a_shape), b._replace(shape=b_shape)
-            (ax, ay), (bx, by) = a.centre, b.centre
-            if relation(a, b) == target and abs(abs(ax - bx) - abs(ay - by)) > 4:
+            if clear_relation(a, b) == target:
                 return _bg(rng, [a, b])
 
     words = {"left": "left of", "right": "right of", "above": "above", "below": "below"}

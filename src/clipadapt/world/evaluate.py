@@ -93,7 +93,7 @@ def probe_logits(w: Tensor, x: Tensor) -> Tensor:
 def _relation_scenes(rng: Any, n: int) -> tuple[list[Any], list[str]]:
     """Two-object scenes with two different colours and a clear relation, labelled with the
     relation of the object whose colour name sorts first to the other one."""
-    from clipadapt.world.captions import relation
+    from clipadapt.world.captions import clear_relation
     from clipadapt.world.generator import BACKGROUNDS, Scene, place, random_object, sample_sizes
 
     scenes, labels = [], []
@@ -103,12 +103,12 @@ def _relation_scenes(rng: Any, n: int) -> tuple[list[Any], list[str]]:
         if corners is None:
             continue
         a, b = (random_object(rng, z, *c) for z, c in zip(sizes, corners, strict=True))
-        (ax, ay), (bx, by) = a.centre, b.centre
-        if a.colour == b.colour or abs(abs(ax - bx) - abs(ay - by)) <= 4:
-            continue
         first, second = (a, b) if a.colour < b.colour else (b, a)
+        rel = clear_relation(first, second)
+        if a.colour == b.colour or rel is None:
+            continue
         scenes.append(Scene(rng.choice(BACKGROUNDS), rng.randrange(8), (first, second)))
-        labels.append(relation(first, second))
+        labels.append(rel)
     return scenes, labels
 
 

@@ -115,11 +115,11 @@ def describe_species(
     return [form.format(**fields) for form in _DESCRIPTION_FORMS]
 
 
-def describe_count(count: int, alike: bool | None = None) -> list[str]:
+def describe_count(count: int, alike: bool | None) -> list[str]:
     """Sentences describing a scene of ``count`` objects.
 
-    ``alike`` True: the objects are identical copies; False: no two are identical; None:
-    either (one object, or a count-only class). The words for sameness ("identical",
+    ``alike`` (ignored for one object) True: the objects are identical copies; False: no two
+    are identical. The words for sameness ("identical",
     "different", ...) never occur in pre-training captions, only the group phrasings do ("a
     group of three ...", "... together"), so these descriptions tell alike from mixed scenes
     only through the phrasing real captions use for groups.
@@ -132,14 +132,6 @@ def describe_count(count: int, alike: bool | None = None) -> list[str]:
             "exactly one object.",
             "a photo of one shape alone.",
             "there is only one object.",
-        ]
-    if alike is None:
-        return [
-            f"{word} shapes.",
-            f"a group of {word} objects.",
-            f"exactly {word} shapes together.",
-            f"a photo of {word} objects.",
-            f"there are {word} shapes.",
         ]
     if alike:
         return [
@@ -252,7 +244,7 @@ def world_vocabulary() -> list[str]:
             for rel in _INVERSE:
                 texts += describe_relation(shape, rel, other)
     for count in range(1, len(NUMBERS) + 1):
-        for alike in (None, True, False):
+        for alike in (True, False):
             texts += describe_count(count, alike)
     for colour in COLOURS:
         for shade in _SHADE_FORMS:
