@@ -10,8 +10,7 @@ Three names adapt a model::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from clipadapt._version import __version__
 from clipadapt.data.bundle import FeatureBundle, load_bundle
 from clipadapt.methods.base import (
     Adapter,

@@ -738,7 +738,7 @@ class Adapter:
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``state.safetensors`` (no pickle) into ``directory``."""
         check_is_fitted(self)
-        from clipadapt import __version__
+        from clipadapt._version import __version__
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -767,7 +767,7 @@ def load(directory: str | Path) -> Adapter:
     Raises:
         CheckpointError: the folder does not hold a saved adapter.
     """
-    from clipadapt import __version__
+    from clipadapt._version import __version__
 
     directory = Path(directory)
     config_path, state_path = directory / CONFIG_FILE, directory / STATE_FILE
