@@ -24,6 +24,7 @@ import clipadapt
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
 from clipadapt.methods import base
 from clipadapt.methods.base import Adapter, MethodCard
+from clipadapt.methods.constraints import positive
 from clipadapt.testing import (
     CHECKS,
     check_method,
@@ -74,10 +75,18 @@ def test_suite_has_all_25_checks() -> None:
 # fault it exists for (and that a correct method passes the whole suite).
 
 
+_TOY_CONSTRAINTS = {"temperature": positive()}
+
+
 class _ClassMeans(Adapter):
     """Nearest class mean, image-only and training-free: a correct method."""
 
-    card = MethodCard(name="meta_class_means", summary="class means", needs=("train",))
+    card = MethodCard(
+        name="meta_class_means",
+        summary="class means",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
 
     def __init__(self, temperature: float = 0.05) -> None:
         self.temperature = temperature
@@ -93,7 +102,12 @@ class _ClassMeans(Adapter):
 class _BatchNormalised(_ClassMeans):
     """Subtracts the batch mean at inference."""
 
-    card = MethodCard(name="meta_batch_stats", summary="uses batch statistics", needs=("train",))
+    card = MethodCard(
+        name="meta_batch_stats",
+        summary="uses batch statistics",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
 
     def _logits(self, features: Tensor) -> Tensor:
         logits = super()._logits(features)
@@ -103,7 +117,12 @@ class _BatchNormalised(_ClassMeans):
 class _MutatesInput(_ClassMeans):
     """Scales the caller's train features in place."""
 
-    card = MethodCard(name="meta_mutates", summary="mutates its input", needs=("train",))
+    card = MethodCard(
+        name="meta_mutates",
+        summary="mutates its input",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
 
     def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
         super()._fit(train, text, val)
@@ -113,7 +132,12 @@ class _MutatesInput(_ClassMeans):
 class _NumpyRandom(_ClassMeans):
     """Draws from numpy's global RNG."""
 
-    card = MethodCard(name="meta_numpy_rng", summary="draws from numpy's RNG", needs=("train",))
+    card = MethodCard(
+        name="meta_numpy_rng",
+        summary="draws from numpy's RNG",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
 
     def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
         super()._fit(train, text, val)
@@ -123,7 +147,12 @@ class _NumpyRandom(_ClassMeans):
 class _Collapsed(_ClassMeans):
     """Always predicts class 0."""
 
-    card = MethodCard(name="meta_collapsed", summary="predicts one class", needs=("train",))
+    card = MethodCard(
+        name="meta_collapsed",
+        summary="predicts one class",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
 
     def _logits(self, features: Tensor) -> Tensor:
         return torch.zeros(features.shape[0], self.n_classes_).index_fill_(1, torch.tensor([0]), 1)
@@ -132,7 +161,12 @@ class _Collapsed(_ClassMeans):
 class _TestPeeking(_ClassMeans):
     """Has a test argument in fit."""
 
-    card = MethodCard(name="meta_test_peeking", summary="fit takes test rows", needs=("train",))
+    card = MethodCard(
+        name="meta_test_peeking",
+        summary="fit takes test rows",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
 
     def fit(self, train, text=None, val=None, *, num_classes=None, test=None):  # noqa: ANN001, ANN201
         return super().fit(train, text, val, num_classes=num_classes)
@@ -147,6 +181,7 @@ class _WrongFormula(_ClassMeans):
         needs=("train",),
         trainable=True,
         param_formula="C * D + C",
+        constraints=_TOY_CONSTRAINTS,
     )
 
     def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
@@ -157,7 +192,12 @@ class _WrongFormula(_ClassMeans):
 class _IgnoresViewsButDiffers(_ClassMeans):
     """Reads views without declaring uses_views."""
 
-    card = MethodCard(name="meta_views", summary="uses views undeclared", needs=("train",))
+    card = MethodCard(
+        name="meta_views",
+        summary="uses views undeclared",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
 
     def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
         rows = train.features if train.views is None else train.views.mean(0)

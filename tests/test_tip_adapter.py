@@ -9,7 +9,8 @@ import torch
 
 from clipadapt import create_method
 from clipadapt.data.sets import EvaluationSet, TextFeatures, TrainSet, ValidationSet
-from clipadapt.methods.tip_adapter import search_alpha_beta, tip_grid
+from clipadapt.engine.search import search_blend
+from clipadapt.methods.tip_adapter import cache_logits, tip_grid
 
 
 def _unit(*rows: list[float]) -> torch.Tensor:
@@ -37,7 +38,7 @@ def test_tip_adapter_logits_match_hand_computation():
         expected.append(zero_shot[c] + 2.0 * math.exp(-3.0 * (1 - affinities[c])))
     got = method.logits(f)[0].tolist()
     assert got == pytest.approx(expected, rel=1e-5)
-    assert method.best_params_["source"] == "defaults (search disabled)"
+    assert method.best_params_["source"] == "default: search disabled"
 
 
 def test_zero_shot_logits_are_scaled_cosines():
@@ -53,28 +54,35 @@ def test_grid_matches_tip_adapter_formula():
     assert grid[-1] == pytest.approx(0.1 + 199 * 6.9 / 200) and max(grid) < 7.0
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_pruned_search_equals_brute_force(ties):
+@pytest.mark.parametrize("case", ["random", "ties", "negative"])
+def test_pruned_search_equals_brute_force(case):
     gen = torch.Generator().manual_seed(0)
     n, nk, c = 60, 40, 8
     zero_shot = torch.randn(n, c, generator=gen) * 3
     affinity = torch.rand(n, nk, generator=gen) * 2 - 1
-    if ties:  # integer text logits and equal cache logits: argmax must take the first maximum
+    if case == "ties":  # integer text logits and equal cache logits: argmax takes the first max
         zero_shot = torch.randint(0, 3, (n, c), generator=gen).float()
         affinity = torch.zeros(n, nk)
     key_labels = torch.arange(nk) % c
     labels = torch.randint(0, c, (n,), generator=gen)
     val = ValidationSet(torch.randn(n, 4, generator=gen), labels)
     betas, alphas = tip_grid(7, 15), tip_grid(10, 12)
-    got = search_alpha_beta(zero_shot, affinity, key_labels, val, betas, alphas)
+    # "negative": extra logits below zero break the pruning bound, so they are scored densely
+    shift = 0.5 if case == "negative" else 0.0
+
+    def extra_for(beta: float) -> torch.Tensor:
+        return cache_logits(affinity, key_labels, c, beta) - shift
+
+    got, acc = search_blend(zero_shot, extra_for, {"beta": betas, "alpha": alphas}, val)
     best = (None, None, -1.0)
     for b in betas:
         cache = torch.zeros(n, c).index_add_(1, key_labels, torch.exp(-b * (1 - affinity)))
         for a in alphas:
-            acc = float(((zero_shot + a * cache).argmax(1) == labels).float().mean() * 100)
-            if acc > best[2]:
-                best = (a, b, acc)
-    assert got == pytest.approx(best)
+            logits = zero_shot + a * (cache - shift)
+            score = float((logits.argmax(1) == labels).float().mean() * 100)
+            if score > best[2]:
+                best = (a, b, score)
+    assert (got["alpha"], got["beta"], acc) == pytest.approx(best)
 
 
 def test_search_refuses_evaluation_data():
@@ -83,9 +91,7 @@ def test_search_refuses_evaluation_data():
     with pytest.raises(TypeError, match="evaluation"):
         create_method("tip_adapter").fit(train, text, evaluation)
     with pytest.raises(TypeError, match="ValidationSet"):
-        search_alpha_beta(
-            torch.zeros(3, 3), torch.zeros(3, 3), train.labels, evaluation, [1.0], [1.0]
-        )
+        search_blend(torch.zeros(3, 3), torch.zeros_like, {"b": [1.0], "a": [1.0]}, evaluation)
 
 
 def test_search_uses_validation_and_records_choice():

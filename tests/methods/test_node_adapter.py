@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import clipadapt
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet
+from clipadapt.engine.ode import solver_errors
 from clipadapt.exceptions import ConfigError, MissingTensorError, TrainingError
 from clipadapt.methods.base import parse_method_spec
 from clipadapt.methods.node_adapter import (
@@ -305,7 +306,7 @@ def test_search_uses_validation_only_and_records_choice() -> None:
     assert method.best_params_["gamma_init"] in (1.0, 0.5, 0.2, 0.05)
     without = NodeAdapter(**FAST, blend_init_grid=grid, blend_init=0.2).fit(fx.train, fx.text, None)
     assert without.best_params_["blend_init"] == 0.2
-    assert "no validation data" in without.best_params_["source"]
+    assert without.best_params_["source"] == "default: no validation rows"
 
 
 @pytest.mark.parametrize(
@@ -354,11 +355,36 @@ def test_non_finite_state_fails_loudly() -> None:
 
 def test_adaptive_solver_step_limit_fails_loudly() -> None:
     fx = make_fixture(shots=2)
-    method = NodeAdapter(**FAST, solver="dopri5", rtol=1e-12, atol=1e-12, max_steps=2, search=False)
-    with pytest.raises(TrainingError, match="max_steps"):
+    options = {"max_num_steps": 2}  # torchdiffeq's option, passed straight through
+    method = NodeAdapter(
+        **FAST, solver="dopri5", rtol=1e-12, atol=1e-12, solver_options=options, search=False
+    )
+    with pytest.raises(TrainingError, match="max_num_steps"):
         method.fit(fx.train, fx.text, fx.val)
-    error = method._solver_error(AssertionError("underflow in dt 0.0"))
-    assert "rtol" in str(error) and "underflow" in str(error)
+    with pytest.raises(TrainingError, match="underflow.*rtol"):
+        with solver_errors("node_adapter", "dopri5", 1e-3, 1e-4):
+            raise AssertionError("underflow in dt 0.0")
+
+
+def test_solver_options_pass_straight_through() -> None:
+    fx = make_fixture(shots=2)
+    default = NodeAdapter(**FAST, search=False)
+    assert default._solver_options() == {"step_size": 10.0 / FAST["steps"]}
+    # the same grid, given as torchdiffeq's own option, gives the same fit bit for bit
+    same = NodeAdapter(**{**FAST, "steps": 1}, solver_options={"step_size": 5.0}, search=False)
+    assert same._solver_options() == {"step_size": 5.0}
+    a = default.fit(fx.train, fx.text, fx.val).logits(fx.test.features)
+    b = same.fit(fx.train, fx.text, fx.val).logits(fx.test.features)
+    assert torch.equal(a, b)
+    adaptive = NodeAdapter(solver="dopri5", solver_options={"first_step": 0.5})
+    assert adaptive._solver_options() == {"max_num_steps": 10_000, "first_step": 0.5}
+    name, params = parse_method_spec(
+        "node_adapter:solver=euler,solver_options={step_size: 0.5},adjoint_options={step_size: 1}"
+    )
+    method = clipadapt.create_method(name, **params)
+    assert method.solver_options == {"step_size": 0.5} and method.adjoint_options == {
+        "step_size": 1
+    }
 
 
 def test_bad_options_are_rejected() -> None:
@@ -366,6 +392,12 @@ def test_bad_options_are_rejected() -> None:
     for bad in ({"solver": "rk5"}, {"blend_init": 1.0}, {"t_end": -1.0}, {"dynamics": "x"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             NodeAdapter(**bad).fit(fx.train, fx.text, fx.val)
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            clipadapt.create_method("node_adapter", **bad)  # at creation, before any fit
+    with pytest.raises(ConfigError, match=r"solver='foo'.*dopri5.*rk4"):  # lists valid solvers
+        clipadapt.create_method("node_adapter", solver="foo")
+    with pytest.raises(ConfigError, match="solver_options"):
+        clipadapt.create_method("node_adapter", solver_options=[1, 2])
 
 
 def test_cli_spec_reaches_constructor_options() -> None:

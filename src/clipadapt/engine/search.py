@@ -1,7 +1,10 @@
 """Hyperparameter search that can only ever see validation data.
 
 Every function here takes a :class:`~clipadapt.data.sets.ValidationSet` and refuses anything
-else, so evaluation rows cannot be searched on by construction.
+else, so evaluation rows cannot be searched on by construction. Every method's search goes
+through one of them: :func:`grid_search` (any score), or a vectorised equivalent for the
+blend ``base + w * extra`` that several methods tune (:func:`search_blend`,
+:func:`search_logit_blend`). All visit the grid in the same order and keep the first best point.
 """
 
 from __future__ import annotations
@@ -89,3 +92,82 @@ def search_logit_blend(
         if value > best[2]:
             best = (i, j, value)
     return best
+
+
+#: Above this share of (row, class) candidate pairs a candidate is scored densely.
+DENSE_CANDIDATE_SHARE = 0.1
+
+
+def search_blend(
+    base: Tensor,
+    extra_for: Callable[[Any], Tensor],
+    grid: Mapping[str, Sequence[Any]],
+    val: ValidationSet,
+) -> tuple[dict[str, Any], float]:
+    """Exhaustive, exact search of ``base + w * extra_for(c)`` over candidates c and weights w.
+
+    ``grid`` has two keys: the candidates (outer, e.g. Tip-Adapter's β) and the weights
+    (inner, e.g. its α); the result equals :func:`grid_search` with the accuracy of that blend
+    as the score (first best point in grid order), without scoring most of the grid.
+
+    A class can win a row's argmax for some weight only if its best possible score (at the
+    largest weight, when the extra logits are >= 0) reaches the smallest guaranteed row maximum
+    (the row maximum at the smallest weight). When those candidate (row, class) pairs are few
+    (a sharp cache, a confident base) only they are scored, for every weight at once; when they
+    are many the weights are scored densely, one (Nv, C) argmax each, which is cheaper than
+    gathering most pairs. Both follow argmax's first-maximum tie rule, so the choice never
+    changes the result. Extra logits with negative entries are always scored densely.
+
+    Args:
+        base: (Nv, C) logits of the validation rows (e.g. zero-shot).
+        extra_for: maps a candidate to its (Nv, C) extra logits.
+        grid: ``{candidate name: candidates, weight name: weights}``.
+        val: validation rows (their labels score the grid).
+
+    Returns:
+        ({candidate name: c, weight name: w}, validation accuracy in percent).
+    """
+    val = require_validation(val, "search_blend")
+    if len(grid) != 2:
+        raise ValueError(f"search_blend needs {{candidates: ..., weights: ...}}, got {list(grid)}")
+    (cand_name, candidates), (weight_name, weights) = grid.items()
+    candidates, weights = list(candidates), list(weights)
+    if not candidates or not weights:
+        raise ValueError("search_blend: the grid is empty")
+    num_rows, num_classes = base.shape
+    weight_t = torch.tensor(weights, dtype=base.dtype, device=base.device)[:, None]
+    w_lo, w_hi = float(weight_t.min()), float(weight_t.max())
+    labels = val.labels
+    arange = torch.arange(num_rows, device=labels.device)
+    best = (candidates[0], weights[0], -1.0)
+    dense_buffer = torch.empty_like(base)
+    for candidate in candidates:
+        extra = extra_for(candidate)
+        upper = base + w_hi * extra
+        floor = (base + w_lo * extra).amax(dim=1, keepdim=True)
+        pairs = upper >= floor
+        dense = int(pairs.sum()) > DENSE_CANDIDATE_SHARE * pairs.numel() or bool((extra < 0).any())
+        if dense:
+            correct_counts = []
+            for weight in weights:
+                torch.add(base, extra, alpha=weight, out=dense_buffer)
+                correct_counts.append(dense_buffer.argmax(dim=1) == labels)
+            counts = torch.stack(correct_counts).sum(dim=1)
+        else:
+            rows, cols = torch.nonzero(pairs, as_tuple=True)  # row-major: cols ascend
+            scores = base[rows, cols][None] + weight_t * extra[rows, cols][None]  # (W, P)
+            row_max = scores.new_full((len(weights), num_rows), -torch.inf)
+            row_max.scatter_reduce_(1, rows.expand_as(scores), scores, reduce="amax")
+            true_score = base[arange, labels][None] + weight_t * extra[arange, labels][None]
+            # argmax takes the first maximum: the true class must reach the maximum with no
+            # earlier class tied to it
+            tied_before = (scores == row_max[:, rows]) & (cols < labels[rows])[None]
+            blocked = torch.zeros_like(row_max).scatter_add_(
+                1, rows.expand_as(scores), tied_before.to(scores.dtype)
+            )
+            counts = ((true_score >= row_max) & (blocked == 0)).sum(dim=1)
+        j = int(torch.argmax(counts))
+        score = 100.0 * int(counts[j]) / num_rows
+        if score > best[2]:
+            best = (candidate, weights[j], score)
+    return {cand_name: best[0], weight_name: best[1]}, best[2]

@@ -1,9 +1,14 @@
-"""The one training loop every trainable method uses.
+"""The one training loop every trainable method uses, and what feeds it.
 
 AdamW (or SGD) with a per-iteration cosine schedule and optional warmup, shuffling from a private
-seeded generator, optional epoch selection on validation accuracy, mixed precision on CUDA, and a
-loud stop when the loss stops being finite. A method supplies only its loss for a batch of row
-indices; everything generic lives here.
+seeded generator, optional epoch selection on validation accuracy (optionally keeping the
+untrained start), mixed precision on CUDA, and a loud stop when the loss stops being finite. A
+method supplies only its loss for a batch of row indices; everything generic lives here:
+
+- :class:`TrainConfig` and :class:`OptimizerParams`, the mixin that builds it from a method's
+  hyperparameters (one ``_train_config()`` for every trainable method);
+- :class:`ViewSampler`, the rows of each epoch when the training rows carry augmented views;
+- :func:`train_loop`.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +42,9 @@ class TrainConfig:
         warmup_iters: iterations of warmup before the cosine schedule starts.
         warmup_lr: constant warmup learning rate (CoOp style); None means linear warmup to lr.
         select_on_val: keep the epoch with the best validation score (needs ``val_score``).
+        keep_start: with ``select_on_val``, also score the untrained parameters before the first
+            step and keep them when no epoch scores higher on validation data (the history's
+            ``best_epoch`` is then -1).
         patience: stop after this many epochs without validation improvement (None: never).
         seed: seeds the private generator used for shuffling.
         amp: autocast to bfloat16 on CUDA (ignored on CPU, where training stays float32).
@@ -61,6 +70,7 @@ class TrainConfig:
     warmup_iters: int = 0
     warmup_lr: float | None = None
     select_on_val: bool = False
+    keep_start: bool = False
     patience: int | None = None
     seed: int = 1
     amp: bool = True
@@ -73,12 +83,53 @@ class TrainConfig:
     def dassl_sgd(cls, **overrides: object) -> TrainConfig:
         """CoOp/Dassl's recipe: SGD with momentum, one constant warmup epoch, then a cosine
         schedule stepped per epoch. ``overrides`` set the remaining fields (epochs, lr, ...)."""
-        recipe: dict[str, object] = {
-            "optimizer": "sgd",
-            "warmup_epochs": 1,
-            "per_epoch_schedule": True,
+        return cls(**{**DASSL_SGD, **overrides})
+
+
+#: CoOp/Dassl's optimiser recipe (CLIP-Adapter, CoOp and CLAP's ZS-LP train with it).
+DASSL_SGD: Mapping[str, Any] = {"optimizer": "sgd", "warmup_epochs": 1, "per_epoch_schedule": True}
+
+#: The hyperparameter names :meth:`OptimizerParams._train_config` reads from a method.
+OPTIMIZER_PARAMS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "eps",
+    "momentum",
+    "warmup_lr",
+    "warmup_epochs",
+    "select_on_val",
+    "seed",
+)
+
+
+class OptimizerParams:
+    """Mixin for methods trained by :func:`train_loop`: one ``_train_config()`` for all of them.
+
+    A method's hyperparameters named like :class:`TrainConfig` fields (:data:`OPTIMIZER_PARAMS`:
+    ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``eps``, ``momentum``, ``warmup_lr``,
+    ``warmup_epochs``, ``select_on_val``, ``seed``) are copied into the config as they are; the
+    class attribute ``train_recipe`` holds the method's fixed settings (optimiser, warmup and
+    schedule style, e.g. :data:`DASSL_SGD`); ``overrides`` carry what the method resolves at fit
+    time (a searched learning rate, epochs from the shots, whether validation rows exist).
+    Fields a method has no hyperparameter for keep :class:`TrainConfig`'s defaults.
+    """
+
+    train_recipe: ClassVar[Mapping[str, Any]] = {}
+
+    def _train_config(self, **overrides: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of this method's hyperparameters, recipe and overrides."""
+        names = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(self.train_recipe) - names)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.train_recipe names unknown fields {unknown}")
+        from_params = {
+            name: getattr(self, name)
+            for name in OPTIMIZER_PARAMS
+            if name not in overrides and getattr(self, name, None) is not None
         }
-        return cls(**{**recipe, **overrides})
+        return TrainConfig(**{**self.train_recipe, **from_params, **overrides})
 
 
 _STEP_LIMIT: int | None = None
@@ -110,6 +161,7 @@ class TrainHistory:
     loss: list[float] = field(default_factory=list)
     val_score: list[float] = field(default_factory=list)
     best_epoch: int | None = None
+    start_score: float | None = None
     steps: int = 0
 
 
@@ -199,6 +251,65 @@ def sample_view_rows(
     return views[pick.to(views.device), rows.to(views.device)]
 
 
+#: How :class:`ViewSampler` picks the stored view of each row for an epoch.
+VIEW_MODES = ("random", "cycle")
+
+
+class ViewSampler:
+    """The training rows of every epoch: the clean rows, or one stored augmented view per row.
+
+    Every method that trains on stored augmented views draws an epoch's rows here, once per
+    epoch (not per batch), so a run sees a fresh augmentation every epoch, as the original
+    implementations did with on-the-fly augmentation.
+
+    Args:
+        features: (N, D) clean rows, used for every epoch when ``views`` is None.
+        views: optional (V, N, D) stored views of the same rows.
+        seed: the method's seed (``"random"`` mode).
+        mode: ``"random"``: each row's view drawn uniformly per epoch from a generator seeded
+            by (seed, epoch) (:func:`sample_view_rows`); ``"cycle"``: every row uses view
+            ``epoch % V``, the whole epoch from one view.
+        prepare: optional function of the epoch's (N, D) rows whose result is cached instead
+            of the rows (e.g. the rows together with their frozen zero-shot logits).
+
+    Example:
+        >>> sampler = ViewSampler(train.features, train.views, seed=1)  # doctest: +SKIP
+        >>> rows = sampler(epoch)[index]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        features: Tensor,
+        views: Tensor | None,
+        seed: int,
+        mode: str = "random",
+        prepare: Callable[[Tensor], Any] | None = None,
+    ) -> None:
+        if mode not in VIEW_MODES:
+            raise ValueError(f"view sampling mode {mode!r} is not one of {', '.join(VIEW_MODES)}")
+        self.features, self.views, self.seed = features, views, int(seed)
+        self.mode, self.prepare = mode, prepare
+        self._epoch: int | None = None
+        self._value: Any = None
+
+    def rows(self, epoch: int) -> Tensor:
+        """(N, D) rows for ``epoch`` (not cached; :meth:`__call__` caches)."""
+        if self.views is None:
+            return self.features
+        if self.mode == "cycle":
+            return self.views[epoch % self.views.shape[0]]
+        return sample_view_rows(self.features, self.views, epoch, self.seed)
+
+    def __call__(self, epoch: int) -> Any:
+        """The rows of ``epoch`` (or ``prepare(rows)``), computed once and kept for the epoch."""
+        if self._epoch != epoch:
+            self._value = None  # free the previous epoch's rows before drawing the next
+            rows = self.rows(epoch)
+            self._value = rows if self.prepare is None else self.prepare(rows)
+            self._epoch = epoch
+        return self._value
+
+
 def train_loop(
     parameters: Iterable[nn.Parameter],
     batch_loss: Callable[[Tensor, int], Tensor],
@@ -224,7 +335,8 @@ def train_loop(
         what: a name for messages ("tip_adapter_f training").
 
     Returns:
-        A :class:`TrainHistory`. With ``select_on_val`` the parameters end at the best epoch.
+        A :class:`TrainHistory`. With ``select_on_val`` the parameters end at the best epoch
+        (or at the untrained start with ``keep_start``, when no epoch beats it).
 
     Raises:
         TrainingError: the loss became NaN or Inf (the message names the learning rate).
@@ -234,6 +346,11 @@ def train_loop(
         raise TrainingError(f"{what}: nothing to train (no parameter requires grad)")
     if num_rows <= 0:
         raise TrainingError(f"{what}: no training rows")
+    start_state: list[Tensor] | None = None
+    start_score: float | None = None
+    if val_score is not None and config.select_on_val and config.keep_start:
+        start_state = [p.detach().clone() for p in params]
+        start_score = float(val_score())
     optimizer = _make_optimizer(params, config)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(config.seed))
@@ -294,6 +411,10 @@ def train_loop(
         if step_limit is not None and step >= step_limit:
             break
     history.steps = step
+    history.start_score = start_score
+    if start_score is not None and history.val_score and start_score >= max(history.val_score):
+        # the untrained start scores at least as well as every epoch on validation data
+        best_state, history.best_epoch = start_state, -1
     if best_state is not None:
         with torch.no_grad():
             for p, saved in zip(params, best_state, strict=True):

@@ -20,22 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TrainSet, normalize_rows
-from clipadapt.engine.train import TrainConfig
-
-# (epochs, learning rate) of the paper's schedules for the datasets that differ from the default;
-# keys are clean names (lower case, '_' separated), aliases included.
-PAPER_LONG_SCHEDULE_DATASETS = frozenset(
-    {
-        "eurosat",
-        "dtd",
-        "describabletextures",
-        "describable_textures",
-        "fgvc_aircraft",
-        "fgvcaircraft",
-        "fgvc",
-    }
-)
-PAPER_HIGH_LR_DATASETS = frozenset({"fgvc_aircraft", "fgvcaircraft", "fgvc"})
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -61,13 +45,6 @@ def train_view_features(train: TrainSet, use_views: bool) -> Tensor:
     if use_views and train.views is not None:
         return train.views
     return train.features[None]
-
-
-def cache_keys(train: TrainSet, use_views: bool) -> Tensor:
-    """Tip-Adapter cache keys: the normalised mean of the stored views, else the rows."""
-    if use_views and train.views is not None:
-        return normalize_rows(train.views.mean(dim=0))
-    return train.features
 
 
 class BiasedCache:
@@ -236,50 +213,6 @@ def group_query_aggregation(queries: Tensor, nodes: Tensor, num_groups: int) -> 
     weights = a[None] / torch.sqrt(d0.T[:, :, None] * (a + s[None, :])[None])
     weights = weights * member[:, None, :].to(a.dtype)
     return (2.0 / d0.T)[:, :, None] * queries[None] + weights @ nodes
-
-
-def paper_schedule(
-    dataset: str, epochs: int | None, lr: float | None, default_epochs: int, long_epochs: int
-) -> tuple[int, float, str]:
-    """Resolve (epochs, lr, why) from explicit values or the paper's per-dataset schedule."""
-    from clipadapt._utils import clean_name
-
-    key = clean_name(dataset) if dataset else ""
-    chosen_epochs = epochs
-    chosen_lr = lr
-    why = []
-    if chosen_epochs is None:
-        chosen_epochs = long_epochs if key in PAPER_LONG_SCHEDULE_DATASETS else default_epochs
-        why.append(f"epochs {chosen_epochs} from the paper schedule for {key or 'any dataset'}")
-    if chosen_lr is None:
-        chosen_lr = 1e-2 if key in PAPER_HIGH_LR_DATASETS else 1e-3
-        why.append(f"lr {chosen_lr:g} from the paper schedule for {key or 'any dataset'}")
-    return int(chosen_epochs), float(chosen_lr), "; ".join(why) or "explicit epochs and lr"
-
-
-def make_train_config(
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    warmup_epochs: int,
-    warmup_lr: float,
-    num_rows: int,
-    seed: int,
-) -> TrainConfig:
-    """A :class:`TrainConfig` with CoOp-style warmup counted in epochs (constant ``warmup_lr``)."""
-    iters_per_epoch = math.ceil(num_rows / batch_size)
-    return TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        optimizer="adamw",
-        warmup_iters=min(warmup_epochs, epochs) * iters_per_epoch,
-        warmup_lr=warmup_lr,
-        seed=seed,
-    )
 
 
 def benchmark_aggregation(

@@ -34,7 +34,7 @@ import pkgutil
 import re
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,7 @@ from clipadapt.exceptions import (
     NotFittedError,
     UnknownMethodError,
 )
+from clipadapt.methods.constraints import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,15 @@ KNOWN_NEEDS: dict[str, str] = {
     "description_features": "class description features (`description_features`)",
     "text_encoder": "the text tower (prompt learning)",
 }
+
+#: How ``best_params_['source']`` says where the recorded hyperparameters came from
+#: (:meth:`Adapter._choose`, :meth:`Adapter._record_fixed`).
+CHOICE_SOURCES = (
+    "validation search on <validation set> (<rows> rows)",
+    "default: no validation rows",
+    "default: <why no search ran>",
+    "fixed: <why the method searches nothing>",
+)
 
 # needs that are read from TextFeatures attributes of the same name
 _TEXT_NEEDS = ("prompt_features", "negative_features", "description_features", "text_encoder")
@@ -106,6 +116,9 @@ class MethodCard:
             (classes), ``D`` (feature width), ``K`` (shots per class) and the method's integer
             or float hyperparameters, e.g. ``"C * D"`` or ``"2 * D * (D // reduction)"``.
             Empty means "not declared" (training-free methods count 0).
+        constraints: {option: :class:`~clipadapt.methods.constraints.Constraint`}, the type
+            and allowed values of every hyperparameter (checked by ``set_params``,
+            ``create_method`` and ``fit``; shown by ``clipadapt info``).
     """
 
     name: str
@@ -120,6 +133,15 @@ class MethodCard:
     max_tiny_seconds: float = 60.0
     expected_failed_checks: dict[str, str] = field(default_factory=dict)
     param_formula: str = ""
+    constraints: dict[str, Constraint] = field(default_factory=dict)
+
+    def describe_option(self, name: str) -> str:
+        """What ``name`` accepts, e.g. ``"positive int"`` or ``"choice of {rk4, euler, ...}"``.
+
+        Raises:
+            KeyError: the card declares no constraint for ``name``.
+        """
+        return self.constraints[name].describe()
 
     @property
     def needs_text(self) -> bool:
@@ -153,6 +175,9 @@ class MethodCard:
                 )
         if self.param_formula:
             _parse_formula(self.param_formula, where)
+        wrong = [k for k, v in self.constraints.items() if not isinstance(v, Constraint)]
+        if wrong:
+            raise ConfigError(f"{where}: constraints of {wrong} are not Constraint objects")
 
     def trainable_params(self, C: int, D: int, K: int, params: dict[str, Any] | None = None) -> int:
         """Evaluate ``param_formula`` at (C, D, K) and the given hyperparameters.
@@ -232,6 +257,17 @@ def register_method(cls: type[Adapter]) -> type[Adapter]:
         raise TypeError(f"{cls.__name__} needs a `card = MethodCard(...)` class attribute")
     if not issubclass(cls, Adapter):
         raise TypeError(f"{cls.__name__} must subclass clipadapt.Adapter")
+    if card.constraints:
+        names = set(cls._param_names())
+        missing, unknown = (
+            sorted(names - set(card.constraints)),
+            sorted(set(card.constraints) - names),
+        )
+        if missing or unknown:
+            raise TypeError(
+                f"{cls.__name__}.card.constraints must cover exactly the constructor's options; "
+                f"missing {missing}, unknown {unknown}"
+            )
     name = clean_name(card.name)
     existing = _REGISTRY.get(name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
@@ -316,7 +352,8 @@ def create_method(name: str, preset: str | None = None, **params: Any) -> Adapte
 
     Raises:
         UnknownMethodError: the name is not registered (the message lists the names).
-        ConfigError: an unknown preset or hyperparameter, or a value of the wrong type.
+        ConfigError: an unknown preset or hyperparameter, or a value of the wrong type or
+            outside the option's declared range (``MethodCard.constraints``).
     """
     cls = get_method_class(name)
     method = cls()
@@ -359,12 +396,13 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _split_options(text: str) -> list[str]:
-    """Split on commas that are not inside brackets, so lists like ``grid=[1,2]`` survive."""
+    """Split on commas that are not inside brackets, so lists like ``grid=[1,2]`` and mappings
+    like ``solver_options={step_size: 0.5, perturb: true}`` survive."""
     parts, depth, current = [], 0, []
     for char in text:
-        if char in "[(":
+        if char in "[({":
             depth += 1
-        elif char in "])":
+        elif char in "])}":
             depth -= 1
         if char == "," and depth == 0:
             parts.append("".join(current))
@@ -449,21 +487,47 @@ class Adapter:
             if p.name != "self" and p.default is not inspect.Parameter.empty
         }
 
+    def _init_params(self, values: Mapping[str, Any]) -> None:
+        """Store the constructor's arguments as given: ``self._init_params(locals())``.
+
+        The one statement of every method's ``__init__`` (scikit-learn's rule: the constructor
+        only stores its hyperparameters; they are checked in ``set_params`` and ``fit``).
+        """
+        for name in self._param_names():
+            setattr(self, name, values[name])
+
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters (constructor arguments) and their current values."""
         return {name: copy.deepcopy(getattr(self, name)) for name in self._param_names()}
 
     def set_params(self, **params: Any) -> Adapter:
-        """Set hyperparameters; unknown names or wrong types raise ConfigError. Returns self."""
+        """Set hyperparameters, checked against the card's constraints. Returns self.
+
+        Raises:
+            ConfigError: an unknown name (the message lists the valid ones), or a value of the
+                wrong type or outside the allowed range (the message names the option, the
+                value and what is allowed).
+        """
         valid = self._param_names()
         defaults = self._defaults()
+        constraints = self.card.constraints
         for key, value in params.items():
             if key not in valid:
                 raise ConfigError(
                     f"{self.card.name} has no option {key!r}; valid options: {', '.join(valid)}"
                 )
-            setattr(self, key, _coerce(key, value, defaults.get(key), self.card.name))
+            if key in constraints:
+                value = constraints[key].check(key, value, self.card.name)
+            else:  # a method without declared constraints: the type of the default
+                value = _coerce(key, value, defaults.get(key), self.card.name)
+            setattr(self, key, value)
         return self
+
+    def _check_params(self) -> None:
+        """Check every hyperparameter against its constraint (values set in the constructor
+        are not checked there, scikit-learn's rule); raises ConfigError naming the option."""
+        for key, constraint in self.card.constraints.items():
+            constraint.check(key, getattr(self, key), self.card.name)
 
     def clone(self) -> Adapter:
         """A new, unfitted method with the same hyperparameters."""
@@ -517,6 +581,7 @@ class Adapter:
             >>> create_method("tip_adapter").fit(train, bundle.text()).logits(x)  # doctest: +SKIP
         """
         name = self.card.name
+        self._check_params()
         if isinstance(train, EvaluationSet) or isinstance(val, EvaluationSet):
             raise TypeError(
                 f"{name}.fit received evaluation data; pass a ValidationSet for val "
@@ -679,6 +744,50 @@ class Adapter:
         exposed; a method with a card ``searched`` entry should override it).
         """
         return {}
+
+    # ------------------------------------------------------------------ chosen hyperparameters
+    def _choose(
+        self,
+        val: ValidationSet | None,
+        search: Callable[[ValidationSet], tuple[dict[str, Any], float]],
+        defaults: Mapping[str, Any],
+        *,
+        disabled: str | None = None,
+    ) -> dict[str, Any]:
+        """Choose the searched hyperparameters and record the point and its source.
+
+        Every method that chooses hyperparameters on validation data goes through here, so
+        ``best_params_`` reads the same for all of them: the chosen point, ``val_accuracy``
+        after a search, and ``source``, one of :data:`CHOICE_SOURCES` (filled in).
+
+        Args:
+            val: the validation rows, or None.
+            search: runs the search (through :mod:`clipadapt.engine.search`) on ``val`` and
+                returns (point, validation accuracy in percent).
+            defaults: the point used without a search.
+            disabled: why no search runs even with validation rows (e.g. "search disabled"),
+                or None.
+
+        Returns:
+            The chosen point (a new dict).
+        """
+        if disabled is not None:
+            point, extra = dict(defaults), {"source": f"default: {disabled}"}
+        elif val is None or len(val) == 0:
+            point, extra = dict(defaults), {"source": "default: no validation rows"}
+        else:
+            found, score = search(val)
+            point = dict(found)
+            extra = {
+                "val_accuracy": float(score),
+                "source": f"validation search on {val.name} ({len(val)} rows)",
+            }
+        self.best_params_ = {**point, **extra}
+        return point
+
+    def _record_fixed(self, values: Mapping[str, Any], why: str) -> None:
+        """Record ``values`` in ``best_params_`` for a method that searches nothing here."""
+        self.best_params_ = {**values, "source": f"fixed: {why}"}
 
     # ------------------------------------------------------------------ to implement
     def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:

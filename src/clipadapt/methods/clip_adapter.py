@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.search import accuracy
-from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
+from clipadapt.engine.search import accuracy, grid_search
+from clipadapt.engine.train import DASSL_SGD, OptimizerParams, ViewSampler, train_loop
 from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.constraints import between, common, list_of, positive, positive_int
 
 
 class Bottleneck(nn.Module):
@@ -38,7 +39,7 @@ def adapt_features(adapter: Bottleneck, features: Tensor, ratio: float) -> Tenso
 
 
 @register_method
-class CLIPAdapter(Adapter):
+class CLIPAdapter(OptimizerParams, Adapter):
     """CLIP-Adapter, visual variant (Gao et al., IJCV 2023).
 
     ``g = r · A(x) + (1 - r) · x`` with ``A`` a bias-free bottleneck MLP
@@ -78,7 +79,16 @@ class CLIPAdapter(Adapter):
         uses_views=True,
         param_formula="2 * D * (D // reduction)",
         max_tiny_seconds=60,
+        constraints={
+            "ratio": between(0.0, 1.0),
+            "ratio_grid": list_of(between(0.0, 1.0)),
+            "lr_grid": list_of(positive(), min_len=0),
+            "reduction": positive_int(),
+            **common("lr", "epochs", "batch_size", "momentum", "weight_decay", "warmup_lr"),
+            **common("search", "logit_scale", "use_views", "seed"),
+        },
     )
+    train_recipe = DASSL_SGD
 
     def __init__(
         self,
@@ -97,20 +107,7 @@ class CLIPAdapter(Adapter):
         use_views: bool = True,
         seed: int = 1,
     ) -> None:
-        self.ratio = ratio
-        self.ratio_grid = ratio_grid
-        self.lr = lr
-        self.lr_grid = lr_grid
-        self.reduction = reduction
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.warmup_lr = warmup_lr
-        self.search = search
-        self.logit_scale = logit_scale
-        self.use_views = use_views
-        self.seed = seed
+        self._init_params(locals())
 
     def _build_modules(self) -> None:
         self.adapter_ = Bottleneck(self.dim_, self.reduction)
@@ -142,15 +139,11 @@ class CLIPAdapter(Adapter):
             start.up.weight.detach().T.contiguous().to(train.device).repeat(count, 1, 1)
         )
         ratio = torch.tensor(ratios, dtype=train.features.dtype, device=train.device)[:, None, None]
-        views = train.views if self.use_views else None
-        cached: dict[int, Tensor] = {}
+        sampler = ViewSampler(train.features, train.views if self.use_views else None, self.seed)
         epoch_losses: dict[int, Tensor] = {}
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
-            if epoch not in cached:
-                cached.clear()
-                cached[epoch] = sample_view_rows(train.features, views, epoch, self.seed)
-            x = cached[epoch][index]  # (B, D)
+            x = sampler(epoch)[index]  # (B, D)
             hidden = F.relu(x @ down.T).view(len(index), count, hidden_dim).transpose(0, 1)
             adapted = F.relu(torch.bmm(hidden, up))  # (G, B, D)
             g = normalize_rows(ratio * adapted + (1.0 - ratio) * x)
@@ -163,20 +156,11 @@ class CLIPAdapter(Adapter):
             epoch_losses[epoch] += per_adapter.detach() * len(index)
             return per_adapter.sum()
 
-        config = TrainConfig.dassl_sgd(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=lr,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            warmup_lr=self.warmup_lr,
-            seed=self.seed,
-        )
         train_loop(
             [down, up],
             batch_loss,
             len(train),
-            config,
+            self._train_config(lr=lr),
             device=train.device,
             what="clip_adapter training",
         )
@@ -190,41 +174,45 @@ class CLIPAdapter(Adapter):
             trained.append((adapter, losses))
         return trained
 
+    def search_space(self) -> dict[str, list[float]]:
+        """The searched grid: learning rates (outer) x residual ratios (inner)."""
+        if not self.search:
+            return {}
+        lrs = tuple(self.lr_grid) or (self.lr,)
+        return {"lr": [float(lr) for lr in lrs], "ratio": [float(r) for r in self.ratio_grid]}
+
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
         self.text_weights_ = text.class_features.clone()
         self.dim_ = train.dim
-        if self.search and val is not None and len(val) > 0:
-            lrs = tuple(self.lr_grid) or (self.lr,)
-            ratios = tuple(float(r) for r in self.ratio_grid)
-            tried = []
-            best: tuple[float, float, Bottleneck, list[float]] | None = None
-            best_acc = -1.0
-            # lr outer, ratio inner; the first best point wins
-            for lr in lrs:
-                for r, (adapter, losses) in zip(
-                    ratios, self._train_grid(train, ratios, float(lr)), strict=True
-                ):
-                    with torch.no_grad():
-                        acc = accuracy(self._scores(adapter, val.features, r), val.labels)
-                    tried.append({"ratio": r, "lr": float(lr), "val_accuracy": acc})
-                    if acc > best_acc:
-                        best_acc, best = acc, (r, float(lr), adapter, losses)
-            assert best is not None
-            ratio, lr, adapter, losses = best
-            self.best_params_ = {
-                "ratio": ratio,
-                "lr": lr,
-                "val_accuracy": best_acc,
-                "tried": tried,
-                "source": f"validation search on {val.name} ({len(val)} rows)",
-            }
-        else:
-            ratio, lr = float(self.ratio), float(self.lr)
-            adapter, losses = self._train_grid(train, (ratio,), lr)[0]
-            reason = "search disabled" if not self.search else "no validation data"
-            self.best_params_ = {"ratio": ratio, "lr": lr, "source": f"defaults ({reason})"}
+        trained: dict[float, dict[float, tuple[Bottleneck, list[float]]]] = {}
+        tried: list[dict[str, float]] = []
+
+        def score(point: dict[str, float], val: ValidationSet) -> float:
+            ratio, lr = point["ratio"], point["lr"]
+            if lr not in trained:  # every ratio of a learning rate trains at once, when first met
+                ratios = self.search_space()["ratio"]
+                grid = self._train_grid(train, tuple(ratios), lr)
+                trained[lr] = dict(zip(ratios, grid, strict=True))
+            adapter, _ = trained[lr][ratio]
+            with torch.no_grad():
+                acc = accuracy(self._scores(adapter, val.features, ratio), val.labels)
+            tried.append({"ratio": ratio, "lr": lr, "val_accuracy": acc})
+            return acc
+
+        chosen = self._choose(
+            val,
+            lambda val: grid_search(score, self.search_space(), val),
+            {"ratio": float(self.ratio), "lr": float(self.lr)},
+            disabled=None if self.search else "search disabled",
+        )
+        if tried:
+            self.best_params_["tried"] = tried
+        else:  # no search ran: train the default point alone
+            ratio, lr = chosen["ratio"], chosen["lr"]
+            trained[lr] = {ratio: self._train_grid(train, (ratio,), lr)[0]}
+        adapter, losses = trained[chosen["lr"]][chosen["ratio"]]
         self.adapter_ = adapter
-        self.ratio_ = ratio
+        self.ratio_ = chosen["ratio"]
         self.train_loss_ = losses
 
     def _logits(self, features: Tensor) -> Tensor:

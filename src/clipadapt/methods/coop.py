@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
+from clipadapt.engine.train import DASSL_SGD, OptimizerParams, ViewSampler, train_loop
 from clipadapt.exceptions import ConfigError
 from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.constraints import common, count, flag, optional, positive, positive_int
 
 PLACEHOLDER = "X"
 
@@ -109,7 +110,7 @@ class PromptLearner(nn.Module):
 
 
 @register_method
-class CoOp(Adapter):
+class CoOp(OptimizerParams, Adapter):
     """CoOp (Zhou et al., IJCV 2022): M learnable context vectors, class token at the end.
 
     Class text features are ``t_c(V) = text_tower([SOS] v_1 … v_M name_c . [EOS])`` and
@@ -152,7 +153,16 @@ class CoOp(Adapter):
         param_formula="n_ctx * D",
         max_tiny_seconds=60,
         expected_failed_checks=dict.fromkeys(_NEEDS_TOWER, _TOWER_REASON),
+        constraints={
+            "n_ctx": positive_int(),
+            "class_specific": flag(),
+            "init_std": positive(),
+            "epochs": optional(count(), "CoOp's rule from the shots"),
+            **common("lr", "batch_size", "momentum", "weight_decay", "warmup_lr"),
+            **common("logit_scale", "use_views", "seed"),
+        },
     )
+    train_recipe = DASSL_SGD
 
     def __init__(
         self,
@@ -169,18 +179,7 @@ class CoOp(Adapter):
         use_views: bool = True,
         seed: int = 1,
     ) -> None:
-        self.n_ctx = n_ctx
-        self.class_specific = class_specific
-        self.init_std = init_std
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.warmup_lr = warmup_lr
-        self.logit_scale = logit_scale
-        self.use_views = use_views
-        self.seed = seed
+        self._init_params(locals())
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
         tower = text.require("text_encoder", "coop")
@@ -194,32 +193,19 @@ class CoOp(Adapter):
         )
         shots = int(torch.bincount(train.labels).max())
         epochs = int(self.epochs) if self.epochs is not None else epochs_for_shots(shots)
-        views = train.views if self.use_views else None
+        sampler = ViewSampler(train.features, train.views if self.use_views else None, self.seed)
         labels = train.labels
-        cached: dict[int, Tensor] = {}
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
-            if epoch not in cached:
-                cached.clear()
-                cached[epoch] = sample_view_rows(train.features, views, epoch, self.seed)
             class_features = learner().to(train.device)
-            logits = self.logit_scale * cached[epoch][index] @ class_features.T
+            logits = self.logit_scale * sampler(epoch)[index] @ class_features.T
             return F.cross_entropy(logits.float(), labels[index])
 
-        config = TrainConfig.dassl_sgd(
-            epochs=epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            warmup_lr=self.warmup_lr,
-            seed=self.seed,
-        )
         history = train_loop(
             [learner.ctx],
             batch_loss,
             len(train),
-            config,
+            self._train_config(epochs=epochs),
             device=train.device,
             what="coop training",
         )
@@ -228,7 +214,7 @@ class CoOp(Adapter):
         with torch.no_grad():
             self.class_features_ = learner().float().to(train.device)
         self.train_loss_ = [float(x) for x in history.loss]
-        self.best_params_ = {"epochs": epochs, "source": "fixed configuration (no search)"}
+        self._record_fixed({"epochs": epochs}, "CoOp searches nothing on validation data")
 
     def _logits(self, features: Tensor) -> Tensor:
         return self.logit_scale * features @ self.class_features_.T

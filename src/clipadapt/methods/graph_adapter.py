@@ -11,17 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.train import train_loop
-from clipadapt.exceptions import ConfigError
+from clipadapt.engine.train import OptimizerParams, ViewSampler, train_loop
 from clipadapt.methods._graph import (
     GCNBlock,
     block_param_count,
     class_means,
     group_query_aggregation,
-    make_train_config,
     train_view_features,
 )
 from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.constraints import between, common, positive_int
 
 
 class DualGraph(nn.Module):
@@ -38,7 +37,7 @@ class DualGraph(nn.Module):
 
 
 @register_method
-class GraphAdapter(Adapter):
+class GraphAdapter(OptimizerParams, Adapter):
     """GraphAdapter (Li et al., NeurIPS 2023): dual knowledge graph over class nodes.
 
     Text nodes are the class text features, visual nodes the mean K-shot feature of each class
@@ -85,6 +84,13 @@ class GraphAdapter(Adapter):
                 "lr 1e-2 gives 97 %; beta is tuned per dataset in the paper and is an option"
             )
         },
+        constraints={
+            "alpha": between(0.0, 1.0),
+            "beta": between(0.0, 1.0),
+            "num_groups": positive_int(),
+            **common("logit_scale", "epochs", "lr", "batch_size", "weight_decay"),
+            **common("warmup_epochs", "warmup_lr", "use_views", "seed"),
+        },
     )
 
     def __init__(
@@ -102,18 +108,7 @@ class GraphAdapter(Adapter):
         use_views: bool = True,
         seed: int = 1,
     ) -> None:
-        self.alpha = alpha
-        self.beta = beta
-        self.num_groups = num_groups
-        self.logit_scale = logit_scale
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.weight_decay = weight_decay
-        self.warmup_epochs = warmup_epochs
-        self.warmup_lr = warmup_lr
-        self.use_views = use_views
-        self.seed = seed
+        self._init_params(locals())
 
     @staticmethod
     def param_count(dim: int, num_classes: int) -> int:
@@ -132,8 +127,6 @@ class GraphAdapter(Adapter):
         return self.beta * text + (1.0 - self.beta) * mixed.mean(dim=0)
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
-        if self.num_groups < 1 or self.batch_size < 1:
-            raise ConfigError("graph_adapter: num_groups and batch_size must be >= 1")
         device = train.device
         base = text.class_features
         queries = train_view_features(train, self.use_views)
@@ -147,40 +140,32 @@ class GraphAdapter(Adapter):
         self.graph_.to(device)
         self.graph_.reset_parameters(self._generator("cpu"))
         labels = train.labels
+        # the official code's loader: the whole epoch from view `epoch % V` (cycle mode)
+        sampler = ViewSampler(
+            train.features, train.views if self.use_views else None, self.seed, mode="cycle"
+        )
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
             weights = normalize_rows(self._refine(base, agg_tt, agg_vt))
-            batch = queries[epoch % queries.shape[0]].index_select(0, index)
+            batch = sampler(epoch).index_select(0, index)
             logits = self.logit_scale * batch @ weights.T
             return F.cross_entropy(logits.float(), labels.index_select(0, index))
 
-        config = make_train_config(
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            warmup_lr=self.warmup_lr,
-            num_rows=len(train),
-            seed=self.seed,
-        )
         history = train_loop(
             list(self.graph_.parameters()),
             batch_loss,
             len(train),
-            config,
+            self._train_config(),
             device=device,
             what="graph_adapter training",
         )
         self.train_loss_ = [float(v) for v in history.loss]
         with torch.no_grad():
             self.text_weights_ = normalize_rows(self._refine(base, agg_tt, agg_vt)).detach()
-        self.best_params_ = {
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "epochs": self.epochs,
-            "source": "constructor values (GraphAdapter searches nothing on validation data)",
-        }
+        self._record_fixed(
+            {"alpha": self.alpha, "beta": self.beta, "epochs": self.epochs},
+            "GraphAdapter searches nothing on validation data",
+        )
 
     def _logits(self, features: Tensor) -> Tensor:
         return self.logit_scale * features @ self.text_weights_.T

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import LabeledFeatures, TextFeatures, TrainSet, ValidationSet
-from clipadapt.engine.search import accuracy, require_validation
+from clipadapt.engine.search import accuracy, grid_search
 from clipadapt.exceptions import TrainingError
 from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.constraints import count, flag, list_of, positive, positive_int
 
 COARSE_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 
@@ -111,6 +112,14 @@ class LinearProbe(Adapter):
         searched={"C": "coarse {1e6,…,1e-6} then 8 log-bisection steps around the best"},
         param_formula="C * D + C",
         max_tiny_seconds=30,
+        constraints={
+            "C": positive(),
+            "search": flag(),
+            "coarse_grid": list_of(positive()),
+            "refine_steps": count(),
+            "max_iter": positive_int(),
+            "tol": positive(),
+        },
     )
 
     def __init__(
@@ -122,12 +131,7 @@ class LinearProbe(Adapter):
         max_iter: int = 1000,
         tol: float = 1e-6,
     ) -> None:
-        self.C = C
-        self.search = search
-        self.coarse_grid = coarse_grid
-        self.refine_steps = refine_steps
-        self.max_iter = max_iter
-        self.tol = tol
+        self._init_params(locals())
 
     def _solve(
         self, train: LabeledFeatures, num_classes: int, c: float, init: tuple | None
@@ -137,60 +141,57 @@ class LinearProbe(Adapter):
         )
 
     def _search(
-        self, train: TrainSet, val: ValidationSet, num_classes: int
-    ) -> tuple[float, tuple[Tensor, Tensor], float, list[tuple[float, float]]]:
-        """CoOp's C search; returns (C, (W, b), val accuracy, [(C, acc) in the order tried])."""
-        val = require_validation(val, "linear_probe search")
-        tried: list[tuple[float, float]] = []
-        fitted: dict[float, tuple[Tensor, Tensor]] = {}
+        self, train: TrainSet, val: ValidationSet, fitted: dict[float, tuple[Tensor, Tensor]]
+    ) -> tuple[dict[str, float], float]:
+        """CoOp's C search: the coarse grid, then log-bisection steps, each a grid search.
 
-        def trial(c: float) -> tuple[float, tuple[Tensor, Tensor]]:
+        ``fitted`` receives the model of every C tried (the latest fit of a C tried twice).
+
+        Returns:
+            ({"C": the chosen C, "n_fits": the number of fits}, its validation accuracy).
+        """
+        num_classes = self.n_classes_
+        fits: list[float] = []
+
+        def score(point: dict[str, float], val: ValidationSet) -> float:
             # warm start from the nearest C fitted so far (a regularisation path): far fewer
             # L-BFGS iterations than starting from zero, same optimum
+            c = point["C"]
             near = min(fitted, key=lambda k: abs(math.log10(k) - math.log10(c)), default=None)
             model = self._solve(train, num_classes, c, None if near is None else fitted[near])
             fitted[c] = model
-            acc = accuracy(val.features @ model[0].T + model[1], val.labels)
-            tried.append((c, acc))
-            return acc, model
+            fits.append(c)
+            return accuracy(val.features @ model[0].T + model[1], val.labels)
 
         # fit the coarse grid from strong to weak regularisation (cheap warm starts), then pick
         # the first best in the declared grid order
         coarse = [float(c) for c in self.coarse_grid]
-        results = {c: trial(c) for c in sorted(coarse)}
-        best_c, best_acc, best_model = None, -1.0, None
-        for c in coarse:
-            acc, model = results[c]
-            if acc > best_acc:
-                best_c, best_acc, best_model = c, acc, model
-        lo, hi = math.log10(best_c) - 1.0, math.log10(best_c) + 1.0
+        scores = {c: score({"C": c}, val) for c in sorted(coarse)}
+        best, acc = grid_search(lambda point, _: scores[point["C"]], {"C": coarse}, val)
+        lo, hi = math.log10(best["C"]) - 1.0, math.log10(best["C"]) + 1.0
         for _ in range(self.refine_steps):
-            acc_lo, model_lo = trial(10.0**lo)
-            acc_hi, model_hi = trial(10.0**hi)
+            c_lo, c_hi = 10.0**lo, 10.0**hi
+            best, acc = grid_search(score, {"C": [c_lo, c_hi]}, val)  # a tie keeps the smaller C
             mid = (lo + hi) / 2.0
-            if acc_lo < acc_hi:
-                best_c, best_acc, best_model = 10.0**hi, acc_hi, model_hi
+            if best["C"] == c_hi:
                 lo = mid
             else:
-                best_c, best_acc, best_model = 10.0**lo, acc_lo, model_lo
                 hi = mid
-        return best_c, best_model, best_acc, tried
+        return {**best, "n_fits": len(fits)}, acc
 
     def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
-        num_classes = self.n_classes_  # set by Adapter.fit from text or the bundle; text unused
-        if self.search and val is not None and len(val) > 0:
-            c, (weight, bias), acc, tried = self._search(train, val, num_classes)
-            self.best_params_ = {
-                "C": c,
-                "val_accuracy": acc,
-                "n_fits": len(tried),
-                "source": f"validation search on {val.name} ({len(val)} rows)",
-            }
+        # C is set by Adapter.fit from text or the bundle; the text itself is unused
+        fitted: dict[float, tuple[Tensor, Tensor]] = {}
+        chosen = self._choose(
+            val,
+            lambda val: self._search(train, val, fitted),
+            {"C": float(self.C)},
+            disabled=None if self.search else "search disabled",
+        )
+        if fitted:
+            weight, bias = fitted[chosen["C"]]
         else:
-            c = float(self.C)
-            weight, bias = self._solve(train, num_classes, c, None)
-            reason = "search disabled" if not self.search else "no validation data"
-            self.best_params_ = {"C": c, "source": f"default C ({reason})"}
+            weight, bias = self._solve(train, self.n_classes_, chosen["C"], None)
         # parameters (not plain tensors) so the parameter count and gradient checks see them
         self.weight_ = nn.Parameter(weight.clone())
         self.bias_ = nn.Parameter(bias.clone())

@@ -24,8 +24,6 @@ Engineering points the paper leaves open are options; see :class:`NodeAdapter`.
 
 from __future__ import annotations
 
-import itertools
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,25 +33,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.search import accuracy, require_validation
-from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
+from clipadapt.engine.ode import (
+    DEFAULT_MAX_NUM_STEPS,
+    solve_endpoint,
+    solver_errors,
+    solver_kind,
+    solver_names,
+)
+from clipadapt.engine.search import accuracy, grid_search
+from clipadapt.engine.train import OptimizerParams, TrainHistory, ViewSampler, train_loop
 from clipadapt.exceptions import ConfigError, NotFittedError, TrainingError
 from clipadapt.methods.base import Adapter, MethodCard, register_method
-
-log = logging.getLogger(__name__)
-
-#: torchdiffeq solvers on a fixed grid (they take ``options={"step_size": h}``).
-FIXED_GRID_SOLVERS = (
-    "euler",
-    "midpoint",
-    "heun2",
-    "heun3",
-    "rk4",
-    "explicit_adams",
-    "implicit_adams",
+from clipadapt.methods.constraints import (
+    between,
+    common,
+    finite,
+    flag,
+    list_of,
+    mapping,
+    non_negative,
+    one_of,
+    optional,
+    positive,
+    positive_int,
 )
-#: torchdiffeq solvers with adaptive step size control (they use ``rtol`` / ``atol``).
-ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
 TEXT_PROTOTYPES = ("auto", "class", "prompts", "descriptions", "all")
 PROTOTYPES = ("blend", "text", "visual")
 BLENDS = ("vector", "elementwise", "scalar")
@@ -348,7 +352,7 @@ class NodeAdapterModel(nn.Module):
 
 
 @register_method
-class NodeAdapter(Adapter):
+class NodeAdapter(OptimizerParams, Adapter):
     """NODE-Adapter (Zhang et al., 2024): cross-modal prototypes refined by a neural ODE.
 
     Defaults follow ``specs/node_adapter.md`` (§3 table and §6 choices); the paper's body was not
@@ -375,13 +379,19 @@ class NodeAdapter(Adapter):
         s0, rho: the flow's step-size schedule s(t) = s0 ρ^(t / t_end) (MetaNODE: 0.1, 0.1).
         t_end: integration interval [0, t_end] (spec A6: 10). 0 disables the ODE (ablation:
             the cross-modal prototype classifier).
-        solver: torchdiffeq method: fixed grid (``euler``, ``midpoint``, ``rk4``, ...) or
-            adaptive (``dopri5``, ``bosh3``, ...). Default ``rk4``.
-        steps: fixed-grid steps over [0, t_end] (step size t_end / steps; spec: 10).
-        rtol, atol: tolerances of adaptive solvers (spec: 1e-3, 1e-4).
-        max_steps: step limit of adaptive solvers before failing loudly.
+        solver: a torchdiffeq method, passed through: fixed grid (``euler``, ``midpoint``,
+            ``rk4``, ...) or adaptive (``dopri5``, ``bosh3``, ...). Default ``rk4``.
+        solver_options: torchdiffeq's ``options`` for the solver, passed through (e.g.
+            ``{"step_size": 0.5}``, ``{"max_num_steps": 100}``). Unset keys default to
+            ``step_size = t_end / steps`` for fixed-grid solvers (unless a
+            ``grid_constructor`` is given) and ``max_num_steps = 10000`` for adaptive ones.
+        steps: fixed-grid steps over [0, t_end] when ``solver_options`` sets no step size
+            (spec: 10).
+        rtol, atol: torchdiffeq's tolerances, passed to every solver (spec: 1e-3, 1e-4; the
+            explicit fixed-grid solvers ignore them).
         adjoint: back-propagate with ``odeint_adjoint`` (the paper; O(1) memory in the steps)
             instead of through the solver's operations.
+        adjoint_options: torchdiffeq's ``adjoint_options`` (None: the solver's options).
         loss_prototypes: the prototypes the training loss scores a support row against:
             ``"full"`` (spec A8: the prototypes built from all support rows, the row's own
             included) or ``"loo"`` (inferred option: the row's own class uses the prototype
@@ -418,7 +428,36 @@ class NodeAdapter(Adapter):
         # u (D) + f_θ: pair 5DH, γ-MLP 2DH + H, LayerNorms 2H + H, attention 4·H·heads·head_dim,
         # score H (the default configuration: vector blend, metanode dynamics, t_end > 0)
         param_formula="D + 7 * D * hidden + 5 * hidden + 4 * hidden * heads * head_dim",
+        constraints={
+            "text_prototype": one_of(TEXT_PROTOTYPES),
+            "prototype": one_of(PROTOTYPES),
+            "blend": one_of(BLENDS),
+            "blend_init": between(0.0, 1.0, open_low=True, open_high=True),
+            "blend_init_grid": list_of(between(0.0, 1.0, open_low=True, open_high=True)),
+            "gamma_init": between(0.0, 2.0, open_low=True, open_high=True),
+            "gamma_init_grid": list_of(between(0.0, 2.0, open_low=True, open_high=True)),
+            "dynamics": one_of(DYNAMICS),
+            "hidden": positive_int(),
+            "heads": positive_int(),
+            "head_dim": positive_int(),
+            "s0": positive(),
+            "rho": positive(),
+            "t_end": non_negative(),
+            "solver": one_of(solver_names),
+            "solver_options": optional(mapping(), "the defaults for the solver"),
+            "steps": positive_int(),
+            "rtol": positive(),
+            "atol": positive(),
+            "adjoint": flag(),
+            "adjoint_options": optional(mapping(), "the solver's options"),
+            "loss_prototypes": one_of(LOSS_PROTOTYPES),
+            "residual": finite(),
+            **common("search", "epochs", "batch_size", "lr", "weight_decay", "eps"),
+            **common("select_on_val", "use_views", "logit_scale", "seed"),
+        },
     )
+    # the ODE and its adjoint stay in float32 (spec §7.5)
+    train_recipe = {"amp": False}
 
     def __init__(
         self,
@@ -438,11 +477,12 @@ class NodeAdapter(Adapter):
         rho: float = 0.1,
         t_end: float = 10.0,
         solver: str = "rk4",
+        solver_options: dict[str, Any] | None = None,
         steps: int = 10,
         rtol: float = 1e-3,
         atol: float = 1e-4,
-        max_steps: int = 10_000,
         adjoint: bool = True,
+        adjoint_options: dict[str, Any] | None = None,
         loss_prototypes: str = "full",
         residual: float = 0.0,
         epochs: int = 20,
@@ -455,92 +495,34 @@ class NodeAdapter(Adapter):
         logit_scale: float = 100.0,
         seed: int = 1,
     ) -> None:
-        self.text_prototype = text_prototype
-        self.prototype = prototype
-        self.blend = blend
-        self.blend_init = blend_init
-        self.blend_init_grid = blend_init_grid
-        self.gamma_init = gamma_init
-        self.gamma_init_grid = gamma_init_grid
-        self.search = search
-        self.dynamics = dynamics
-        self.hidden = hidden
-        self.heads = heads
-        self.head_dim = head_dim
-        self.s0 = s0
-        self.rho = rho
-        self.t_end = t_end
-        self.solver = solver
-        self.steps = steps
-        self.rtol = rtol
-        self.atol = atol
-        self.max_steps = max_steps
-        self.adjoint = adjoint
-        self.loss_prototypes = loss_prototypes
-        self.residual = residual
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.eps = eps
-        self.select_on_val = select_on_val
-        self.use_views = use_views
-        self.logit_scale = logit_scale
-        self.seed = seed
+        self._init_params(locals())
 
     # ------------------------------------------------------------------ options
     def search_space(self) -> dict[str, list[Any]]:
         """The hyperparameters chosen on validation data and their candidates."""
         if not self.search:
             return {}
-        space: dict[str, list[Any]] = {}
-        if self._blends():
-            space["blend_init"] = list(self.blend_init_grid)
-        if self._uses_ode() and self.dynamics == "metanode":
-            space["gamma_init"] = list(self.gamma_init_grid)
-        return space
+        return {name: list(getattr(self, f"{name}_grid")) for name in self._declared_inits()}
 
-    def _blends(self) -> bool:
-        return self.prototype == "blend"
+    def _declared_inits(self) -> list[str]:
+        """The initial values that matter for this configuration (recorded in best_params_)."""
+        names = []
+        if self.prototype == "blend":
+            names.append("blend_init")
+        if self.t_end > 0 and self.dynamics == "metanode":
+            names.append("gamma_init")
+        return names
 
-    def _uses_ode(self) -> bool:
-        return self.t_end > 0
-
-    def _validate_options(self) -> None:
-        name = self.card.name
-        choices = {
-            "text_prototype": TEXT_PROTOTYPES,
-            "prototype": PROTOTYPES,
-            "blend": BLENDS,
-            "dynamics": DYNAMICS,
-            "loss_prototypes": LOSS_PROTOTYPES,
-            "solver": FIXED_GRID_SOLVERS + ADAPTIVE_SOLVERS,
-        }
-        for option, allowed in choices.items():
-            if getattr(self, option) not in allowed:
-                raise ConfigError(
-                    f"{name}: {option}={getattr(self, option)!r} is not one of {', '.join(allowed)}"
-                )
-        for option in ("hidden", "heads", "head_dim", "steps", "batch_size", "max_steps"):
-            if int(getattr(self, option)) < 1:
-                raise ConfigError(f"{name}: {option} must be >= 1, got {getattr(self, option)}")
-        if self.t_end < 0 or not math.isfinite(self.t_end):
-            raise ConfigError(
-                f"{name}: t_end must be finite and >= 0 (0 disables the ODE), got {self.t_end}"
-            )
-        for option in ("rtol", "atol", "s0", "rho", "lr", "logit_scale"):
-            if not getattr(self, option) > 0:
-                raise ConfigError(f"{name}: {option} must be > 0, got {getattr(self, option)}")
-        for value in (self.blend_init, *self.blend_init_grid):
-            if not 0.0 < value < 1.0:
-                raise ConfigError(f"{name}: blend_init values must lie in (0, 1), got {value}")
-        for value in (self.gamma_init, *self.gamma_init_grid):
-            if not 0.0 < value < 2.0:
-                raise ConfigError(f"{name}: gamma_init values must lie in (0, 2), got {value}")
-        if not self.blend_init_grid or not self.gamma_init_grid:
-            raise ConfigError(f"{name}: blend_init_grid and gamma_init_grid must not be empty")
-        if self.epochs < 0:
-            raise ConfigError(f"{name}: epochs must be >= 0, got {self.epochs}")
+    def _solver_options(self) -> dict[str, Any]:
+        """torchdiffeq's ``options``: ``solver_options`` over the defaults for the solver."""
+        given = dict(self.solver_options or {})
+        kind = solver_kind(self.solver)
+        defaults: dict[str, Any] = {}
+        if kind == "fixed_grid" and not {"step_size", "grid_constructor"} & set(given):
+            defaults["step_size"] = float(self.t_end) / int(self.steps)
+        elif kind == "adaptive":
+            defaults["max_num_steps"] = DEFAULT_MAX_NUM_STEPS
+        return {**defaults, **given}
 
     # ------------------------------------------------------------------ building
     def _build_modules(self) -> None:
@@ -557,11 +539,11 @@ class NodeAdapter(Adapter):
 
     def _new_model(self, dim: int, init: dict[str, float]) -> NodeAdapterModel:
         blend = None
-        if self._blends():
+        if self.prototype == "blend":
             lam = init["blend_init"]
             blend = CrossModalBlend(dim, self.blend, math.log(lam / (1.0 - lam)))
         flow: nn.Module | None = None
-        if self._uses_ode():
+        if self.t_end > 0:
             if self.dynamics == "metanode":
                 flow = GradientFlow(
                     dim,
@@ -593,40 +575,18 @@ class NodeAdapter(Adapter):
         self, flow: Callable[[Tensor, Tensor], Tensor], p0: Tensor, adjoint: bool = True
     ) -> Tensor:
         """P(t_end) = ODESolve(f_θ, P(0), 0, t_end) with the configured solver (spec §2.8-2.9)."""
-        from torchdiffeq import odeint, odeint_adjoint
-
-        t = torch.tensor([0.0, float(self.t_end)], dtype=p0.dtype, device=p0.device)
-        if self.solver in FIXED_GRID_SOLVERS:
-            kwargs: dict[str, Any] = {"options": {"step_size": float(self.t_end) / int(self.steps)}}
-        else:
-            kwargs = {
-                "rtol": self.rtol,
-                "atol": self.atol,
-                "options": {"max_num_steps": int(self.max_steps)},
-            }
-        try:
-            if adjoint and self.adjoint and torch.is_grad_enabled():
-                # Only leaf parameters: the vjp inside the adjoint reaches the blocks cached by
-                # set_context through their retained graph; listing the cached tensors as well
-                # would count those paths twice.
-                params = tuple(p for p in flow.parameters() if p.requires_grad)
-                path = odeint_adjoint(
-                    flow,
-                    p0,
-                    t,
-                    method=self.solver,
-                    adjoint_params=params,
-                    adjoint_method=self.solver,
-                    adjoint_rtol=self.rtol,
-                    adjoint_atol=self.atol,
-                    adjoint_options=dict(kwargs["options"]),
-                    **kwargs,
-                )
-            else:
-                path = odeint(flow, p0, t, method=self.solver, **kwargs)
-        except AssertionError as error:
-            raise self._solver_error(error) from None
-        end = path[-1]
+        end = solve_endpoint(
+            flow,
+            p0,
+            float(self.t_end),
+            solver=self.solver,
+            options=self._solver_options(),
+            rtol=self.rtol,
+            atol=self.atol,
+            adjoint=adjoint and self.adjoint,
+            adjoint_options=self.adjoint_options,
+            what=self.card.name,
+        )
         if not torch.isfinite(end).all():
             raise TrainingError(
                 f"{self.card.name}: the ODE state became non-finite at t_end={self.t_end:g} "
@@ -634,22 +594,6 @@ class NodeAdapter(Adapter):
                 "solver (solver=dopri5), a smaller `s0` or a lower `lr`"
             )
         return end
-
-    def _solver_error(self, error: BaseException) -> TrainingError:
-        message = str(error)
-        if "underflow" in message:
-            return TrainingError(
-                f"{self.card.name}: the adaptive solver {self.solver!r} hit a step-size underflow "
-                f"({message}); loosen `rtol`/`atol` (now {self.rtol:g}/{self.atol:g}) or use a "
-                "fixed-grid solver (solver=rk4)"
-            )
-        if "max_num_steps" in message:
-            return TrainingError(
-                f"{self.card.name}: the adaptive solver {self.solver!r} needed more than "
-                f"`max_steps`={self.max_steps} steps; raise `max_steps`, loosen `rtol`/`atol` or "
-                "use a fixed-grid solver (solver=rk4)"
-            )
-        return TrainingError(f"{self.card.name}: the ODE solver failed ({message}); check `solver`")
 
     def _refine(
         self,
@@ -677,28 +621,30 @@ class NodeAdapter(Adapter):
 
     # ------------------------------------------------------------------ fit / logits
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
-        self._validate_options()
         num_classes, dim = text.num_classes, text.dim
         device = train.device
         t_bar = text_prototypes(text, self.text_prototype).to(device)
         support, mask, slot = group_by_class(train.features, train.labels, num_classes)
-        ctx = {
-            "support": support,
-            "mask": mask,
-            "slot": slot,
-            "text": t_bar,
-            "labels": train.labels,
-        }
+        ctx = {"support": support, "mask": mask, "slot": slot, "text": t_bar}
 
-        space = self.search_space()
-        if space and val is not None and len(val) > 0:
-            init, score = self._search_init(ctx, require_validation(val, self.card.name), space)
-            self.best_params_ = {**init, "val_accuracy": score}
-            self.best_params_["source"] = f"validation search on {val.name} ({len(val)} rows)"
-        else:
-            init = {key: float(getattr(self, key)) for key in self._declared_inits()}
-            reason = "search disabled" if not self.search else "no validation data"
-            self.best_params_ = {**init, "source": f"defaults ({reason})"}
+        def score(point: dict[str, Any], val: ValidationSet) -> float:
+            # the untrained model at this start: the flow has uniform shot weights and a
+            # constant γ, so this chooses how far the starting prototypes lean to the images
+            init = {**self._init_values(), **{k: float(v) for k, v in point.items()}}
+            with torch.no_grad():
+                protos = self._untrained_endpoint(ctx, init)
+                logits = self._prototype_logits(val.features, protos, t_bar)
+            return accuracy(logits, val.labels)
+
+        def search(val: ValidationSet) -> tuple[dict[str, float], float]:
+            point, acc = grid_search(score, self.search_space(), val)
+            return {k: float(v) for k, v in point.items()}, acc
+
+        disabled = None
+        if not self.search_space():
+            disabled = "search disabled" if not self.search else "nothing to search here"
+        defaults = {key: float(getattr(self, key)) for key in self._declared_inits()}
+        self._choose(val, search, defaults, disabled=disabled)
 
         model = self._new_model(dim, self._init_values()).to(device)
         self.model_ = model
@@ -713,40 +659,10 @@ class NodeAdapter(Adapter):
             prototypes = self._refine(model, support, mask, t_bar)
         self.prototypes_ = normalize_rows(prototypes).detach()
         self.text_weights_ = t_bar.clone() if self.residual else None
-        if self._blends() and model.blend is not None:
+        if self.prototype == "blend" and model.blend is not None:
             with torch.no_grad():
                 lam = model.blend.weight(masked_mean_direction(support, mask))
             self.best_params_["mean_lambda"] = float(lam.mean())
-
-    def _declared_inits(self) -> list[str]:
-        """The initial values that matter for this configuration (recorded in best_params_)."""
-        names = []
-        if self._blends():
-            names.append("blend_init")
-        if self._uses_ode() and self.dynamics == "metanode":
-            names.append("gamma_init")
-        return names
-
-    def _search_init(
-        self, ctx: dict[str, Tensor], val: ValidationSet, space: dict[str, list[Any]]
-    ) -> tuple[dict[str, float], float]:
-        """Score every initial (λ, γ) on val with the untrained model; first best in grid order.
-
-        The untrained flow has uniform shot weights and a constant γ, so this chooses how far the
-        starting prototypes lean towards the images; training then adapts them per class.
-        """
-        names = list(space)
-        best: tuple[dict[str, float], float] = ({}, -1.0)
-        for values in itertools.product(*(space[n] for n in names)):
-            init = {**self._init_values(), **dict(zip(names, map(float, values), strict=True))}
-            with torch.no_grad():
-                protos = self._untrained_endpoint(ctx, init)
-                logits = self._prototype_logits(val.features, protos, ctx["text"])
-            score = accuracy(logits, val.labels)
-            log.debug("node_adapter init %s: val accuracy %.2f", init, score)
-            if score > best[1]:
-                best = ({n: init[n] for n in names}, score)
-        return best
 
     def _untrained_endpoint(self, ctx: dict[str, Tensor], init: dict[str, float]) -> Tensor:
         """P(t_end) of the untrained model for the start ``init``, without solving the (C, D) ODE.
@@ -764,9 +680,9 @@ class NodeAdapter(Adapter):
         if self.prototype == "text":
             p0 = text
         else:
-            lam = init["blend_init"] if self._blends() else 1.0
+            lam = init["blend_init"] if self.prototype == "blend" else 1.0
             p0 = torch.where(has, lam * visual + (1.0 - lam) * text, text)
-        if not self._uses_ode() or self.dynamics == "mlp":  # the MLP output starts at zero
+        if self.t_end <= 0 or self.dynamics == "mlp":  # the MLP output starts at zero
             return p0
         s0, rho, t_end = self.s0, self.rho, float(self.t_end)
 
@@ -786,29 +702,23 @@ class NodeAdapter(Adapter):
         train: TrainSet,
         ctx: dict[str, Tensor],
         val: ValidationSet | None,
-    ):  # -> TrainHistory | None
+    ) -> TrainHistory | None:
         params = [p for p in model.parameters() if p.requires_grad]
         if self.epochs == 0 or not params:
             return None
         # An epoch is one pass over the support images, each seen as one of its stored views
         # (drawn per epoch): the Tip-Adapter-F convention the spec's schedule (20 epochs,
         # batch 256) comes from, and the one the other trained methods here follow.
-        views = train.views if self.use_views else None
-        labels = train.labels
-        slots = ctx["slot"]
+        sampler = ViewSampler(train.features, train.views if self.use_views else None, self.seed)
+        labels, slots = train.labels, ctx["slot"]
         support, mask, t_bar = ctx["support"], ctx["mask"], ctx["text"]
-        loo = self.loss_prototypes == "loo"
         k = support.shape[1]
-        epoch_rows: dict[int, Tensor] = {}
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
-            if epoch not in epoch_rows:
-                epoch_rows.clear()
-                epoch_rows[epoch] = sample_view_rows(train.features, views, epoch, self.seed)
-            rows = epoch_rows[epoch]
+            rows = sampler(epoch)
             with torch.autocast(device_type=rows.device.type, enabled=False):
                 y = labels[index]
-                if not loo:
+                if self.loss_prototypes != "loo":
                     protos = self._refine(model, support, mask, t_bar)
                     logits = self._prototype_logits(rows[index], protos, t_bar)
                     return F.cross_entropy(logits, y)
@@ -842,20 +752,10 @@ class NodeAdapter(Adapter):
                     protos = self._refine(model, support, mask, t_bar)
                     return accuracy(self._prototype_logits(val.features, protos, t_bar), val.labels)
 
-        config = TrainConfig(
-            epochs=int(self.epochs),
-            batch_size=int(self.batch_size),
-            lr=float(self.lr),
-            weight_decay=float(self.weight_decay),
-            eps=float(self.eps),
-            select_on_val=val_score is not None,
-            seed=int(self.seed),
-            amp=False,  # the ODE and its adjoint stay in float32 (spec §7.5)
-        )
-        start_state = [p.detach().clone() for p in params]
-        start_score = val_score() if val_score is not None else None
-        try:
-            history = train_loop(
+        config = self._train_config(select_on_val=val_score is not None, keep_start=True)
+        # torchdiffeq's checks during the adjoint's backward solve surface here
+        with solver_errors(self.card.name, self.solver, self.rtol, self.atol):
+            return train_loop(
                 params,
                 batch_loss,
                 len(train),
@@ -864,15 +764,6 @@ class NodeAdapter(Adapter):
                 device=train.device,
                 what=f"{self.card.name} training",
             )
-        except AssertionError as error:  # torchdiffeq's checks during the adjoint backward solve
-            raise self._solver_error(error) from None
-        if start_score is not None and history.val_score and start_score >= max(history.val_score):
-            # the untrained start beats every epoch on validation data: keep it
-            with torch.no_grad():
-                for p, saved in zip(params, start_state, strict=True):
-                    p.copy_(saved)
-            history.best_epoch = -1
-        return history
 
     def _logits(self, features: Tensor) -> Tensor:
         return self._prototype_logits(features, self.prototypes_, self.text_weights_)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
+from clipadapt.engine.train import OptimizerParams, ViewSampler, train_loop
 from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.constraints import common, count, non_negative, optional
 
 
 def epochs_for_shots(shots: int) -> int:
@@ -17,7 +18,7 @@ def epochs_for_shots(shots: int) -> int:
 
 
 @register_method
-class TaskRes(Adapter):
+class TaskRes(OptimizerParams, Adapter):
     """TaskRes (Yu et al., CVPR 2023): ``t'_c = t_c + α · x_c``, x zero-initialised.
 
     ``logits = s · norm(f) · norm(t'_c)ᵀ``; only the residual ``X`` (C, D) is trained. The text
@@ -57,7 +58,15 @@ class TaskRes(Adapter):
             "α 0.5 on a text base of norm 9) the residual moves the classifier only a little on "
             "the 20 fixture rows: 84 % test vs 83 % zero-shot, below the suite's 90 % bar",
         },
+        constraints={
+            "alpha": non_negative(),
+            "epochs": optional(count(), "the paper's rule from the shots"),
+            **common("lr", "batch_size", "weight_decay", "warmup_lr", "logit_scale"),
+            **common("use_views", "text_norm", "seed"),
+        },
     )
+    # Adam with weight decay as an L2 term, one constant warmup epoch, cosine stepped per epoch
+    train_recipe = {"optimizer": "adam", "warmup_epochs": 1, "per_epoch_schedule": True}
 
     def __init__(
         self,
@@ -72,16 +81,7 @@ class TaskRes(Adapter):
         text_norm: float = 9.0,
         seed: int = 1,
     ) -> None:
-        self.alpha = alpha
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.weight_decay = weight_decay
-        self.warmup_lr = warmup_lr
-        self.logit_scale = logit_scale
-        self.use_views = use_views
-        self.text_norm = text_norm
-        self.seed = seed
+        self._init_params(locals())
 
     def _classifier(self, residual: Tensor) -> Tensor:
         return normalize_rows(self.base_ + self.alpha * residual)
@@ -91,38 +91,23 @@ class TaskRes(Adapter):
         residual = nn.Parameter(torch.zeros_like(self.base_))
         shots = int(torch.bincount(train.labels).max())
         epochs = int(self.epochs) if self.epochs is not None else epochs_for_shots(shots)
-        views = train.views if self.use_views else None
-        cached: dict[int, Tensor] = {}
+        sampler = ViewSampler(train.features, train.views if self.use_views else None, self.seed)
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
-            if epoch not in cached:
-                cached.clear()
-                cached[epoch] = sample_view_rows(train.features, views, epoch, self.seed)
-            logits = self.logit_scale * cached[epoch][index] @ self._classifier(residual).T
+            logits = self.logit_scale * sampler(epoch)[index] @ self._classifier(residual).T
             return F.cross_entropy(logits.float(), train.labels[index])
 
-        config = TrainConfig(
-            epochs=epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            optimizer="adam",
-            warmup_epochs=1,
-            warmup_lr=self.warmup_lr,
-            per_epoch_schedule=True,
-            seed=self.seed,
-        )
         history = train_loop(
             [residual],
             batch_loss,
             len(train),
-            config,
+            self._train_config(epochs=epochs),
             device=train.device,
             what="taskres training",
         )
         self.residual_ = residual
         self.train_loss_ = [float(x) for x in history.loss]
-        self.best_params_ = {"epochs": epochs, "source": "fixed configuration (no search)"}
+        self._record_fixed({"epochs": epochs}, "TaskRes searches nothing on validation data")
 
     def _logits(self, features: Tensor) -> Tensor:
         return self.logit_scale * features @ self._classifier(self.residual_).T

@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.search import require_validation
+from clipadapt.engine.search import search_blend
 from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.constraints import common, non_negative, positive, positive_int
 
 
 def tip_grid(scale: float, steps: int) -> list[float]:
@@ -74,76 +75,6 @@ def cache_logits(
     return out.index_add_(1, key_labels, weights)
 
 
-#: Above this share of (row, class) candidate pairs a β is scored densely (every α, all C).
-DENSE_CANDIDATE_SHARE = 0.1
-
-
-def search_alpha_beta(
-    zero_shot: Tensor,
-    affinity: Tensor,
-    key_labels: Tensor,
-    val: ValidationSet,
-    betas: list[float],
-    alphas: list[float],
-) -> tuple[float, float, float]:
-    """Exhaustive (β outer, α inner) search on validation logits; first best pair wins.
-
-    Exact, with two ways of scoring a β. A class can win a row's argmax for some α in the grid
-    only if its best possible score (at the largest α, since cache logits are >= 0) reaches the
-    smallest guaranteed row maximum (the row maximum at the smallest α). When those candidate
-    (row, class) pairs are few (a sharp β, a confident zero-shot head) only they are scored,
-    for every α at once, and reduced per row; when they are many (a flat β) the α grid is
-    scored densely, one (Nv, C) argmax per α, which is cheaper than gathering most pairs.
-    Both give argmax's first-maximum tie rule, so the choice never changes the result.
-
-    Args:
-        zero_shot: (Nv, C) text logits of the validation rows.
-        affinity: (Nv, NK) validation-to-key affinities.
-
-    Returns:
-        (alpha, beta, validation accuracy in percent).
-    """
-    val = require_validation(val, "tip_adapter search")
-    num_rows, num_classes = zero_shot.shape
-    alpha_t = torch.tensor(alphas, dtype=zero_shot.dtype, device=zero_shot.device)[:, None]
-    a_lo, a_hi = float(alpha_t.min()), float(alpha_t.max())
-    labels = val.labels
-    arange = torch.arange(num_rows, device=labels.device)
-    best = (alphas[0], betas[0], -1.0)
-    block = class_block_size(key_labels, num_classes)
-    scratch = torch.empty_like(affinity)  # one (Nv, NK) buffer for every β
-    dense_buffer = torch.empty_like(zero_shot)
-    for beta in betas:
-        cache = cache_logits(affinity, key_labels, num_classes, beta, block=block, scratch=scratch)
-        upper = zero_shot + a_hi * cache
-        floor = (zero_shot + a_lo * cache).amax(dim=1, keepdim=True)
-        candidates = upper >= floor
-        if int(candidates.sum()) > DENSE_CANDIDATE_SHARE * candidates.numel():
-            correct_counts = []
-            for alpha in alphas:
-                torch.add(zero_shot, cache, alpha=alpha, out=dense_buffer)
-                correct_counts.append(dense_buffer.argmax(dim=1) == labels)
-            counts = torch.stack(correct_counts).sum(dim=1)
-        else:
-            rows, cols = torch.nonzero(candidates, as_tuple=True)  # row-major: cols ascend
-            scores = zero_shot[rows, cols][None] + alpha_t * cache[rows, cols][None]  # (A, P)
-            row_max = torch.full((len(alphas), num_rows), -torch.inf, dtype=scores.dtype)
-            row_max.scatter_reduce_(1, rows.expand_as(scores), scores, reduce="amax")
-            true_score = zero_shot[arange, labels][None] + alpha_t * cache[arange, labels][None]
-            # argmax takes the first maximum: the true class must reach the maximum with no
-            # earlier class tied to it
-            tied_before = (scores == row_max[:, rows]) & (cols < labels[rows])[None]
-            blocked = torch.zeros_like(row_max).scatter_add_(
-                1, rows.expand_as(scores), tied_before.to(scores.dtype)
-            )
-            counts = ((true_score >= row_max) & (blocked == 0)).sum(dim=1)
-        j = int(torch.argmax(counts))
-        accuracy = 100.0 * int(counts[j]) / num_rows
-        if accuracy > best[2]:
-            best = (alphas[j], beta, accuracy)
-    return best
-
-
 @register_method
 class TipAdapter(Adapter):
     """Tip-Adapter (Zhang et al., ECCV 2022), training-free.
@@ -177,6 +108,15 @@ class TipAdapter(Adapter):
         searched={"alpha": "0.1 + i(S_α-0.1)/20", "beta": "0.1 + i(S_β-0.1)/200"},
         uses_views=True,
         max_tiny_seconds=20,
+        constraints={
+            "alpha": non_negative(),
+            "beta": positive(),
+            "search_scale_alpha": positive(),
+            "search_scale_beta": positive(),
+            "search_steps_alpha": positive_int(),
+            "search_steps_beta": positive_int(),
+            **common("search", "use_views", "logit_scale"),
+        },
     )
 
     def __init__(
@@ -191,15 +131,7 @@ class TipAdapter(Adapter):
         use_views: bool = True,
         logit_scale: float = 100.0,
     ) -> None:
-        self.alpha = alpha
-        self.beta = beta
-        self.search = search
-        self.search_scale_alpha = search_scale_alpha
-        self.search_scale_beta = search_scale_beta
-        self.search_steps_alpha = search_steps_alpha
-        self.search_steps_beta = search_steps_beta
-        self.use_views = use_views
-        self.logit_scale = logit_scale
+        self._init_params(locals())
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
         self.text_weights_ = text.class_features.clone()
@@ -208,33 +140,36 @@ class TipAdapter(Adapter):
         self.n_classes_ = text.num_classes
         self._choose_alpha_beta(val)
 
+    def search_space(self) -> dict[str, list[float]]:
+        """The (β, α) grid searched on validation data (β outer, α inner)."""
+        if not self.search:
+            return {}
+        return {
+            "beta": tip_grid(self.search_scale_beta, self.search_steps_beta),
+            "alpha": tip_grid(self.search_scale_alpha, self.search_steps_alpha),
+        }
+
     def _choose_alpha_beta(self, val: ValidationSet | None) -> None:
-        if self.search and val is not None and len(val) > 0:
+        def search(val: ValidationSet) -> tuple[dict[str, float], float]:
             zero_shot = self.logit_scale * val.features @ self.text_weights_.T
             affinity = val.features @ self.cache_keys_.T
-            alpha, beta, acc = search_alpha_beta(
-                zero_shot,
-                affinity,
-                self.cache_labels_,
-                val,
-                tip_grid(self.search_scale_beta, self.search_steps_beta),
-                tip_grid(self.search_scale_alpha, self.search_steps_alpha),
-            )
-            self.alpha_, self.beta_ = float(alpha), float(beta)
-            self.best_params_ = {
-                "alpha": self.alpha_,
-                "beta": self.beta_,
-                "val_accuracy": acc,
-                "source": f"validation search on {val.name} ({len(val)} rows)",
-            }
-        else:
-            self.alpha_, self.beta_ = float(self.alpha), float(self.beta)
-            reason = "search disabled" if not self.search else "no validation data"
-            self.best_params_ = {
-                "alpha": self.alpha_,
-                "beta": self.beta_,
-                "source": f"defaults ({reason})",
-            }
+            num_classes = self.text_weights_.shape[0]
+            block = class_block_size(self.cache_labels_, num_classes)
+            scratch = torch.empty_like(affinity)  # one (Nv, NK) buffer for every β
+
+            def cache_for(beta: float) -> Tensor:
+                return cache_logits(
+                    affinity, self.cache_labels_, num_classes, beta, block=block, scratch=scratch
+                )
+
+            return search_blend(zero_shot, cache_for, self.search_space(), val)
+
+        defaults = {"alpha": float(self.alpha), "beta": float(self.beta)}
+        chosen = self._choose(
+            val, search, defaults, disabled=None if self.search else "search disabled"
+        )
+        self.alpha_, self.beta_ = float(chosen["alpha"]), float(chosen["beta"])
+        self.best_params_.update(alpha=self.alpha_, beta=self.beta_)
 
     def _logits(self, features: Tensor) -> Tensor:
         zero_shot = self.logit_scale * features @ self.text_weights_.T

@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet
 from clipadapt.engine.search import accuracy
-from clipadapt.engine.train import TrainConfig, sample_view_rows, train_loop
+from clipadapt.engine.train import OptimizerParams, ViewSampler, train_loop
 from clipadapt.methods.base import MethodCard, register_method
+from clipadapt.methods.constraints import common
 from clipadapt.methods.tip_adapter import (
     TipAdapter,
     cache_keys_from,
@@ -19,7 +20,7 @@ from clipadapt.methods.tip_adapter import (
 
 
 @register_method
-class TipAdapterF(TipAdapter):
+class TipAdapterF(OptimizerParams, TipAdapter):
     """Tip-Adapter-F (Zhang et al., ECCV 2022): the cache keys are trained, then α/β searched.
 
     The keys start as Tip-Adapter's cache (``F_train``, the K-shot features or the mean of their
@@ -65,6 +66,10 @@ class TipAdapterF(TipAdapter):
         uses_views=True,
         param_formula="C * K * D",
         max_tiny_seconds=30,
+        constraints={
+            **TipAdapter.card.constraints,
+            **common("epochs", "lr", "eps", "weight_decay", "batch_size", "select_on_val", "seed"),
+        },
     )
 
     def __init__(
@@ -86,24 +91,7 @@ class TipAdapterF(TipAdapter):
         select_on_val: bool = True,
         seed: int = 1,
     ) -> None:
-        super().__init__(
-            alpha=alpha,
-            beta=beta,
-            search=search,
-            search_scale_alpha=search_scale_alpha,
-            search_scale_beta=search_scale_beta,
-            search_steps_alpha=search_steps_alpha,
-            search_steps_beta=search_steps_beta,
-            use_views=use_views,
-            logit_scale=logit_scale,
-        )
-        self.epochs = epochs
-        self.lr = lr
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.select_on_val = select_on_val
-        self.seed = seed
+        self._init_params(locals())
 
     def _train_logits(self, features: Tensor, keys: Tensor, text_logits: Tensor) -> Tensor:
         """Training-time logits with α0/β0; ``text_logits`` are the frozen zero-shot part."""
@@ -120,20 +108,17 @@ class TipAdapterF(TipAdapter):
         self.cache_labels_ = key_labels.clone()
         keys = nn.Parameter(start_keys.clone())
         self.cache_keys_ = keys
-        views = train.views if self.use_views else None
         labels = train.labels
-        epoch_rows: dict[int, tuple[Tensor, Tensor]] = {}
-
-        def rows_for(epoch: int) -> tuple[Tensor, Tensor]:
-            # one sampled view per image per epoch, drawn once per epoch (not per batch)
-            if epoch not in epoch_rows:
-                epoch_rows.clear()
-                rows = sample_view_rows(train.features, views, epoch, self.seed)
-                epoch_rows[epoch] = (rows, self.logit_scale * rows @ self.text_weights_.T)
-            return epoch_rows[epoch]
+        # one sampled view per image per epoch, with its frozen zero-shot logits
+        sampler = ViewSampler(
+            train.features,
+            train.views if self.use_views else None,
+            self.seed,
+            prepare=lambda rows: (rows, self.logit_scale * rows @ self.text_weights_.T),
+        )
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
-            rows, text_logits = rows_for(epoch)
+            rows, text_logits = sampler(epoch)
             logits = self._train_logits(rows[index], keys, text_logits[index])
             return F.cross_entropy(logits.float(), labels[index])
 
@@ -146,16 +131,7 @@ class TipAdapterF(TipAdapter):
                 with torch.no_grad():
                     return accuracy(self._train_logits(val.features, keys, val_text), val.labels)
 
-        config = TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            optimizer="adamw",
-            eps=self.eps,
-            select_on_val=use_val,
-            seed=self.seed,
-        )
+        config = self._train_config(select_on_val=use_val)
         history = train_loop(
             [keys],
             batch_loss,

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet
 from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.constraints import positive
 
 
 @register_method
@@ -24,10 +25,13 @@ class ZeroShotCLIP(Adapter):
         arxiv="2103.00020",
         needs=("text",),
         max_tiny_seconds=5,
+        constraints={
+            "logit_scale": positive(),
+        },
     )
 
     def __init__(self, logit_scale: float = 100.0) -> None:
-        self.logit_scale = logit_scale
+        self._init_params(locals())
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
         self.text_weights_ = text.class_features.clone()

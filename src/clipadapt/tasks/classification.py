@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -17,7 +18,11 @@ from clipadapt.methods.base import Adapter
 
 @dataclass
 class RunResult:
-    """One run's record (a line of ``results.jsonl``)."""
+    """One run's record (a line of ``results.jsonl``).
+
+    ``fitted`` is the adapter :func:`evaluate` fitted (a clone of the method it was given); it
+    is not part of the record (:meth:`to_dict` leaves it out).
+    """
 
     method: str
     dataset: str
@@ -37,9 +42,13 @@ class RunResult:
     n_train: int = 0
     n_val: int = 0
     n_eval: int = 0
+    fitted: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record: every field except the fitted adapter."""
+        return {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "fitted"
+        }
 
 
 @dataclass(frozen=True)
@@ -129,10 +138,13 @@ def evaluate(
     text_encoder: object | None = None,
     device: str | torch.device = "cpu",
 ) -> RunResult:
-    """Fit ``method`` on a few-shot draw of ``bundle`` and score it once on the evaluation rows.
+    """Fit a clone of ``method`` on a few-shot draw of ``bundle``; score it once on the evaluation rows.
+
+    ``method`` itself is left as it was (not fitted, hyperparameters unchanged): the run fits
+    ``method.clone()`` with its ``seed`` set to ``seed``, and returns it as ``result.fitted``.
 
     Args:
-        method: an unfitted (or re-fittable) method; its ``seed`` is set to ``seed``.
+        method: the method to run (its hyperparameters; any fitted state is ignored).
         bundle: the feature bundle.
         shots: K (needed unless ``choice.train_set`` names a group).
         seed: draw and method seed.
@@ -141,15 +153,12 @@ def evaluate(
         device: where to fit and predict.
 
     Returns:
-        A :class:`RunResult` with the accuracy in percent.
+        A :class:`RunResult` with the accuracy in percent and the fitted clone in ``fitted``.
     """
     train, val, evaluation = prepare_sets(bundle, shots, seed, choice)
-    params = method.get_params()
-    if "seed" in params:
+    method = method.clone()
+    if "seed" in method.get_params():
         method.set_params(seed=seed)
-    if params.get("dataset") == "":
-        # methods with per-dataset schedules (HeGraphAdapter) learn which dataset this is
-        method.set_params(dataset=bundle.name)
     text = bundle.text(text_encoder) if bundle.has_text() else None
     if text is None and method.card.needs_text:
         raise MissingTensorError(
@@ -183,4 +192,5 @@ def evaluate(
         n_train=len(train),
         n_val=len(val) if val is not None else 0,
         n_eval=len(evaluation),
+        fitted=method,
     )

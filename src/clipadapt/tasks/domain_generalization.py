@@ -108,10 +108,11 @@ def evaluate_dg(
     text_encoder: object | None = None,
     device: str | torch.device = "cpu",
 ) -> list[dict[str, Any]]:
-    """Fit ``method`` on ``source`` (one few-shot draw) and score it on the source and each target.
+    """Fit a clone of ``method`` on ``source`` (one few-shot draw); score it on the source and
+    each target (``method`` itself is left unfitted, as by ``evaluate``).
 
     Args:
-        method: an unfitted adapter.
+        method: the adapter to run.
         source: the source bundle (ImageNet in the papers).
         targets: target bundles sharing the source's classes or a subset of them.
         shots, seed, choice: the source run, as in :func:`clipadapt.tasks.classification.evaluate`.
@@ -139,7 +140,7 @@ def evaluate_dg(
     for target, index in zip(targets, indices, strict=True):
         rows = target.group(target_eval_set, "eval")
         started = time.perf_counter()
-        accuracy = subset_accuracy(method, rows.features.to(device), rows.labels, index)
+        accuracy = subset_accuracy(result.fitted, rows.features.to(device), rows.labels, index)
         records.append(
             {
                 **base,

@@ -58,7 +58,7 @@ from clipadapt.data.sets import (
     ValidationSet,
     check_feature_matrix,
 )
-from clipadapt.exceptions import NotFittedError
+from clipadapt.exceptions import ConfigError, NotFittedError
 from clipadapt.methods.base import (
     CONFIG_FILE,
     Adapter,
@@ -69,6 +69,7 @@ from clipadapt.methods.base import (
     load,
     method_card,
 )
+from clipadapt.methods.constraints import Constraint
 
 __all__ = [
     "CHECKS",
@@ -479,7 +480,8 @@ def check_init_only_stores_params(subject: _Subject) -> None:
 
 
 def check_get_set_params(subject: _Subject) -> None:
-    """``set_params`` rejects unknown keys (listing the valid ones) and returns self; repr."""
+    """``set_params`` rejects unknown keys (listing the valid ones) and values outside each
+    option's declared constraint (naming the option), and returns self; repr."""
     method = subject.make()
     names = method._param_names()
     error = _assert_raises(
@@ -490,6 +492,20 @@ def check_get_set_params(subject: _Subject) -> None:
     )
     assert error is not None
     assert method.set_params(**method.get_params()) is method, "set_params must return self"
+    constraints = subject.card.constraints
+    undeclared = sorted(set(names) - set(constraints))
+    assert not undeclared, (
+        f"options without a declared type and range on the card (MethodCard.constraints): "
+        f"{undeclared}"
+    )
+    for name in names:
+        for bad in _outside(constraints[name]):
+            _assert_raises(
+                ConfigError,
+                lambda name=name, bad=bad: subject.make().set_params(**{name: bad}),
+                f"set_params({name}={bad!r})",
+                mentions=(name, repr(bad)),
+            )
     defaults = type(method)._defaults()
     fresh = type(method)()
     assert repr(fresh) == f"{type(method).__name__}()", f"repr of defaults: {fresh!r}"
@@ -503,9 +519,30 @@ def check_get_set_params(subject: _Subject) -> None:
             changed = default * 2 + 1
         else:
             continue
-        fresh.set_params(**{name: changed})
+        try:
+            fresh.set_params(**{name: changed})
+        except ConfigError:
+            continue  # outside this option's range: try the next option
         assert f"{name}={changed!r}" in repr(fresh), f"repr does not show {name}: {fresh!r}"
         break
+
+
+def _outside(constraint: Constraint) -> list[Any]:
+    """Values a constraint must reject: a wrong type, and the nearest values out of range."""
+    bad: list[Any] = [object()] if constraint.kind != "list" else ["not-a-list"]
+    if constraint.none_means is None:
+        bad.append(None)
+    if constraint.kind == "float":
+        bad.append(float("nan"))
+    if constraint.kind in ("int", "float"):
+        step = 1 if constraint.kind == "int" else 1e-3
+        if constraint.low is not None:
+            bad.append(constraint.low if constraint.open_low else constraint.low - step)
+        if constraint.high is not None:
+            bad.append(constraint.high if constraint.open_high else constraint.high + step)
+    if constraint.allowed() is not None:
+        bad.append("not-a-valid-choice")
+    return bad
 
 
 def check_fit_returns_self(subject: _Subject) -> None:
