@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import clipadapt
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet
-from clipadapt.engine.ode import solver_errors
+from clipadapt.engine.ode import solver_errors, solver_options
 from clipadapt.exceptions import ConfigError, MissingTensorError, TrainingError
 from clipadapt.methods.base import parse_method_spec
 from clipadapt.methods.node_adapter import (
@@ -369,15 +369,18 @@ def test_adaptive_solver_step_limit_fails_loudly() -> None:
 def test_solver_options_pass_straight_through() -> None:
     fx = make_fixture(shots=2)
     default = NodeAdapter(**FAST, search=False)
-    assert default._solver_options() == {"step_size": 10.0 / FAST["steps"]}
+    assert solver_options("rk4", None, step_size=5.0) == {"step_size": 5.0}
     # the same grid, given as torchdiffeq's own option, gives the same fit bit for bit
     same = NodeAdapter(**{**FAST, "steps": 1}, solver_options={"step_size": 5.0}, search=False)
-    assert same._solver_options() == {"step_size": 5.0}
+    assert solver_options("rk4", same.solver_options, step_size=10.0) == {"step_size": 5.0}
     a = default.fit(fx.train, fx.text, fx.val).logits(fx.test.features)
     b = same.fit(fx.train, fx.text, fx.val).logits(fx.test.features)
     assert torch.equal(a, b)
-    adaptive = NodeAdapter(solver="dopri5", solver_options={"first_step": 0.5})
-    assert adaptive._solver_options() == {"max_num_steps": 10_000, "first_step": 0.5}
+    given = {"first_step": 0.5}
+    assert solver_options("dopri5", given) == {"max_num_steps": 10_000, "first_step": 0.5}
+    assert solver_options("euler", {"grid_constructor": max}, step_size=1.0) == {
+        "grid_constructor": max
+    }
     name, params = parse_method_spec(
         "node_adapter:solver=euler,solver_options={step_size: 0.5},adjoint_options={step_size: 1}"
     )

@@ -55,6 +55,25 @@ def solver_kind(solver: str) -> str:
     return "other"
 
 
+def solver_options(
+    solver: str, given: Mapping[str, Any] | None, *, step_size: float | None = None
+) -> dict[str, Any]:
+    """torchdiffeq's ``options`` for ``solver``: ``given`` over a default for the solver's kind.
+
+    Fixed-grid solvers get ``step_size`` unless ``given`` sets a step or a
+    ``grid_constructor``; adaptive ones get ``max_num_steps`` = :data:`DEFAULT_MAX_NUM_STEPS`.
+    """
+    options = dict(given or {})
+    kind = solver_kind(solver)
+    defaults: dict[str, Any] = {}
+    if kind == "fixed_grid" and step_size is not None:
+        if not {"step_size", "grid_constructor"} & set(options):
+            defaults["step_size"] = step_size
+    elif kind == "adaptive":
+        defaults["max_num_steps"] = DEFAULT_MAX_NUM_STEPS
+    return {**defaults, **options}
+
+
 @contextlib.contextmanager
 def solver_errors(what: str, solver: str, rtol: float, atol: float) -> Iterator[None]:
     """Turn torchdiffeq's assertion failures (forward or adjoint solve) into TrainingError."""

@@ -1,4 +1,4 @@
-"""Graph machinery shared by GraphAdapter and HeGraphAdapter (specs/hegraph_adapter.md §2, §6).
+"""The graph maths of GraphAdapter and HeGraphAdapter (specs/hegraph_adapter.md §2, §6).
 
 Both methods refine class-level nodes (one node per class and type) with one-layer GCNs whose
 adjacencies come from the frozen base features. Everything here is dense and batched: the graphs
@@ -15,11 +15,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TrainSet, normalize_rows
+from clipadapt.exceptions import ConfigError
+
+ALL_EDGES = ("pn", "vn", "pp", "vp", "np", "vv")
+"""The six relation types, named source→target: p→n, v→n, p→p, v→p, n→p, v→v."""
+
+NEGATIVE_EDGES = frozenset({"pn", "vn", "np"})
+VISUAL_EDGES = frozenset({"vn", "vp", "vv"})
+# Which block projects each relation's messages, per layout (spec §2.9).
+BLOCK_LAYOUTS = {
+    "five_blocks_bias": {"pn": "n", "vn": "n", "pp": "pp", "vp": "vp", "np": "np", "vv": "v"},
+    "three_W": {"pn": "n", "vn": "n", "pp": "p", "vp": "p", "np": "p", "vv": "v"},
+}
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -263,3 +276,84 @@ def benchmark_aggregation(
         "scatter_ms": timed(scatter),
         "max_abs_diff": float((dense() - scatter()).abs().max()),
     }
+
+
+def relation_matrices(
+    positive: Tensor,
+    negative: Tensor | None,
+    visual: Tensor | None,
+    edges: tuple[str, ...] = ALL_EDGES,
+    neg_self_edge: str = "one_minus_cos",
+) -> dict[str, Tensor]:
+    """The six C x C relation matrices of spec §2.2, from frozen base node features.
+
+    ``R[i, j]`` is the weight of the edge from source node j into target node i. Intra-type
+    relations (p→p, v→v) have a zero diagonal (the self term is separate); v→p is the plain
+    cosine; the contrastive relations (p→n, v→n, n→p) use the cosine between classes and an
+    "opposite" weight on the own-class pair: ``1 - cos`` (default) or ``-cos``.
+
+    Args:
+        positive, negative, visual: (C, D) node features (negative/visual may be None when no
+            requested edge uses them).
+        edges: which relations to build (names in :data:`ALL_EDGES`).
+        neg_self_edge: "one_minus_cos" or "neg_cos".
+
+    Returns:
+        {edge name: (C, C) float32}.
+    """
+    if neg_self_edge not in ("one_minus_cos", "neg_cos"):
+        raise ConfigError(
+            f"hegraph_adapter: neg_self_edge must be 'one_minus_cos' or 'neg_cos', got {neg_self_edge!r}"
+        )
+    num_classes = positive.shape[0]
+    eye = torch.eye(num_classes, dtype=torch.bool, device=positive.device)
+
+    def zero_diag(sim: Tensor) -> Tensor:
+        return sim.masked_fill(eye, 0.0)
+
+    def opposite_diag(sim: Tensor) -> Tensor:
+        own = sim.diagonal()
+        own = 1.0 - own if neg_self_edge == "one_minus_cos" else -own
+        return torch.where(eye, torch.diag_embed(own), sim)
+
+    builders = {
+        "pp": lambda: zero_diag(cosine(positive, positive)),
+        "vv": lambda: zero_diag(cosine(visual, visual)),
+        "vp": lambda: cosine(positive, visual),
+        "pn": lambda: opposite_diag(cosine(negative, positive)),
+        "vn": lambda: opposite_diag(cosine(negative, visual)),
+        "np": lambda: opposite_diag(cosine(positive, negative)),
+    }
+    return {name: builders[name]() for name in edges}
+
+
+class HeteroGraph(nn.Module):
+    """The trainable projections of the heterogeneous GCN (one :class:`GCNBlock` per key)."""
+
+    def __init__(self, block_names: list[str], dim: int, num_classes: int, bias: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict(
+            {name: GCNBlock(dim, num_classes, bias) for name in sorted(block_names)}
+        )
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        for name in sorted(self.blocks):
+            self.blocks[name].reset_parameters(generator)
+
+
+@dataclass
+class GraphInputs:
+    """Everything the per-step propagation needs that does not change during training.
+
+    ``frozen[e]`` is the aggregated input ``c ⊙ X_t + Â X_s`` of relation e when both ends are
+    frozen; n→p keeps its adjacency and self term because its source (the updated negatives)
+    changes every step.
+    """
+
+    positive: Tensor  # (C, D) base positive nodes
+    negative: Tensor | None  # (C, D) base negative nodes
+    frozen: dict[str, Tensor]
+    np_adjacency: Tensor | None
+    np_self: Tensor | None
+    keys: Tensor  # (N, D) cache keys
+    key_labels: Tensor  # (N,)

@@ -6,44 +6,35 @@ Heterogeneous Graph Adapter", arXiv:2410.07854. Implementation spec: specs/hegra
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
 from clipadapt.engine.search import search_logit_blend
 from clipadapt.engine.train import OptimizerParams, ViewSampler, train_loop
-from clipadapt.exceptions import ConfigError, MissingTensorError
+from clipadapt.exceptions import MissingTensorError
 from clipadapt.methods._graph import (
+    ALL_EDGES,
+    BLOCK_LAYOUTS,
+    NEGATIVE_EDGES,
+    VISUAL_EDGES,
     BiasedCache,
-    GCNBlock,
+    GraphInputs,
+    HeteroGraph,
     aggregate,
     block_param_count,
     class_means,
-    cosine,
     normalize_relation,
+    relation_matrices,
     train_view_features,
 )
 from clipadapt.methods.base import Adapter, MethodCard, register_method
 from clipadapt.methods.constraints import common, flag, list_of, non_negative, one_of, positive
 from clipadapt.methods.tip_adapter import cache_keys_from, cache_logits, sort_cache_by_class
 
-log = logging.getLogger(__name__)
-
-ALL_EDGES = ("pn", "vn", "pp", "vp", "np", "vv")
-"""The six relation types, named source→target: p→n, v→n, p→p, v→p, n→p, v→v."""
-
-_NEGATIVE_EDGES = frozenset({"pn", "vn", "np"})
-_VISUAL_EDGES = frozenset({"vn", "vp", "vv"})
-# Which block projects each relation's messages, per layout (spec §2.9).
-_BLOCKS = {
-    "five_blocks_bias": {"pn": "n", "vn": "n", "pp": "pp", "vp": "vp", "np": "np", "vv": "v"},
-    "three_W": {"pn": "n", "vn": "n", "pp": "p", "vp": "p", "np": "p", "vv": "v"},
-}
 DEFAULT_FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
 # the meta-path weights of the hierarchical aggregation
 _WEIGHTS = (
@@ -55,87 +46,6 @@ _WEIGHTS = (
     "alpha_np_test",
     "gamma",
 )
-
-
-def relation_matrices(
-    positive: Tensor,
-    negative: Tensor | None,
-    visual: Tensor | None,
-    edges: tuple[str, ...] = ALL_EDGES,
-    neg_self_edge: str = "one_minus_cos",
-) -> dict[str, Tensor]:
-    """The six C x C relation matrices of spec §2.2, from frozen base node features.
-
-    ``R[i, j]`` is the weight of the edge from source node j into target node i. Intra-type
-    relations (p→p, v→v) have a zero diagonal (the self term is separate); v→p is the plain
-    cosine; the contrastive relations (p→n, v→n, n→p) use the cosine between classes and an
-    "opposite" weight on the own-class pair: ``1 - cos`` (default) or ``-cos``.
-
-    Args:
-        positive, negative, visual: (C, D) node features (negative/visual may be None when no
-            requested edge uses them).
-        edges: which relations to build (names in :data:`ALL_EDGES`).
-        neg_self_edge: "one_minus_cos" or "neg_cos".
-
-    Returns:
-        {edge name: (C, C) float32}.
-    """
-    if neg_self_edge not in ("one_minus_cos", "neg_cos"):
-        raise ConfigError(
-            f"hegraph_adapter: neg_self_edge must be 'one_minus_cos' or 'neg_cos', got {neg_self_edge!r}"
-        )
-    num_classes = positive.shape[0]
-    eye = torch.eye(num_classes, dtype=torch.bool, device=positive.device)
-
-    def zero_diag(sim: Tensor) -> Tensor:
-        return sim.masked_fill(eye, 0.0)
-
-    def opposite_diag(sim: Tensor) -> Tensor:
-        own = sim.diagonal()
-        own = 1.0 - own if neg_self_edge == "one_minus_cos" else -own
-        return torch.where(eye, torch.diag_embed(own), sim)
-
-    builders = {
-        "pp": lambda: zero_diag(cosine(positive, positive)),
-        "vv": lambda: zero_diag(cosine(visual, visual)),
-        "vp": lambda: cosine(positive, visual),
-        "pn": lambda: opposite_diag(cosine(negative, positive)),
-        "vn": lambda: opposite_diag(cosine(negative, visual)),
-        "np": lambda: opposite_diag(cosine(positive, negative)),
-    }
-    return {name: builders[name]() for name in edges}
-
-
-class HeteroGraph(nn.Module):
-    """The trainable projections of the heterogeneous GCN (one :class:`GCNBlock` per key)."""
-
-    def __init__(self, block_names: list[str], dim: int, num_classes: int, bias: bool) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleDict(
-            {name: GCNBlock(dim, num_classes, bias) for name in sorted(block_names)}
-        )
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        for name in sorted(self.blocks):
-            self.blocks[name].reset_parameters(generator)
-
-
-@dataclass
-class GraphInputs:
-    """Everything the per-step propagation needs that does not change during training.
-
-    ``frozen[e]`` is the aggregated input ``c ⊙ X_t + Â X_s`` of relation e when both ends are
-    frozen; n→p keeps its adjacency and self term because its source (the updated negatives)
-    changes every step.
-    """
-
-    positive: Tensor  # (C, D) base positive nodes
-    negative: Tensor | None  # (C, D) base negative nodes
-    frozen: dict[str, Tensor]
-    np_adjacency: Tensor | None
-    np_self: Tensor | None
-    keys: Tensor  # (N, D) cache keys
-    key_labels: Tensor  # (N,)
 
 
 @register_method
@@ -218,7 +128,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             **dict.fromkeys(_WEIGHTS, non_negative()),
             "neg_self_edge": one_of(("one_minus_cos", "neg_cos")),
             "source_degree": one_of(("column", "row")),
-            "block_layout": one_of(tuple(_BLOCKS)),
+            "block_layout": one_of(tuple(BLOCK_LAYOUTS)),
             "classifier": one_of(("both", "text")),
             "loss_weight": non_negative(),
             "cache_beta": positive(),
@@ -273,9 +183,9 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         """The relations in use after the node-type switches, in the canonical order."""
         keep = set(self.edges)
         if not self.negative_nodes:
-            keep -= _NEGATIVE_EDGES
+            keep -= NEGATIVE_EDGES
         if not self.visual_nodes:
-            keep -= _VISUAL_EDGES
+            keep -= VISUAL_EDGES
         if self.classifier == "text":
             keep.discard("vv")  # the visual bias only feeds the cache classifier
         return tuple(e for e in ALL_EDGES if e in keep)
@@ -296,7 +206,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         return {"fusion_weight": [float(w) for w in self.fusion_grid]}
 
     def _block_names(self) -> list[str]:
-        mapping = _BLOCKS[self.block_layout]
+        mapping = BLOCK_LAYOUTS[self.block_layout]
         return sorted({mapping[e] for e in self.active_edges()})
 
     @staticmethod
@@ -313,7 +223,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             10362880
         """
         bias = block_layout == "five_blocks_bias"
-        blocks = {_BLOCKS[block_layout][e] for e in edges}
+        blocks = {BLOCK_LAYOUTS[block_layout][e] for e in edges}
         return len(blocks) * block_param_count(dim, num_classes, bias)
 
     # ------------------------------------------------------------------ nodes
@@ -342,9 +252,9 @@ class HeGraphAdapter(OptimizerParams, Adapter):
     def _graph_inputs(self, train: TrainSet, text: TextFeatures) -> GraphInputs:
         edges = self.active_edges()
         positive = self._positive(text)
-        negative = self._negative(text) if set(edges) & _NEGATIVE_EDGES else None
+        negative = self._negative(text) if set(edges) & NEGATIVE_EDGES else None
         visual = None
-        if set(edges) & _VISUAL_EDGES:
+        if set(edges) & VISUAL_EDGES:
             visual = class_means(
                 train_view_features(train, self.use_views), train.labels, text.num_classes
             )
@@ -380,7 +290,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             (updated positive nodes X^p' (C, D), visual bias M^v (C, D) or None).
         """
         blocks = self.graph_.blocks
-        mapping = _BLOCKS[self.block_layout]
+        mapping = BLOCK_LAYOUTS[self.block_layout]
         frozen = inputs.frozen
 
         def message(edge: str, aggregated: Tensor) -> Tensor:

@@ -1,0 +1,306 @@
+"""NODE-Adapter's building blocks: prototypes, the cross-modal blend and the ODE dynamics.
+
+The maths of :mod:`clipadapt.methods.node_adapter` that is not the method's interface: how the
+textual and visual prototypes are formed, the blend ``p(0) = λ v̄ + (1 - λ) t̄`` and the learned
+gradient flows f_θ integrated by the ODE solver (``docs/methods/node_adapter.md``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipadapt.data.sets import TextFeatures, normalize_rows
+from clipadapt.exceptions import ConfigError
+
+TEXT_PROTOTYPES = ("auto", "class", "prompts", "descriptions", "all")
+PROTOTYPES = ("blend", "text", "visual")
+BLENDS = ("vector", "elementwise", "scalar")
+DYNAMICS = ("metanode", "mlp")
+LOSS_PROTOTYPES = ("full", "loo")
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def group_by_class(
+    features: Tensor, labels: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Scatter rows into a padded per-class tensor without a Python loop over classes.
+
+    Args:
+        features: (M, D) support features.
+        labels: (M,) class of each row.
+        num_classes: C.
+
+    Returns:
+        ``X`` (C, K, D) with K the largest class count (zero padding), ``mask`` (C, K) bool
+        (True where a row exists) and ``slot`` (M,) the position of each row in its class.
+    """
+    counts = torch.bincount(labels, minlength=num_classes)
+    k = max(int(counts.max()), 1) if labels.numel() else 1
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(labels)
+    slot[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    x = features.new_zeros(num_classes, k, features.shape[1])
+    x[labels, slot] = features
+    mask = torch.zeros(num_classes, k, dtype=torch.bool, device=features.device)
+    mask[labels, slot] = True
+    return x, mask, slot
+
+
+def masked_mean_direction(x: Tensor, mask: Tensor) -> Tensor:
+    """Normalised sum of the rows selected by ``mask`` (zeros where a class has none).
+
+    Args:
+        x: (M, K, D); mask: (M, K) bool.
+    """
+    total = (x * mask[..., None]).sum(dim=1)
+    return total / total.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def text_prototypes(text: TextFeatures, source: str) -> Tensor:
+    """Per-class textual prototypes t̄ (C, D): the normalised mean of normalised text features.
+
+    Args:
+        text: the class text features.
+        source: ``"class"`` (``text_features``), ``"prompts"`` (mean over the template
+            ensemble ``text_features_all``), ``"descriptions"`` (masked mean of the CuPL
+            descriptions), ``"all"`` (templates and descriptions together, each feature one
+            vote), ``"auto"`` (templates when present, else ``text_features``).
+
+    Raises:
+        MissingTensorError: the chosen source is not in the bundle (the message names it).
+    """
+    if source not in TEXT_PROTOTYPES:
+        raise ConfigError(
+            f"node_adapter: text_prototype={source!r} is not one of {', '.join(TEXT_PROTOTYPES)}"
+        )
+    if source == "auto":
+        source = "prompts" if text.prompt_features is not None else "class"
+    if source == "class":
+        return text.class_features
+    parts: list[tuple[Tensor, Tensor]] = []
+    if source in ("prompts", "all"):
+        prompts = text.require("prompt_features", "node_adapter (text_prototype=prompts)")
+        parts.append(
+            (prompts, torch.ones(prompts.shape[:2], dtype=torch.bool, device=prompts.device))
+        )
+    if source in ("descriptions", "all"):
+        desc = text.require("description_features", "node_adapter (text_prototype=descriptions)")
+        parts.append((desc, text.description_mask))
+    feats = torch.cat([p for p, _ in parts], dim=1)
+    mask = torch.cat([m for _, m in parts], dim=1)
+    return masked_mean_direction(normalize_rows(feats), mask)
+
+
+def _init_linear(layer: nn.Linear, generator: torch.Generator, zero: bool = False) -> None:
+    """PyTorch's default Linear init, drawn from a private generator (no global RNG use)."""
+    with torch.no_grad():
+        if zero:
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+            return
+        bound = 1.0 / math.sqrt(layer.weight.shape[1])
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
+
+
+def sinusoidal_time(t: Tensor, width: int, t_end: float) -> Tensor:
+    """A (width,) sinusoidal embedding of the time ``t / t_end`` (MLP dynamics only)."""
+    half = width // 2
+    freqs = torch.exp(
+        torch.arange(half, dtype=t.dtype, device=t.device) * (-math.log(100.0) / max(half, 1))
+    )
+    angle = (t / max(t_end, 1e-12)) * math.pi * freqs * 10
+    return torch.cat([torch.sin(angle), torch.cos(angle)])
+
+
+# ---------------------------------------------------------------------------------- modules
+
+
+class CrossModalBlend(nn.Module):
+    """The adaptive blend ``p(0) = λ v̄ + (1 - λ) t̄`` (spec §2.4).
+
+    Args:
+        dim: D.
+        mode: ``"vector"`` (spec: λ_j = σ(v̄_jᵀu + b), u ∈ R^D), ``"elementwise"`` (a per-dimension
+            gate σ(u + b) ∈ R^D) or ``"scalar"`` (one λ for all classes).
+        prior: b, the fixed logit offset (``logit(blend_init)``).
+    """
+
+    def __init__(self, dim: int, mode: str, prior: float) -> None:
+        super().__init__()
+        self.mode = mode
+        self.u = nn.Parameter(torch.zeros(1 if mode == "scalar" else dim))
+        self.register_buffer("prior", torch.tensor(float(prior)))
+
+    def weight(self, visual: Tensor) -> Tensor:
+        """λ, (M, 1) for the vector/scalar modes, (1, D) for the element-wise one."""
+        if self.mode == "vector":
+            return torch.sigmoid(visual @ self.u + self.prior)[:, None]
+        return torch.sigmoid(self.u + self.prior)[None]
+
+    def forward(self, visual: Tensor, text: Tensor, has_support: Tensor) -> Tensor:
+        lam = self.weight(visual) * has_support[:, None].to(visual.dtype)
+        return lam * visual + (1.0 - lam) * text
+
+
+class GradientFlow(nn.Module):
+    """f_θ, the learned gradient estimator of spec §2.6 (MetaNODE-style, per class).
+
+    ``f(P, t)_j = s(t) Σ_k w_jk (γ_jk x_jk - p_j)`` over the support rows ``x_jk`` of class j;
+    ``w`` comes from the weight generator (pair descriptor -> Linear -> ELU -> LayerNorm ->
+    multi-head self-attention over the shots -> linear score -> masked softmax over shots),
+    ``γ = 2σ(Linear(ELU(Linear([x; p]))))`` from the scale generator. The pair layer is applied
+    block-wise, ``W[p⊙x; p⊙p; x⊙x; p; x] = W₁(p⊙x) + W₂(p⊙p) + W₃(x⊙x) + W₄p + W₅x``, so the
+    (M, K, 5D) descriptor is never built and the x-only blocks are computed once per solve.
+
+    Call :meth:`set_context` before solving; ``forward(t, P)`` follows torchdiffeq's order.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        heads: int,
+        head_dim: int,
+        s0: float,
+        rho: float,
+        t_end: float,
+        gamma_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        # fixed logit offset of γ so that γ = gamma_init while the output layer is zero
+        self.register_buffer("gamma_prior", torch.tensor(math.log(gamma_init / (2.0 - gamma_init))))
+        self.dim, self.hidden, self.heads, self.head_dim = dim, hidden, heads, head_dim
+        self.s0, self.rho, self.t_end = s0, rho, t_end
+        self.pair = nn.Linear(5 * dim, hidden, bias=False)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * heads * head_dim, bias=False)
+        self.attn_out = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.norm2 = nn.LayerNorm(hidden, bias=False)  # a shift here cancels in the softmax
+        self.score = nn.Linear(hidden, 1, bias=False)  # a bias cancels in the softmax
+        self.gamma_in = nn.Linear(2 * dim, hidden, bias=False)
+        self.gamma_out = nn.Linear(hidden, 1, bias=False)
+        self.nfe = 0
+        self._ctx: dict[str, Tensor] = {}
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Default init; the score and γ output layers start at zero (spec A17: w = 1/K, γ = 1)."""
+        for layer in (self.pair, self.qkv, self.attn_out, self.gamma_in):
+            _init_linear(layer, generator)
+        _init_linear(self.score, generator, zero=True)
+        _init_linear(self.gamma_out, generator, zero=True)
+
+    def set_context(self, support: Tensor, mask: Tensor, **_: Tensor) -> None:
+        """Fix the support rows (M, K, D) and their mask (M, K) for the next solves.
+
+        The x-only terms are computed here, once per solve, inside the autograd graph: the
+        adjoint's vector-Jacobian products reach their weights through that (retained) graph.
+        """
+        d = self.dim
+        w_pair = self.pair.weight
+        has = mask.any(dim=1)
+        self._ctx = {
+            "x": support,
+            "mask": mask,
+            "key_mask": mask | ~has[:, None],  # empty classes attend to padding, then get w = 0
+            "has": has.to(support.dtype),
+            "gamma_x": support @ self.gamma_in.weight[:, :d].T,
+        }
+        if support.shape[1] > 1:  # with one shot the weight generator is not evaluated
+            self._ctx["pair_x"] = (support * support) @ w_pair[:, 2 * d : 3 * d].T + (
+                support @ w_pair[:, 4 * d :].T
+            )
+
+    def forward(self, t: Tensor, p: Tensor) -> Tensor:
+        self.nfe += 1
+        ctx, d = self._ctx, self.dim
+        x = ctx["x"]
+        m, k, _ = x.shape
+        if k == 1:
+            # a softmax over one shot is 1 whatever the scores: skip the weight generator
+            w = ctx["has"][:, None]
+        else:
+            w = self._shot_weights(p, x, m, k)
+        gamma_hidden = F.elu(ctx["gamma_x"] + (p @ self.gamma_in.weight[:, d:].T)[:, None])
+        gamma = 2.0 * torch.sigmoid(self.gamma_out(gamma_hidden).squeeze(-1) + self.gamma_prior)
+        drive = torch.einsum("mk,mkd->md", w * gamma, x) - w.sum(dim=-1, keepdim=True) * p
+        return self.step_scale(t) * drive
+
+    def _shot_weights(self, p: Tensor, x: Tensor, m: int, k: int) -> Tensor:
+        """w (M, K): the weight generator's softmax over the shots of each prototype."""
+        ctx, d = self._ctx, self.dim
+        w_pair = self.pair.weight
+        per_class = (p * p) @ w_pair[:, d : 2 * d].T + p @ w_pair[:, 3 * d : 4 * d].T
+        e = (x * p[:, None]) @ w_pair[:, :d].T + per_class[:, None] + ctx["pair_x"]
+        e = self.norm1(F.elu(e))
+        q, key, v = self.qkv(e).view(m, k, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(
+            q, key, v, attn_mask=ctx["key_mask"][:, None, None, :]
+        )
+        attended = attended.transpose(1, 2).reshape(m, k, self.heads * self.head_dim)
+        e = self.norm2(e + self.attn_out(attended))
+        # rows of classes without support attend over padding (finite) and get w = 0 below
+        scores = self.score(e).squeeze(-1).masked_fill(~ctx["key_mask"], float("-inf"))
+        return torch.softmax(scores, dim=-1) * ctx["has"][:, None]
+
+    def step_scale(self, t: Tensor) -> Tensor:
+        """s(t) = s0 · ρ^(t / t_end), the decaying 'learning rate' of the flow (spec A5)."""
+        return self.s0 * self.rho ** (t / max(self.t_end, 1e-12))
+
+
+class MLPFlow(nn.Module):
+    """The lightweight fallback dynamics of spec §2.6: ``f = MLP([p; v̄; t̄; φ(t)])``.
+
+    Two SiLU layers of width ``hidden``; the output layer starts at zero, so the flow starts as
+    the identity map.
+    """
+
+    time_width = 16
+
+    def __init__(self, dim: int, hidden: int, s0: float, rho: float, t_end: float) -> None:
+        super().__init__()
+        self.dim, self.t_end = dim, t_end
+        self.s0, self.rho = s0, rho
+        self.inp = nn.Linear(3 * dim + self.time_width, hidden)
+        self.mid = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, dim)
+        self.nfe = 0
+        self._ctx: dict[str, Tensor] = {}
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        _init_linear(self.inp, generator)
+        _init_linear(self.mid, generator)
+        _init_linear(self.out, generator, zero=True)
+
+    def set_context(self, support: Tensor, mask: Tensor, *, visual: Tensor, text: Tensor) -> None:
+        d = self.dim
+        self._ctx = {
+            "static": visual @ self.inp.weight[:, d : 2 * d].T
+            + text @ self.inp.weight[:, 2 * d : 3 * d].T,
+        }
+
+    def forward(self, t: Tensor, p: Tensor) -> Tensor:
+        self.nfe += 1
+        d = self.dim
+        phi = sinusoidal_time(t, self.time_width, self.t_end).to(p.dtype)
+        h = p @ self.inp.weight[:, :d].T + self._ctx["static"] + phi @ self.inp.weight[:, 3 * d :].T
+        h = F.silu(self.mid(F.silu(h + self.inp.bias)))
+        return self.s0 * self.rho ** (t / max(self.t_end, 1e-12)) * self.out(h)
+
+
+class NodeAdapterModel(nn.Module):
+    """The trainable parts: the blend (u) and the dynamics (θ)."""
+
+    def __init__(self, blend: CrossModalBlend | None, flow: nn.Module | None) -> None:
+        super().__init__()
+        self.blend = blend
+        self.flow = flow
