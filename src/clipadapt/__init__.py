@@ -22,6 +22,7 @@ from clipadapt.methods.base import (
     register_method,
 )
 from clipadapt.tasks.classification import evaluate
+from clipadapt.world import tokenizer as _world_tokenizer  # noqa: F401  registers "word"
 
 __all__ = [
     "Adapter",

@@ -8,7 +8,6 @@ world model. Outputs are float32; ``normalize=True`` L2-normalises them.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from clipadapt._utils import sha256_file
+from clipadapt.encoders.tokenizers import build_tokenizer
 from clipadapt.exceptions import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -209,14 +209,8 @@ def _build_tokenizer(spec: BackboneSpec) -> Any:
 
     if spec.tokenizer is None:
         return open_clip.get_tokenizer(spec.model_name)
-    # A custom tokenizer named by the model card: {"type": "word", ...} -> its module's loader.
-    kind = spec.tokenizer.get("type")
-    if kind == "word":
-        module = importlib.import_module("clipadapt.world.tokenizer")
-        return module.tokenizer_from_card(
-            spec.tokenizer, spec.checkpoint.parent if spec.checkpoint else None
-        )
-    raise ConfigError(f"model card names an unknown tokenizer type {kind!r}")
+    # a custom tokenizer named by the model card, built by the factory registered for its type
+    return build_tokenizer(spec.tokenizer, spec.checkpoint.parent if spec.checkpoint else None)
 
 
 class TextTower(nn.Module):
