@@ -21,15 +21,14 @@ What each one rebuilds inside every training step:
 None of them uses the computation of ``clipadapt.methods``. They do reuse, so that both sides
 run the same configuration and consume the same random numbers:
 
-- the options' defaults, read from the registered method (``get_params``), and
-  ``clipadapt.methods._graph.paper_schedule`` (HeGraphAdapter's per-dataset epochs/lr table:
-  configuration, not computation);
+- the options' defaults, read from the registered method (``get_params``);
 - ``clipadapt.engine.train``: ``TrainConfig`` and ``_lr_at`` (the learning-rate schedule),
   ``sample_view_rows`` (the per-epoch view draw of Tip-Adapter-F and NODE-Adapter) and
   ``_STEP_LIMIT`` (the step cap of :func:`~clipadapt.engine.train.limit_steps`);
 - the test-time searches, which are not the training being compared and would dominate the
-  reference's time if written naively at ImageNet size: ``search_alpha_beta`` / ``tip_grid``
-  (Tip-Adapter-F's α/β grid search) and ``engine.search.search_logit_blend``
+  reference's time if written naively at ImageNet size: ``engine.search.search_blend`` with
+  ``tip_grid`` / ``cache_logits`` (Tip-Adapter-F's α/β grid search) and
+  ``engine.search.search_logit_blend``
   (HeGraphAdapter's fusion-weight search). NODE-Adapter's search of the initial blend is
   written out here (the untrained flow is a linear ODE; its end point is solved in closed
   form on a 2-dimensional copy, the same function as a full untrained solve on a fixed grid).
@@ -57,10 +56,10 @@ from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
 from clipadapt.engine import train as engine_train
-from clipadapt.engine.search import search_logit_blend
+from clipadapt.engine.search import search_blend, search_logit_blend
 from clipadapt.engine.train import TrainConfig, _lr_at, sample_view_rows
 from clipadapt.methods.base import create_method
-from clipadapt.methods.tip_adapter import search_alpha_beta, tip_grid
+from clipadapt.methods.tip_adapter import cache_logits, tip_grid
 
 __all__ = [
     "REFERENCES",
@@ -230,15 +229,18 @@ class ReferenceTipAdapterF:
         )
         with torch.no_grad():
             if p["search"] and val is not None and len(val) > 0:
-                alpha, beta, acc = search_alpha_beta(
+                affinity = val.features @ self.keys_.T
+                num_classes = self.text_weights_.shape[0]
+                chosen, acc = search_blend(
                     scale * val.features @ self.text_weights_.T,
-                    val.features @ self.keys_.T,
-                    train.labels,
+                    lambda beta: cache_logits(affinity, train.labels, num_classes, beta),
+                    {
+                        "beta": tip_grid(p["search_scale_beta"], p["search_steps_beta"]),
+                        "alpha": tip_grid(p["search_scale_alpha"], p["search_steps_alpha"]),
+                    },
                     val,
-                    tip_grid(p["search_scale_beta"], p["search_steps_beta"]),
-                    tip_grid(p["search_scale_alpha"], p["search_steps_alpha"]),
                 )
-                self.best_params_ = {"alpha": alpha, "beta": beta, "val_accuracy": acc}
+                self.best_params_ = {**chosen, "val_accuracy": acc}
             else:
                 self.best_params_ = {"alpha": alpha0, "beta": beta0}
         self.best_params_["epoch"] = best_epoch + 1 if best_epoch is not None else int(p["epochs"])
@@ -406,14 +408,15 @@ class ReferenceNodeAdapter:
 
         p = self.params
         t = torch.tensor([0.0, float(p["t_end"])], dtype=p0.dtype, device=p0.device)
+        given = dict(p["solver_options"] or {})
         if p["solver"] in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"):
             kwargs: dict[str, Any] = {
                 "rtol": p["rtol"],
                 "atol": p["atol"],
-                "options": {"max_num_steps": int(p["max_steps"])},
+                "options": {"max_num_steps": 10_000, **given},
             }
         else:
-            kwargs = {"options": {"step_size": float(p["t_end"]) / int(p["steps"])}}
+            kwargs = {"options": {"step_size": float(p["t_end"]) / int(p["steps"]), **given}}
         if adjoint and p["adjoint"] and torch.is_grad_enabled():
             path = odeint_adjoint(
                 flow,
@@ -734,8 +737,6 @@ class ReferenceHeGraphAdapter:
         self, train: TrainSet, text: TextFeatures, val: ValidationSet | None = None
     ) -> ReferenceHeGraphAdapter:
         """Train the GCN projections, then choose the fusion weight on ``val``; returns self."""
-        from clipadapt.methods._graph import paper_schedule  # the schedule table only
-
         p = self.params
         device = train.features.device
         num_classes, dim = text.num_classes, text.dim
@@ -750,7 +751,7 @@ class ReferenceHeGraphAdapter:
                 values = (torch.rand(dim, dim, generator=generator) * 2.0 - 1.0) * bound
                 self.blocks_[n].weight.copy_(values.to(device))
         self.values_ = F.one_hot(train.labels, num_classes).float()
-        epochs, lr, _ = paper_schedule(p["dataset"], p["epochs"], p["lr"], 30, 100)
+        epochs, lr = int(p["epochs"]), float(p["lr"])
         queries = (
             train.views if p["use_views"] and train.views is not None else train.features[None]
         )

@@ -6,7 +6,7 @@ coerce it: an int given for a float, a YAML list for a tuple), and ``fit`` check
 again, so a bad option fails before any work with an error naming the option, the value and
 what is allowed::
 
-    tip_adapter: search_steps_beta=-5 is not allowed; search_steps_beta must be a positive int
+    tip_adapter: option search_steps_beta=-5 is not allowed; expected positive int
 
 The factories below build the common constraints; :data:`COMMON` holds the ones shared by
 options of the same name across methods (``lr``, ``epochs``, ``seed``, ...), so a card writes
@@ -108,23 +108,25 @@ class Constraint:
             ConfigError: the value has the wrong type or lies outside the allowed values; the
                 message names ``owner``, the option, the value and what is allowed.
         """
-        converted = self._convert(value)
+        converted = self._typed(value)
+        allowed = self.describe()
         if converted is _INVALID:
-            raise ConfigError(
-                f"{owner}: {name}={value!r} is not allowed; {name} must be a {self.describe()}"
-            )
-        return converted
+            expected = self.kind if allowed == self.kind else f"{self.kind} ({allowed})"
+            problem = f"has the wrong type; expected {expected}"
+        elif not self._allowed(converted):
+            problem = f"is not allowed; expected {allowed}"
+        else:
+            return converted
+        raise ConfigError(f"{owner}: option {name}={value!r} {problem}")
 
-    def _convert(self, value: Any) -> Any:
+    def _typed(self, value: Any) -> Any:
+        """``value`` converted to the option's type, or ``_INVALID``."""
         if value is None:
             return None if self.none_means is not None else _INVALID
         if self.kind == "bool":
             return value if isinstance(value, bool) else _INVALID
         if self.kind == "str":
-            if not isinstance(value, str):
-                return _INVALID
-            allowed = self.allowed()
-            return value if allowed is None or value in allowed else _INVALID
+            return value if isinstance(value, str) else _INVALID
         if self.kind == "mapping":
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 return _INVALID
@@ -133,16 +135,8 @@ class Constraint:
             if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
                 return _INVALID
             assert self.item is not None
-            items = tuple(self.item._convert(v) for v in value)
-            if len(items) < self.min_len or any(v is _INVALID for v in items):
-                return _INVALID
-            return items
-        number = self._number(value)
-        if number is _INVALID:
-            return _INVALID
-        return number if self._in_range(number) else _INVALID
-
-    def _number(self, value: Any) -> Any:
+            items = tuple(self.item._typed(v) for v in value)
+            return _INVALID if any(v is _INVALID for v in items) else items
         if isinstance(value, bool):
             return _INVALID
         if self.kind == "int":
@@ -153,16 +147,26 @@ class Constraint:
                 value = float(value)
             except ValueError:
                 return _INVALID
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return _INVALID
-        return float(value)
+        return float(value) if isinstance(value, (int, float)) else _INVALID
 
-    def _in_range(self, number: float) -> bool:
-        if self.low is not None and (number < self.low or (self.open_low and number == self.low)):
+    def _allowed(self, value: Any) -> bool:
+        """Whether a value of the right type lies in the range, choices or length."""
+        if value is None:
+            return True
+        if self.kind == "list":
+            assert self.item is not None
+            return len(value) >= self.min_len and all(self.item._allowed(v) for v in value)
+        allowed = self.allowed()
+        if allowed is not None:
+            return value in allowed
+        if self.kind not in ("int", "float"):
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
             return False
         return not (
-            self.high is not None
-            and (number > self.high or (self.open_high and number == self.high))
+            self.high is not None and (value > self.high or (self.open_high and value == self.high))
         )
 
 

@@ -542,6 +542,8 @@ def _outside(constraint: Constraint) -> list[Any]:
             bad.append(constraint.high if constraint.open_high else constraint.high + step)
     if constraint.allowed() is not None:
         bad.append("not-a-valid-choice")
+    if constraint.kind == "list" and constraint.min_len > 0:
+        bad.append([])
     return bad
 
 
