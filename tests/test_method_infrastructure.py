@@ -326,3 +326,29 @@ def test_the_world_tokenizer_is_found_through_the_registry() -> None:
 
 def test_the_fixture_validation_set_is_a_validation_set() -> None:
     assert isinstance(make_fixture().val, ValidationSet)
+
+
+def _resave_with_params(directory: Path, update: dict, drop: tuple[str, ...] = ()) -> None:
+    import json
+
+    config = json.loads((directory / "config.json").read_text())
+    for key in drop:
+        config["params"].pop(key)
+    config["params"].update(update)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_adapters_saved_with_the_removed_options_still_load(tmp_path: Path) -> None:
+    fx = make_fixture(shots=1)
+    node = clipadapt.create_method("node_adapter", epochs=0, steps=2, hidden=4, heads=1, head_dim=2)
+    node.fit(fx.train, fx.text, fx.val).save(tmp_path / "node")
+    _resave_with_params(tmp_path / "node", {"max_steps": 50}, drop=("solver_options",))
+    loaded = clipadapt.load(tmp_path / "node")
+    assert loaded.solver_options == {"max_num_steps": 50}
+    assert torch.equal(loaded.logits(fx.test.features), node.logits(fx.test.features))
+    hegraph = clipadapt.create_method("hegraph_adapter", epochs=1)
+    hegraph.fit(fx.train, fx.text, fx.val).save(tmp_path / "hegraph")
+    for dataset, schedule in (("fgvc_aircraft", (100, 0.01)), ("", (30, 1e-3))):
+        _resave_with_params(tmp_path / "hegraph", {"dataset": dataset, "epochs": None, "lr": None})
+        loaded = clipadapt.load(tmp_path / "hegraph")
+        assert (loaded.epochs, loaded.lr) == schedule

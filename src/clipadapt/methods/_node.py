@@ -8,6 +8,7 @@ gradient flows f_θ integrated by the ODE solver (``docs/methods/node_adapter.md
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -304,3 +305,49 @@ class NodeAdapterModel(nn.Module):
         super().__init__()
         self.blend = blend
         self.flow = flow
+
+
+def untrained_endpoint(
+    support: Tensor,
+    mask: Tensor,
+    text: Tensor,
+    *,
+    lam: float | None,
+    gamma: float,
+    schedule: tuple[float, float, float] | None,
+    solve: Callable[[Callable[[Tensor, Tensor], Tensor], Tensor], Tensor],
+) -> Tensor:
+    """P(t_end) of the untrained model, without solving the (C, D) ODE.
+
+    Untrained, u = 0 (so λ is the prior for every class), the shot weights are uniform and γ is
+    a constant: the flow is the linear ODE ``dp/dt = s(t) (γ x̄ - p)`` (x̄ the plain mean of the
+    shots), whose solution is ``p(t_end) = a p(0) + b γ x̄`` with the scalars (a, b) given by
+    the same solver on a 2-dimensional copy of it. On a fixed grid this is identical to a full
+    solve, at the cost of a few vector operations (no weights are initialised).
+
+    Args:
+        support: (C, K, D) support rows; mask: (C, K) which exist; text: (C, D) t̄.
+        lam: λ of the blend ``p(0) = λ v̄ + (1 - λ) t̄``; None starts from t̄.
+        gamma: the constant γ of the untrained flow.
+        schedule: (s0, ρ, t_end) of s(t), or None when the untrained flow does not move p.
+        solve: solves a flow ``f(t, y)`` from a start ``y0`` to t_end (the method's solver).
+
+    Returns:
+        (C, D) prototypes (not normalised).
+    """
+    visual = masked_mean_direction(support, mask)
+    has = mask.any(dim=1)[:, None]
+    p0 = text if lam is None else torch.where(has, lam * visual + (1.0 - lam) * text, text)
+    if schedule is None:
+        return p0
+    s0, rho, t_end = schedule
+
+    def scalar_flow(t: Tensor, y: Tensor) -> Tensor:
+        return s0 * rho ** (t / t_end) * (target - y)
+
+    target = torch.tensor([0.0, 1.0], dtype=p0.dtype, device=p0.device)
+    start = torch.tensor([1.0, 0.0], dtype=p0.dtype, device=p0.device)
+    a, b = solve(scalar_flow, start)
+    counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(p0.dtype)
+    mean = (support * mask[..., None]).sum(dim=1) / counts
+    return torch.where(has, a * p0 + b * gamma * mean, p0)

@@ -496,6 +496,15 @@ class Adapter:
         for name in self._param_names():
             setattr(self, name, values[name])
 
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Saved hyperparameters of an earlier version in today's names (used by :func:`load`).
+
+        Default: unchanged. A method that renames or removes an option maps the old entry
+        here, so adapters saved before keep loading.
+        """
+        return params
+
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters (constructor arguments) and their current values."""
         return {name: copy.deepcopy(getattr(self, name)) for name in self._param_names()}
@@ -902,6 +911,6 @@ def load(directory: str | Path) -> Adapter:
         )
     # not create_method: it drops None values, which would turn a saved None into the default
     method = get_method_class(method_name)()
-    method.set_params(**config.get("params", {}))
+    method.set_params(**method._upgrade_params(dict(config.get("params", {}))))
     method._set_state(tensors, dict(config.get("state", {})))
     return method

@@ -7,6 +7,7 @@ Heterogeneous Graph Adapter", arXiv:2410.07854. Implementation spec: specs/hegra
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from clipadapt.methods._graph import (
     relation_matrices,
     train_view_features,
 )
-from clipadapt.methods.base import Adapter, MethodCard, register_method
+from clipadapt.methods.base import Adapter, MethodCard, method_presets, register_method
 from clipadapt.methods.constraints import common, flag, list_of, non_negative, one_of, positive
 from clipadapt.methods.tip_adapter import cache_keys_from, cache_logits, sort_cache_by_class
 
@@ -177,6 +178,17 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         seed: int = 1,
     ) -> None:
         self._init_params(locals())
+
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # before the per-dataset schedules became presets: `dataset` picked them, and epochs/lr
+        # were None for "the schedule of that dataset"
+        dataset = params.pop("dataset", "")
+        schedule = {**cls._defaults(), **method_presets(cls.card.name).get(dataset, {})}
+        for key in ("epochs", "lr"):
+            if params.get(key, 0) is None:
+                params[key] = schedule[key]
+        return params
 
     # ------------------------------------------------------------------ configuration
     def active_edges(self) -> tuple[str, ...]:

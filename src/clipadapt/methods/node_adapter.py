@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.ode import solve_endpoint, solver_errors, solver_names, solver_options
+from clipadapt.engine.ode import (
+    DEFAULT_MAX_NUM_STEPS,
+    solve_endpoint,
+    solver_errors,
+    solver_names,
+    solver_options,
+)
 from clipadapt.engine.search import accuracy, grid_search
 from clipadapt.engine.train import OptimizerParams, TrainHistory, ViewSampler, train_loop
 from clipadapt.exceptions import NotFittedError, TrainingError
@@ -50,6 +56,7 @@ from clipadapt.methods._node import (
     group_by_class,
     masked_mean_direction,
     text_prototypes,
+    untrained_endpoint,
 )
 from clipadapt.methods.base import Adapter, MethodCard, register_method
 from clipadapt.methods.constraints import (
@@ -215,6 +222,17 @@ class NodeAdapter(OptimizerParams, Adapter):
     ) -> None:
         self._init_params(locals())
 
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # before torchdiffeq's options were passed through: `max_steps` was max_num_steps
+        max_steps = params.pop("max_steps", None)
+        if max_steps is not None and max_steps != DEFAULT_MAX_NUM_STEPS:
+            params["solver_options"] = {
+                "max_num_steps": max_steps,
+                **(params.get("solver_options") or {}),
+            }
+        return params
+
     # ------------------------------------------------------------------ options
     def search_space(self) -> dict[str, list[Any]]:
         """The hyperparameters chosen on validation data and their candidates."""
@@ -374,36 +392,18 @@ class NodeAdapter(OptimizerParams, Adapter):
             self.best_params_["mean_lambda"] = float(lam.mean())
 
     def _untrained_endpoint(self, ctx: dict[str, Tensor], init: dict[str, float]) -> Tensor:
-        """P(t_end) of the untrained model for the start ``init``, without solving the (C, D) ODE.
-
-        Untrained, u = 0 (so λ = ``blend_init`` for every class), the shot weights are uniform
-        and γ is the constant ``gamma_init``: the flow is the linear ODE
-        ``dp/dt = s(t) (γ x̄ - p)`` (x̄ the plain mean of the shots), whose solution is
-        ``p(t_end) = a p(0) + b γ x̄`` with the scalars (a, b) given by the same solver on a
-        2-dimensional copy of it. On a fixed grid this is identical to a full solve, at the
-        cost of a few vector operations per candidate (no weights are initialised).
-        """
-        support, mask, text = ctx["support"], ctx["mask"], ctx["text"]
-        visual = masked_mean_direction(support, mask)
-        has = mask.any(dim=1)[:, None]
-        if self.prototype == "text":
-            p0 = text
-        else:
-            lam = init["blend_init"] if self.prototype == "blend" else 1.0
-            p0 = torch.where(has, lam * visual + (1.0 - lam) * text, text)
-        if self.t_end <= 0 or self.dynamics == "mlp":  # the MLP output starts at zero
-            return p0
-        s0, rho, t_end = self.s0, self.rho, float(self.t_end)
-
-        def scalar_flow(t: Tensor, y: Tensor) -> Tensor:
-            return s0 * rho ** (t / t_end) * (target - y)
-
-        target = torch.tensor([0.0, 1.0], dtype=p0.dtype, device=p0.device)
-        start = torch.tensor([1.0, 0.0], dtype=p0.dtype, device=p0.device)
-        a, b = self._solve(scalar_flow, start, adjoint=False)
-        counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(p0.dtype)
-        mean = (support * mask[..., None]).sum(dim=1) / counts
-        return torch.where(has, a * p0 + b * init["gamma_init"] * mean, p0)
+        """P(t_end) of the untrained model for the start ``init`` (:func:`untrained_endpoint`)."""
+        lam = {"text": None, "visual": 1.0}.get(self.prototype, init["blend_init"])
+        moves = self.t_end > 0 and self.dynamics == "metanode"  # an MLP output starts at zero
+        return untrained_endpoint(
+            ctx["support"],
+            ctx["mask"],
+            ctx["text"],
+            lam=lam,
+            gamma=init["gamma_init"],
+            schedule=(self.s0, self.rho, float(self.t_end)) if moves else None,
+            solve=lambda flow, y0: self._solve(flow, y0, adjoint=False),
+        )
 
     def _train(
         self,
