@@ -17,7 +17,6 @@ The cache root is :func:`clipadapt.features.cache.default_cache_dir` unless ``ca
 from __future__ import annotations
 
 import json
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from clipadapt._utils import stable_hash
+from clipadapt.data.prompts import DEFAULT_NEGATIVE_TEMPLATE
 from clipadapt.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -35,13 +35,9 @@ if TYPE_CHECKING:
     from clipadapt.encoders.clip import BackboneSpec, ClipEncoder, TextTower
     from clipadapt.features.extract import ExtractionReport
 
-log = logging.getLogger(__name__)
-
 #: Encoders kept per process (a sweep alternates between a few backbones at most).
 _MAX_ENCODERS = 2
 _ENCODERS: OrderedDict[str, ClipEncoder] = OrderedDict()
-
-DEFAULT_NEGATIVE = "a photo of no {}."
 
 
 def _backbone_spec(backbone: str | BackboneSpec | dict[str, Any], checkpoint: Any) -> BackboneSpec:
@@ -181,7 +177,7 @@ def ensure_bundle(
     templates: str | Sequence[str] | None = None,
     descriptions: str | Path | None = None,
     descriptions_match: str = "name",
-    negative_template: str | None = DEFAULT_NEGATIVE,
+    negative_template: str | None = DEFAULT_NEGATIVE_TEMPLATE,
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
