@@ -148,8 +148,11 @@ def test_extract_caches_skips_corrupt_and_feeds_every_command(workspace, capsys)
     import clipadapt
 
     provenance = clipadapt.load(adapter).provenance
-    assert provenance["classnames"] == ["red_square", "green_disc", "blue_bar"]
-    assert provenance["bundle_fingerprint"] == load_bundle(ws["bundle"]).fingerprint()
+    fitted_on = load_bundle(ws["bundle"])
+    assert (
+        provenance["classnames"] == fitted_on.classnames == ["blue_bar", "green_disc", "red_square"]
+    )
+    assert provenance["bundle_fingerprint"] == fitted_on.fingerprint()
     assert provenance["backbone_spec"]["model_name"] == TINY_MODEL
     (adapter / "run.json").unlink()
     predict = ["predict", str(image), "--adapter", str(adapter), "--top", "3"]
