@@ -6,7 +6,9 @@ L2-normalised features ``x`` a linear head gives ``logits(x) = x Wᵀ + b``, so
     W[:, i] = (logits(e_i) - logits(-e_i)) / 2,   b = mean_i (logits(e_i) + logits(-e_i)) / 2
 
 for the D basis vectors ``e_i`` (unit vectors, so the method sees valid inputs), and the
-recovered head must then reproduce the method's logits on random unit features. Both steps run
+recovered head must then reproduce the method's logits on unit probe rows: random directions,
+the method's own fitted (·, D) rows (cache keys, prototypes) and mixtures of them, where a
+sharp cache term is far from linear even when it is flat on random directions. Both steps run
 on a float64 copy of the fitted tensors, where a linear method agrees to ~1e-12 and any
 non-linearity (Tip-Adapter's exponential cache, CLIP-Adapter's MLP followed by a
 normalisation) shows up orders of magnitude above the tolerance. A method is judged as fitted:
@@ -48,7 +50,7 @@ def linear_head(method: Adapter, *, tol: float = LINEAR_TOL) -> tuple[Tensor, Te
 
     Args:
         method: a fitted method.
-        tol: the largest |x Wᵀ + b - logits(x)| allowed on random unit features: absolute
+        tol: the largest |x Wᵀ + b - logits(x)| allowed on the probe rows: absolute
             when the method computes in float64, relative to the largest logit when its maths
             runs in float32 only.
 
@@ -74,20 +76,20 @@ def linear_head(method: Adapter, *, tol: float = LINEAR_TOL) -> tuple[Tensor, Te
     deviation, limit = min(found, default=(float("nan"), tol))
     raise NotLinearError(
         f"{method.card.name} is not a linear head on the features (a linear fit of its logits is "
-        f"off by {deviation:.3g} on random features, tolerance {limit:.3g}); export it with "
+        f"off by {deviation:.3g} on probe features, tolerance {limit:.3g}); export it with "
         "--format onnx instead"
     )
 
 
 def _recover(method: Adapter, dtype: torch.dtype) -> tuple[Tensor, Tensor, float, float]:
-    """(W, b, max deviation on random unit rows, tolerance scale) evaluated in ``dtype``.
+    """(W, b, max deviation on the probe rows, tolerance scale) evaluated in ``dtype``.
 
     In float64 the tolerance is absolute; in float32 it is relative to the largest logit
     (float32 rounds a logit of 100 to about 1e-5 already)."""
     dim = int(method.dim_)
     frozen = frozen_copy(method, dtype=dtype)
     eye = torch.eye(dim, dtype=dtype)
-    probe = random_unit_features(CHECK_ROWS, dim, seed=7, dtype=dtype)
+    probe = _probe_rows(frozen, dim, dtype)
     with torch.no_grad():
         plus, minus, observed = (frozen._logits(x) for x in (eye, -eye, probe))
     plus, minus, observed = plus.double(), minus.double(), observed.double()
@@ -96,6 +98,29 @@ def _recover(method: Adapter, dtype: torch.dtype) -> tuple[Tensor, Tensor, float
     deviation = float((probe.double() @ weight.T + bias - observed).abs().max())
     scale = 1.0 if dtype == torch.float64 else max(1.0, float(observed.abs().max()))
     return weight, bias, deviation, scale
+
+
+def _probe_rows(method: Adapter, dim: int, dtype: torch.dtype) -> Tensor:
+    """Unit rows to verify a recovered head on: random directions, and the method's own
+    fitted (·, D) tensors (cache keys, prototypes, text weights) with mixtures of them.
+
+    Random directions alone are nearly orthogonal to everything fitted, where a sharp cache
+    term such as ``exp(-β (1 - x·k))`` is almost constant and would pass for linear; at and
+    between the fitted rows it is not.
+    """
+    rows = [random_unit_features(CHECK_ROWS, dim, seed=7, dtype=dtype)]
+    for key, value in sorted(vars(method).items()):
+        if key.endswith("_") and isinstance(value, Tensor) and value.is_floating_point():
+            if value.ndim >= 2 and value.shape[-1] == dim:
+                rows.append(value.detach().reshape(-1, dim)[:CHECK_ROWS].to(dtype))
+    fitted = torch.cat(rows[1:]) if len(rows) > 1 else rows[0]
+    generator = torch.Generator().manual_seed(8)
+    pairs = torch.randint(0, fitted.shape[0], (2, CHECK_ROWS), generator=generator)
+    rows.append(fitted[pairs[0]] + fitted[pairs[1]])
+    probe = torch.cat(rows)
+    keep = probe.norm(dim=-1) > 1e-6  # zero rows (e.g. a class without support) say nothing
+    probe = probe[keep]
+    return probe / probe.norm(dim=-1, keepdim=True)
 
 
 def is_linear(method: Adapter, *, tol: float = LINEAR_TOL) -> bool:
