@@ -35,6 +35,7 @@ from clipadapt.testing.export_checks import (  # noqa: E402
     check_linear_export,
     check_onnx_parity,
     fit_on_fixture,
+    onnx_parity,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,6 +270,21 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def _image_files(data: Path) -> list[Path]:
     split = json.loads((data / "split.json").read_text())
     return [data / item[0] for item in split["test"][:: max(1, len(split["test"]) // 12)]]
+
+
+@pytest.mark.parametrize("name", clipadapt.list_methods())
+def test_onnx_parity_on_world_features(name, world_run, world_encoder) -> None:
+    # fitted by the same path as `clipadapt fit` on the world bundle; the graph is fed the raw
+    # stored embeddings (float16, not normalised), as a user's own extraction would give them
+    root, _ = world_run
+    bundle = clipadapt.load_bundle(root / "run" / "features.safetensors")
+    method = clipadapt.create_method(name, **PARAMS.get(name, {}))
+    tower = world_encoder.text_tower() if "text_encoder" in method.card.needs else None
+    clipadapt.evaluate(method, bundle, shots=2, seed=1, text_encoder=tower)
+    rows = bundle.tensors["test_features"].float()
+    assert (rows.norm(dim=-1) - 1).abs().max() > 0.1  # really raw
+    result = onnx_parity(method, rows, bundle.classnames)
+    assert result["max_abs_error"] <= 1e-4 and result["rows"] == 96
 
 
 def test_image_graph_matches_clipadapt_on_the_world_backbone(

@@ -64,6 +64,25 @@ def frozen_copy(method: Adapter, dtype: torch.dtype | None = None) -> Adapter:
     return clone
 
 
+def method_device(method: Adapter) -> torch.device:
+    """The device of a fitted method's tensors (the CPU when it holds none)."""
+    for key, value in vars(method).items():
+        if not key.endswith("_") or key.startswith("_"):
+            continue
+        if isinstance(value, Tensor):
+            return value.device
+        if isinstance(value, nn.Module):
+            for tensor in value.parameters():
+                return tensor.device
+    return torch.device("cpu")
+
+
+def reference_logits(method: Adapter, features: Tensor) -> Tensor:
+    """``Adapter.logits`` on the method's own device, returned on the CPU (the reference every
+    export is checked against, also for a method fitted on a GPU)."""
+    return method.logits(features.to(method_device(method))).cpu()
+
+
 def l2_normalize(features: Tensor) -> Tensor:
     """Rows scaled to unit length in float32, exactly as clipadapt normalises bundle rows."""
     x = features.float()

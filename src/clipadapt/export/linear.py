@@ -31,7 +31,12 @@ from torch import Tensor
 
 from clipadapt._utils import atomic_path
 from clipadapt.exceptions import ConfigError
-from clipadapt.export._common import base_metadata, frozen_copy, random_unit_features
+from clipadapt.export._common import (
+    base_metadata,
+    frozen_copy,
+    random_unit_features,
+    reference_logits,
+)
 from clipadapt.methods.base import Adapter, check_is_fitted
 
 #: Largest |recovered head - method| (logits, float64) for a method to count as linear.
@@ -155,7 +160,7 @@ def export_linear(
     weight, bias, deviation = linear_head(method)
     classnames = classnames or [f"class_{i}" for i in range(weight.shape[0])]
     x = random_unit_features(CHECK_ROWS, weight.shape[1], seed=11)
-    error = float((x @ weight.T + bias - method.logits(x).cpu()).abs().max())
+    error = float((x @ weight.T + bias - reference_logits(method, x)).abs().max())
     metadata = base_metadata(method, classnames)
     metadata.update(
         {

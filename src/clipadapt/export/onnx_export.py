@@ -47,6 +47,7 @@ from clipadapt.export._common import (
     frozen_copy,
     l2_normalize,
     random_unit_features,
+    reference_logits,
 )
 from clipadapt.export.preprocess import IMAGE_INPUT, PIXELS, preprocessing_model
 from clipadapt.methods.base import Adapter
@@ -159,7 +160,7 @@ def onnx_session(model: bytes | str | Path) -> Any:
 
 def max_feature_error(session: Any, method: Adapter, features: Tensor) -> float:
     """Largest |onnxruntime logits - Adapter.logits| over ``features`` (N, D)."""
-    expected = method.logits(features.cpu()).numpy()
+    expected = reference_logits(method, features).numpy()
     got = session.run(None, {FEATURES_INPUT: features.cpu().float().numpy()})[0]
     if got.shape != expected.shape:
         raise ExportError(
@@ -327,4 +328,4 @@ def reference_image_logits(encoder: Any, method: Adapter, image: Tensor) -> Tens
     pixels = torch.stack(
         [view(Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB")) for img in image]
     )
-    return method.logits(encoder.encode_images(pixels))
+    return reference_logits(method, encoder.encode_images(pixels))
