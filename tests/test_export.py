@@ -37,6 +37,7 @@ from clipadapt.testing.export_checks import (  # noqa: E402
     fit_on_fixture,
     onnx_parity,
 )
+from conftest import TINY_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +150,12 @@ def test_class_names_come_from_provenance_then_run_json(tmp_path) -> None:
     assert adapter_classnames(directory, 5, list("abcde"))[0] == list("abcde")
     with pytest.raises(ConfigError, match="3 class names for an adapter with 5 classes"):
         adapter_classnames(directory, 5, ["a", "b", "c"])
+    method = clipadapt.load(directory)
+    with pytest.raises(ConfigError, match="2 class names for an adapter with 5 classes"):
+        export_onnx(method, tmp_path / "z.onnx", ["a", "b"])
+    with pytest.raises(ConfigError, match="2 class names for an adapter with 5 classes"):
+        export_linear(method, tmp_path / "z.safetensors", ["a", "b"])
+    assert not (tmp_path / "z.onnx").exists() and not (tmp_path / "z.safetensors").exists()
 
 
 def test_export_adapter_stores_the_class_names(tmp_path) -> None:
@@ -329,6 +336,23 @@ def test_image_graph_matches_clipadapt_on_the_world_backbone(
         # within 0.1 % of the largest logit (about 0.07 here)
         assert float(np.abs(got - expected).max()) <= 1e-3 * float(np.abs(expected).max())
         assert (got.argmax(1) == expected.argmax(1)).all(), (height, width)
+
+
+def test_image_graph_of_a_vit_backbone(tiny_model_dir, tmp_path) -> None:
+    # the world model is a ResNet; a ViT tower (attention, class token) exports and checks too
+    from clipadapt.encoders.clip import ClipEncoder, resolve_backbone
+
+    spec = resolve_backbone(TINY_MODEL, tiny_model_dir / "tiny.safetensors")
+    encoder = ClipEncoder(spec, device="cpu", precision="fp32")
+    _, method = fit_on_fixture("tip_adapter", PARAMS["tip_adapter"])  # D = 32, as the tower
+    summary = export_onnx(method, tmp_path / "vit.onnx", encoder=encoder)
+    assert summary["max_abs_error"] <= 1e-4 and summary["metadata"]["image_size"] == "32"
+    session = onnx_session(tmp_path / "vit.onnx")
+    image = np.random.default_rng(3).integers(0, 256, (3, 3, 45, 40), dtype=np.uint8)
+    want = reference_image_logits(encoder, method, torch.from_numpy(image)).numpy()
+    got = session.run(None, {"image": image})[0]
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert float(np.abs(got - want).max()) <= 1e-3 * float(np.abs(want).max())
 
 
 def test_image_graph_refuses_an_encoder_of_another_width(world_encoder, tmp_path) -> None:

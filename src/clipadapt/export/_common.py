@@ -177,9 +177,14 @@ def adapter_backbone_record(directory: str | Path) -> dict[str, Any] | None:
 
 
 def base_metadata(method: Adapter, classnames: list[str]) -> dict[str, str]:
-    """The string metadata every export carries (class names as a JSON list)."""
+    """The string metadata every export carries (class names as a JSON list).
+
+    Raises:
+        ConfigError: not one class name per class.
+    """
     from clipadapt import __version__
 
+    _check_names(classnames, int(method.n_classes_), "classnames")
     return {
         "classnames": json.dumps(classnames),
         "method": method.card.name,

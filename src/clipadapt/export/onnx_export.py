@@ -119,12 +119,24 @@ def _symbolics() -> Iterator[None]:
         unregister_custom_op_symbolic("aten::logaddexp", OPSET)
 
 
+@contextlib.contextmanager
+def _no_attention_fastpath() -> Iterator[None]:
+    """Frozen ``nn.MultiheadAttention`` (a ViT tower) takes a fused inference kernel that the
+    exporter cannot translate; the unfused path computes the same attention."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def _trace_to_onnx(module: nn.Module, example: Tensor, input_name: str) -> Any:
     """Trace ``module`` on ``example`` into an ``onnx.ModelProto`` with a dynamic batch axis."""
     import onnx
 
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), _symbolics():
+    with warnings.catch_warnings(), _symbolics(), _no_attention_fastpath():
         # the TorchScript exporter is deprecated in favour of torch.export, which cannot run
         # methods that branch in Python on their fitted tensors (e.g. Tip-Adapter's cache
         # layout); tracer warnings about such branches are expected, and the onnxruntime check
