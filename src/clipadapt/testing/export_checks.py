@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,9 +57,14 @@ def tiny_text_tower() -> Any:
         # open_clip reads the config when it is added and keeps it after the folder is gone
         (Path(tmp) / f"{_TINY_NAME}.json").write_text(json.dumps(_TINY_TOWER), encoding="utf-8")
         open_clip.add_model_config(tmp)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = open_clip.create_model(_TINY_NAME)
+    # random weights are the point here: silence open_clip's "no pretrained weights" warning
+    logging.disable(logging.WARNING)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = open_clip.create_model(_TINY_NAME)
+    finally:
+        logging.disable(logging.NOTSET)
     return TextTower.from_open_clip(model.eval(), open_clip.get_tokenizer(_TINY_NAME))
 
 
