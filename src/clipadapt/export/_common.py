@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ from torch import Tensor, nn
 
 from clipadapt.exceptions import ClipadaptError, ConfigError
 from clipadapt.methods.base import CONFIG_FILE, Adapter, check_is_fitted
-
-log = logging.getLogger(__name__)
 
 #: The file ``clipadapt fit`` writes beside a saved adapter (class names, backbone record).
 RUN_FILE = "run.json"
