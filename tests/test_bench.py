@@ -274,3 +274,50 @@ def test_run_grid_keeps_going_past_a_failing_method(tmp_path: Path) -> None:
     assert status == {"zeroshot": "ok", "hegraph_adapter": "error"}
     assert "description_features" in next(r["error"] for r in records if r["status"] == "error")
     assert len(run_grid(bundle, grid, tmp_path / "r.jsonl", progress=False, keep_going=True)) == 1
+
+
+@pytest.mark.slow
+def test_bench_runs_coop_from_an_image_dataset_and_a_backbone(tmp_path: Path) -> None:
+    """CoOp trains through the text tower: a bench cell carries the bundle's backbone record and
+    the worker builds the tower from it, in process and in a process pool alike."""
+    from conftest import make_image_folder
+
+    images = make_image_folder(tmp_path / "tiny", classes=3, per_class=6, size=32)
+    argv = ["bench", "--dataset", str(images), "--backbone", "world"]
+    argv += ["--methods", "coop:n_ctx=4,epochs=2;zeroshot", "--shots", "1", "--seeds", "1"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.jsonl")]
+    assert main([*argv, "--no-progress"]) == 0
+    records = {r["method"]: r for r in read_results(tmp_path / "r.jsonl")}
+    assert set(records) == {"coop", "zeroshot"}
+    coop = records["coop"]
+    assert coop["status"] == "ok", coop.get("error")
+    assert coop["trainable_params"] > 0 and 0 <= coop["accuracy"] <= 100
+    assert coop["backbone"] == records["zeroshot"]["backbone"]
+
+    # the same cell in a spawned worker process: same record
+    (tmp_path / "sweep.yaml").write_text(
+        "datasets: [{name: tiny, images: tiny}]\nbackbones: [world]\ncache_dir: cache\n"
+        "methods: ['coop:n_ctx=4,epochs=2']\nshots: [1]\nseeds: [1]\n"
+    )
+    pooled, resolved = run_sweep(
+        load_sweep(tmp_path / "sweep.yaml"),
+        tmp_path / "pool.jsonl",
+        progress=False,
+        executor=LocalExecutor(workers=2),
+    )
+    assert not resolved.skipped
+    (record,) = pooled
+    assert record["status"] == "ok", record.get("error")
+    assert record["run_id"] == coop["run_id"] and record["accuracy"] == coop["accuracy"]
+
+
+def test_coop_on_a_bundle_without_backbone_is_skipped_with_the_reason(sweep_dir: Path) -> None:
+    """A bundle made elsewhere records no backbone: CoOp cannot get a text tower, so the cell is
+    listed as skipped with the fix instead of failing at run time."""
+    spec = load_sweep(sweep_dir / "sweep.yaml", ["methods=[coop, zeroshot]", "shots=[1]"])
+    resolved = resolve_sweep(spec, progress=False)
+    assert {c.method for c in resolved.cells} == {"zeroshot"}
+    reasons = dict(resolved.skipped)
+    assert (
+        "text tower" in reasons["coop on alpha"] and "clipadapt extract" in reasons["coop on alpha"]
+    )

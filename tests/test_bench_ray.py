@@ -32,8 +32,27 @@ def test_ray_matches_local(tmp_path: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         _compare(spec, tmp_path)
+        _coop_on_ray(tmp_path)
     finally:
         ray.shutdown()
+
+
+def _coop_on_ray(tmp_path: Path) -> None:
+    """A Ray worker builds CoOp's text tower from the cell's backbone record."""
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "tiny", classes=3, per_class=6, size=32)
+    (tmp_path / "coop.yaml").write_text(
+        "datasets: [{name: tiny, images: tiny}]\nbackbones: [world]\ncache_dir: cache\n"
+        "methods: ['coop:n_ctx=4,epochs=2']\nshots: [1]\nseeds: [1]\n"
+    )
+    spec = load_sweep(tmp_path / "coop.yaml")
+    (local,), _ = run_sweep(spec, tmp_path / "coop-local.jsonl", progress=False)
+    (remote,), _ = run_sweep(
+        spec, tmp_path / "coop-ray.jsonl", progress=False, executor=RayExecutor(num_cpus=2)
+    )
+    assert remote["status"] == local["status"] == "ok", remote.get("error")
+    assert remote["accuracy"] == local["accuracy"] and remote["run_id"] == local["run_id"]
 
 
 def _compare(spec, tmp_path: Path) -> None:

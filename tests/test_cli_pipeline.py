@@ -144,6 +144,21 @@ def test_extract_caches_skips_corrupt_and_feeds_every_command(workspace, capsys)
     assert len(top) == 3 and sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-4)
     assert {t["class"] for t in top} == {"red_square", "green_disc", "blue_bar"}
 
+    # the saved adapter alone names its classes and its backbone: run.json is not needed
+    import clipadapt
+
+    provenance = clipadapt.load(adapter).provenance
+    fitted_on = load_bundle(ws["bundle"])
+    assert (
+        provenance["classnames"] == fitted_on.classnames == ["blue_bar", "green_disc", "red_square"]
+    )
+    assert provenance["bundle_fingerprint"] == fitted_on.fingerprint()
+    assert provenance["backbone_spec"]["model_name"] == TINY_MODEL
+    (adapter / "run.json").unlink()
+    predict = ["predict", str(image), "--adapter", str(adapter), "--top", "3"]
+    assert main([*predict, "--json", str(pred_json)]) == 0
+    assert json.loads(pred_json.read_text())[0]["top"] == top
+
     results = ws["tmp"] / "results.jsonl"
     args = [
         "bench",

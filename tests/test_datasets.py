@@ -59,6 +59,25 @@ def _write_split(path: Path, split: dict) -> Path:
 # ---------------------------------------------------------------------------------- registry
 
 
+def test_packaged_tables_are_listed_in_package_data():
+    """The dataset table and the templates are data files: an install must ship them."""
+    import fnmatch
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    package = repo / "src" / "clipadapt"
+    config = tomllib.loads((repo / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["clipadapt"]
+    data_files = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    ]
+    assert "data/datasets.yaml" in data_files and "data/templates.yaml" in data_files
+    unlisted = [f for f in data_files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert not unlisted, f"add these to [tool.setuptools.package-data]: {unlisted}"
+
+
 def test_registry_has_the_eleven_coop_datasets():
     assert list_datasets() == [
         "imagenet",
@@ -350,6 +369,25 @@ def test_split_file_argument_and_read_only_folder(tmp_path, monkeypatch, caplog)
     assert not (root / "split.json").exists()
     assert any(str(ro.split_path) in r.getMessage() for r in caplog.records)
     assert load_dataset(root).split_path == ro.split_path  # found again on the next load
+
+
+def test_one_cache_root_for_features_and_splits(tmp_path, monkeypatch):
+    """Features and the splits of read-only folders share one documented cache root."""
+    from clipadapt.features.cache import default_cache_dir
+
+    monkeypatch.delenv("CLIPADAPT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "clipadapt"
+    assert (
+        ds_module.fallback_split_path(tmp_path).parent == tmp_path / "xdg" / "clipadapt" / "splits"
+    )
+    monkeypatch.setenv("CLIPADAPT_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    assert ds_module.fallback_split_path(tmp_path).parent == tmp_path / "mine" / "splits"
+    monkeypatch.delenv("CLIPADAPT_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "clipadapt"
 
 
 def test_make_split_false_requires_a_split(tmp_path):

@@ -264,7 +264,7 @@ def test_sigkill_bench_sweep_20_times_loses_and_duplicates_nothing(tmp_path: Pat
     full = _run_to_completion(sweep(reference_path))
     print(f"uninterrupted sweep: {full:.2f}s")
     reference = {r["run_id"]: r for r in _lines_parse(reference_path)}
-    assert set(reference) == {c["run_id"] for c in cells}
+    assert set(reference) == {c.run_id for c in cells}
 
     rng = random.Random(7)
     kills, resumes, attempts, mid_run = 0, 0, 0, 0
@@ -301,7 +301,7 @@ def test_torn_last_line_is_cut_before_the_next_append(tmp_path: Path) -> None:
     grid = Grid(["zeroshot"], [1, 2], [1])
     out = tmp_path / "r.jsonl"
     first = run_grid(bundle, Grid(["zeroshot"], [1], [1]), out, progress=False)
-    torn = json.dumps({**first[0], "shots": 2, "run_id": grid.cells(bundle)[1]["run_id"]})
+    torn = json.dumps({**first[0], "shots": 2, "run_id": grid.cells(bundle)[1].run_id})
     with open(out, "a") as handle:
         handle.write(torn[: len(torn) // 2])  # the kill hit in the middle of this line
     assert len(list(read_results(out))) == 1  # the reader skips the torn line

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipadapt.bench.report import markdown_table, plot_accuracy_vs_shots
-from clipadapt.bench.runner import Grid, run_grid
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,12 @@ def run_demo(
     backbone: str = "world",
 ) -> dict[str, Path]:
     """Run the demo; returns the paths of the files it wrote."""
+    from clipadapt.bench.cells import BundleSource, Grid
+    from clipadapt.bench.execute import CellSettings
+    from clipadapt.bench.runner import run_cells
     from clipadapt.data.datasets import load_dataset
-    from clipadapt.data.prompts import load_descriptions
-    from clipadapt.encoders.clip import ClipEncoder, resolve_backbone
-    from clipadapt.features.extract import extract_dataset
-    from clipadapt.methods.base import method_card, method_presets
+    from clipadapt.features.pipeline import ensure_bundle, load_encoder
+    from clipadapt.methods.base import method_presets
     from clipadapt.world.datasets import generate_world_datasets
 
     started = time.perf_counter()
@@ -66,48 +66,40 @@ def run_demo(
     folders = generate_world_datasets(
         out / "world-data", size=size, names=list(datasets) if datasets is not None else None
     )
-    encoder = ClipEncoder(resolve_backbone(backbone), device="auto")
+    encoder = load_encoder(backbone)
     print(f"[2/4] features with {encoder.backbone.display_name} -> {out / 'features'}")
-    bundles = []
+    sources = []
     for folder in folders:
         dataset = load_dataset(str(folder))
         if not dataset.splits.get("train"):
             continue  # evaluation-only style-shifted variants: for domain generalisation runs
-        descriptions = None
-        if dataset.descriptions is not None:
-            descriptions = load_descriptions(dataset.descriptions, dataset.classnames)
-        bundle, _ = extract_dataset(
+        bundle, _ = ensure_bundle(
             dataset,
-            encoder,
-            out / "features" / f"{dataset.name}.safetensors",
-            cache_dir=cache,
-            descriptions=descriptions,
+            backbone,
+            cache,
+            out=out / "features" / f"{dataset.name}.safetensors",
             progress=progress,
         )
-        bundles.append(bundle)
+        sources.append(BundleSource.of(bundle))
     names = resolve_method_names(methods)
     print(f"[3/4] methods: {', '.join(names)}; shots {list(shots)}; seeds {list(seeds)}")
     results = out / "results.jsonl"
     if results.exists():
         results.unlink()
-    text_tower = encoder.text_tower()
     # methods with a `demo` preset (a shortened schedule, not a paper setting) use it here so the
     # whole demo stays within minutes on 2 CPU cores; the table lists them
     specs = [f"{n}:preset=demo" if "demo" in method_presets(n) else n for n in names]
     shortened = [n for n in names if "demo" in method_presets(n)]
-    records = []
-    for bundle in bundles:
-        grid = Grid(specs, list(shots), list(seeds))
-        needs_tower = any("text_encoder" in method_card(n).needs for n in names)
-        records += run_grid(
-            bundle,
-            grid,
-            results,
-            rerun=True,
-            progress=progress,
-            keep_going=True,
-            text_encoder=text_tower if needs_tower else None,
-        )
+    grid = Grid(specs, list(shots), list(seeds))
+    # the bench's cells, run in this process; CoOp's text tower comes from each bundle's backbone
+    records = run_cells(
+        [cell for source in sources for cell in grid.cells(source)],
+        results,
+        settings=CellSettings(keep_going=True),
+        rerun=True,
+        progress=progress,
+        bundles={source.key: source.bundle for source in sources},
+    )
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
     table = markdown_table(ok, with_std=len(seeds) > 1)

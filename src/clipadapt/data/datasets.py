@@ -39,6 +39,7 @@ from torch import Tensor
 from clipadapt._utils import atomic_write_text, clean_name, safe_name, stable_hash
 from clipadapt.data.fewshot import FewShotDraw, draw_few_shot
 from clipadapt.data.prompts import GENERIC_TEMPLATE, TEMPLATES, check_template, resolve_templates
+from clipadapt.data.tables import read_table
 from clipadapt.exceptions import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ SPLIT_FILENAME = "split.json"
 DATASET_FILENAME = "dataset.json"
 DESCRIPTIONS_FILENAME = "descriptions.json"
 DATA_ROOT_ENV = "CLIPADAPT_DATA_ROOT"
-CACHE_ENV = "CLIPADAPT_CACHE"
 _DATASET_JSON_KEYS = {"name", "classnames", "template", "templates", "descriptions"}
 
 
@@ -109,51 +109,27 @@ class DatasetSpec:
         return {k: v for k, v in sizes.items() if v is not None}
 
 
-def _spec(
-    key: str,
-    display: str,
-    folder: str,
-    image_dir: str,
-    split: str | None,
-    c: int,
-    sizes: tuple[int, int | None, int],
-    layout: str = "coop",
-    aliases: tuple[str, ...] = (),
-) -> DatasetSpec:
-    return DatasetSpec(
-        key, display, folder, image_dir, split, TEMPLATES[key], c, *sizes, layout, aliases
-    )
+def _read_registry() -> dict[str, DatasetSpec]:
+    specs = {}
+    for key, entry in read_table("datasets.yaml").items():
+        specs[key] = DatasetSpec(
+            key,
+            entry["display_name"],
+            entry["folder"],
+            entry["image_dir"],
+            entry["split_file"],
+            TEMPLATES[key],
+            entry["classes"],
+            *entry["sizes"],
+            layout=entry.get("layout", "coop"),
+            aliases=tuple(entry.get("aliases", ())),
+        )
+    return specs
 
 
-#: The 11 CoOp datasets, by key (baselines spec §1.1).
-DATASETS: dict[str, DatasetSpec] = {
-    s.key: s
-    for s in (
-        _spec("imagenet", "ImageNet", "imagenet", "images", None, 1000, (1281167, None, 50000),
-              layout="imagenet"),
-        _spec("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories",
-              "split_zhou_Caltech101.json", 100, (4128, 1649, 2465), aliases=("caltech",)),
-        _spec("oxford_pets", "OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
-              37, (2944, 736, 3669), aliases=("pets",)),
-        _spec("stanford_cars", "StanfordCars", "stanford_cars", "",
-              "split_zhou_StanfordCars.json", 196, (6509, 1635, 8041), aliases=("cars",)),
-        _spec("oxford_flowers", "Flowers102", "oxford_flowers", "jpg",
-              "split_zhou_OxfordFlowers.json", 102, (4093, 1633, 2463),
-              aliases=("oxfordflowers", "flowers")),
-        _spec("food101", "Food101", "food-101", "images", "split_zhou_Food101.json", 101,
-              (50500, 20200, 30300)),
-        _spec("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", None, 100,
-              (3334, 3333, 3333), layout="fgvc", aliases=("fgvc", "aircraft")),
-        _spec("sun397", "SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", 397,
-              (15880, 3970, 19850)),
-        _spec("dtd", "DTD", "dtd", "images", "split_zhou_DescribableTextures.json", 47,
-              (2820, 1128, 1692), aliases=("describabletextures", "describable_textures")),
-        _spec("eurosat", "EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", 10,
-              (13500, 5400, 8100)),
-        _spec("ucf101", "UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", 101,
-              (7639, 1898, 3783)),
-    )
-}  # fmt: skip
+#: The 11 CoOp datasets, by key (baselines spec §1.1; the table is ``datasets.yaml`` beside this
+#: module, the prompts ``templates.yaml``).
+DATASETS: dict[str, DatasetSpec] = _read_registry()
 
 
 def list_datasets() -> list[str]:
@@ -656,19 +632,13 @@ def make_imagefolder_split(
     return split
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "clipadapt",
-    )
-    return Path(base)
-
-
 def fallback_split_path(root: str | Path) -> Path:
     """Where the split of a read-only folder is saved: the user cache, keyed by the folder."""
+    from clipadapt.features.cache import default_cache_dir
+
     resolved = Path(root).resolve()
     return (
-        _cache_dir()
+        default_cache_dir()
         / "splits"
         / f"{safe_name(resolved.name)}-{stable_hash(str(resolved), 12)}.json"
     )

@@ -4,6 +4,8 @@ A *template* is a string with exactly one ``{}`` placeholder for the class name.
 formatted with ``_`` replaced by a space, as every reference implementation does (baselines
 spec §1.1).
 
+The templates are data (``templates.yaml`` beside this module), read once on import.
+
 Template ensembles (spec §1.6):
 
 * ``single``: the dataset's hand-crafted CoOp prompt (``a photo of a {}.`` without a dataset);
@@ -29,38 +31,22 @@ from typing import TYPE_CHECKING, Literal
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
+from clipadapt.data.tables import read_table
 from clipadapt.exceptions import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     from clipadapt.data.datasets import ImageDataset
 
-GENERIC_TEMPLATE = "a photo of a {}."
+_TABLE = read_table("templates.yaml")
 
-#: CoOp's hand-crafted prompt of each dataset (baselines spec §1.1), by dataset key.
-TEMPLATES: dict[str, str] = {
-    "imagenet": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "stanford_cars": "a photo of a {}.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "food101": "a photo of {}, a type of food.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
-    "sun397": "a photo of a {}.",
-    "dtd": "{} texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "ucf101": "a photo of a person doing {}.",
-}
+GENERIC_TEMPLATE: str = _TABLE["generic"]
 
-#: Tip-Adapter's / CoOp's 7 ImageNet templates, in the order of spec §1.6.
-IMAGENET_7_TEMPLATES: tuple[str, ...] = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
+#: CoOp's hand-crafted prompt of each dataset (baselines spec §1.1), by dataset key
+#: (``templates.yaml``).
+TEMPLATES: dict[str, str] = dict(_TABLE["datasets"])
+
+#: Tip-Adapter's / CoOp's 7 ImageNet templates, in the order of spec §1.6 (``templates.yaml``).
+IMAGENET_7_TEMPLATES: tuple[str, ...] = tuple(_TABLE["imagenet7"])
 
 # open_clip stores its templates as one-argument callables; calling them with "{}" turns them
 # back into format strings without copying the list.
@@ -70,7 +56,7 @@ ENSEMBLES: dict[str, list[str]] = {
     "imagenet80": [template("{}") for template in OPENAI_IMAGENET_TEMPLATES],
 }
 
-DEFAULT_NEGATIVE_TEMPLATE = "a photo of no {}."
+DEFAULT_NEGATIVE_TEMPLATE: str = _TABLE["negative"]
 
 _PLACEHOLDER = re.compile(r"\{\}")
 

@@ -1,13 +1,15 @@
 """Tokenizers named by model cards, looked up by type in a registry.
 
 A model card may name a custom tokenizer (``"tokenizer": {"type": "word", ...}``). The package
-that provides a tokenizer type registers a factory for it with :func:`register_tokenizer`; the
-encoders build one with :func:`build_tokenizer` and never import that package by name (the
-embedded world model's word tokenizer registers itself in :mod:`clipadapt.world.tokenizer`).
+that provides a tokenizer type registers a factory for it with :func:`register_tokenizer` (the
+function, or its ``"module:function"`` path, imported when first needed); the encoders build one
+with :func:`build_tokenizer` and never import that package by name (the embedded world model's
+word tokenizer is registered by :mod:`clipadapt.world`).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,17 +20,23 @@ from clipadapt.exceptions import ConfigError
 #: files named relative to it), or None.
 TokenizerFactory = Callable[[Mapping[str, Any], Path | None], Any]
 
-_FACTORIES: dict[str, TokenizerFactory] = {}
+_FACTORIES: dict[str, TokenizerFactory | str] = {}  # as registered
+_RESOLVED: dict[str, TokenizerFactory] = {}  # module paths imported
 
 
-def register_tokenizer(kind: str, factory: TokenizerFactory) -> None:
+def register_tokenizer(kind: str, factory: TokenizerFactory | str) -> None:
     """Make ``{"type": kind, ...}`` tokenizer entries of model cards buildable.
+
+    Args:
+        kind: the ``type`` value model cards use.
+        factory: builds the tokenizer, or its ``"package.module:function"`` path (imported on
+            first use, so registering costs no import).
 
     Raises:
         ValueError: ``kind`` is already registered with another factory.
     """
     existing = _FACTORIES.get(kind)
-    if existing is not None and existing is not factory:
+    if existing is not None and existing != factory:
         raise ValueError(f"tokenizer type {kind!r} is already registered by {existing!r}")
     _FACTORIES[kind] = factory
 
@@ -50,4 +58,10 @@ def build_tokenizer(spec: Mapping[str, Any], base_dir: Path | None = None) -> An
         raise ConfigError(
             f"model card names an unknown tokenizer type {kind!r}; registered types: {known}"
         )
-    return _FACTORIES[kind](spec, base_dir)
+    factory = _FACTORIES[kind]
+    if isinstance(factory, str):
+        if kind not in _RESOLVED:
+            module, _, attr = factory.partition(":")
+            _RESOLVED[kind] = getattr(importlib.import_module(module), attr)
+        factory = _RESOLVED[kind]
+    return factory(spec, base_dir)

@@ -36,12 +36,22 @@ EXTRACTOR_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+CACHE_ENV = "CLIPADAPT_CACHE"
+
+
 def default_cache_dir() -> Path:
-    """``$CLIPADAPT_CACHE`` or ``~/.cache/clipadapt``."""
+    """The one cache root of clipadapt (features, text features, splits of read-only folders).
+
+    ``$CLIPADAPT_CACHE`` when set, else ``$XDG_CACHE_HOME/clipadapt``, else
+    ``~/.cache/clipadapt``. ``--cache-dir`` (or ``cache_dir=``) overrides it where offered.
+    """
     import os
 
-    env = os.environ.get("CLIPADAPT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "clipadapt"
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clipadapt"
 
 
 @dataclass

@@ -853,8 +853,16 @@ class Adapter:
         """Recreate the ``nn.Module`` attributes (shapes from meta) before loading their weights."""
         raise NotImplementedError(f"{type(self).__name__} must implement _build_modules")
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``state.safetensors`` (no pickle) into ``directory``."""
+    #: What :func:`load` read from ``config.json``'s ``provenance`` (class names, backbone,
+    #: bundle fingerprint), or None. Not a fitted attribute: ``save`` writes only what it is given.
+    provenance: dict[str, Any] | None = None
+
+    def save(self, directory: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``state.safetensors`` (no pickle) into ``directory``.
+
+        ``provenance`` (JSON values: class names, backbone record, bundle fingerprint...) is
+        stored as ``config["provenance"]``, so the saved adapter alone can name its classes.
+        """
         check_is_fitted(self)
         from clipadapt._version import __version__
 
@@ -867,6 +875,8 @@ class Adapter:
             "state": meta,
             "clipadapt_version": __version__,
         }
+        if provenance is not None:
+            config["provenance"] = provenance
         try:
             json.dumps(config)
         except TypeError as error:
@@ -881,6 +891,8 @@ class Adapter:
 
 def load(directory: str | Path) -> Adapter:
     """Load a fitted method saved with :meth:`Adapter.save` (safetensors + JSON, no pickle).
+
+    The returned method's ``provenance`` is what was saved with it (None if nothing was).
 
     Raises:
         CheckpointError: the folder does not hold a saved adapter.
@@ -913,4 +925,5 @@ def load(directory: str | Path) -> Adapter:
     method = get_method_class(method_name)()
     method.set_params(**method._upgrade_params(dict(config.get("params", {}))))
     method._set_state(tensors, dict(config.get("state", {})))
+    method.provenance = config.get("provenance")
     return method

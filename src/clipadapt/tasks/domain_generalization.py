@@ -9,8 +9,16 @@ columns only (predicting over all source classes and mapping back is a different
 A target bundle's classes are mapped to the source's by, in order:
 
 1. ``source_classes`` in the target bundle's metadata: a JSON list of source class indices, one
-   per target class (the exact mapping, e.g. ImageNet-A's WNID positions);
-2. the class names, compared after lower-casing and turning ``_``/``-`` into spaces.
+   per target class (the exact mapping);
+2. ``wnids`` in both bundles' metadata (JSON lists of WordNet IDs, one per class, written for
+   the ImageNet variants by :func:`clipadapt.data.imagenet_variants.bundle_metadata`): each
+   target class goes to the source class with its WNID, whatever part of ImageNet the source
+   holds;
+3. ``imagenet_classes`` in the target's metadata (ImageNet-1k indices) when the source is a
+   complete 1000-class ImageNet bundle without ``wnids``: the source columns are then taken to
+   be in ImageNet's class-index order (sorted WNIDs), the order of every ImageNet loader and of
+   the real ImageNet feature files;
+4. the class names, compared after lower-casing and turning ``_``/``-`` into spaces.
 
 The same code runs on the embedded world's style-shifted variants (``world_species_sketch`` ...,
 ``domain_of`` = ``world_species``), whose classes equal the source's.
@@ -19,8 +27,9 @@ The same code runs on the embedded world's style-shifted variants (``world_speci
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,38 +41,98 @@ from clipadapt.methods.base import Adapter
 from clipadapt.tasks.classification import RunResult, SplitChoice, evaluate
 
 TASK = "domain_generalization"
+#: Classes in ImageNet-1k, the size a source must have for the ``imagenet_classes`` mapping.
+IMAGENET_NUM_CLASSES = 1000
+
+log = logging.getLogger(__name__)
 
 
 def _norm(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-def class_subset(source_classnames: Sequence[str], target: FeatureBundle) -> Tensor:
-    """Source class index of every target class.
+def _json_list(metadata: Mapping[str, object], key: str, where: str) -> list | None:
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else list(raw)  # type: ignore[call-overload]
+    except (json.JSONDecodeError, TypeError):
+        value = None
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: metadata `{key}` must be a JSON list")
+    return value
+
+
+def class_mapping(
+    source_classnames: Sequence[str],
+    target: FeatureBundle,
+    source_metadata: Mapping[str, object] | None = None,
+) -> tuple[Tensor, str]:
+    """Source class index of every target class, and which rule mapped them.
 
     Args:
         source_classnames: the C_source class names the adapter was fitted on.
         target: the target bundle (``C_target`` <= ``C_source`` classes).
+        source_metadata: the source bundle's metadata (its ``wnids``), when known.
 
     Returns:
-        (C_target,) int64 tensor; column ``j`` of the target's logits is source column
-        ``index[j]``.
+        ((C_target,) int64 tensor, rule), rule one of ``"source_classes"``, ``"wnids"``,
+        ``"imagenet_classes"``, ``"names"`` (see the module docstring for the order).
 
     Raises:
-        ConfigError: a target class has no source class (the message names a few), or the
-            ``source_classes`` metadata is malformed.
+        ConfigError: a target class has no source class (the message names a few), or a
+            mapping in the metadata is malformed.
     """
-    if "source_classes" in target.metadata:
-        raw = target.metadata["source_classes"]
-        index = json.loads(raw) if isinstance(raw, str) else list(raw)
-        if len(index) != target.num_classes or not all(
-            isinstance(i, int) and 0 <= i < len(source_classnames) for i in index
+    n_source = len(source_classnames)
+    source_metadata = source_metadata or {}
+    n_target = target.num_classes
+
+    def checked(index: list, key: str) -> Tensor:
+        if len(index) != n_target or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_source for i in index
         ):
             raise ConfigError(
-                f"{target.where}: `source_classes` must list {target.num_classes} source class "
-                f"indices in [0, {len(source_classnames)})"
+                f"{target.where}: `{key}` must list {n_target} source class indices in "
+                f"[0, {n_source})"
             )
         return torch.tensor(index, dtype=torch.long)
+
+    explicit = _json_list(target.metadata, "source_classes", target.where)
+    if explicit is not None:
+        return checked(explicit, "source_classes"), "source_classes"
+    target_wnids = _json_list(target.metadata, "wnids", target.where)
+    source_wnids = _json_list(source_metadata, "wnids", "the source bundle")
+    if target_wnids is not None and len(target_wnids) != n_target:
+        raise ConfigError(
+            f"{target.where}: metadata `wnids` has {len(target_wnids)} entries for "
+            f"{n_target} classes"
+        )
+    if target_wnids is not None and source_wnids is not None:
+        position = {w: i for i, w in enumerate(source_wnids)}
+        missing = [w for w in target_wnids if w not in position]
+        if missing:
+            raise ConfigError(
+                f"{target.where}: {len(missing)} target class(es) are not source classes "
+                f"(WNIDs {', '.join(map(str, missing[:3]))}); the source bundle holds "
+                f"{len(source_wnids)} ImageNet classes"
+            )
+        return torch.tensor([position[w] for w in target_wnids], dtype=torch.long), "wnids"
+    imagenet = _json_list(target.metadata, "imagenet_classes", target.where)
+    if imagenet is not None and source_wnids is None and n_source == IMAGENET_NUM_CLASSES:
+        index = checked(imagenet, "imagenet_classes")
+        agree = sum(
+            _norm(source_classnames[int(i)]) == _norm(name)
+            for i, name in zip(index.tolist(), target.classnames, strict=True)
+        )
+        if not source_classnames[0].startswith("class_") and agree < n_target / 2:
+            # different name lists are legal; a mostly different one hints at another order
+            log.warning(
+                "%s: only %d of %d mapped class names match the source's; check that the "
+                "source's columns are in ImageNet class-index order",
+                target.where, agree, n_target,
+            )  # fmt: skip
+        return index, "imagenet_classes"
     position = {_norm(n): i for i, n in enumerate(source_classnames)}
     index, missing = [], []
     for name in target.classnames:
@@ -72,11 +141,41 @@ def class_subset(source_classnames: Sequence[str], target: FeatureBundle) -> Ten
             missing.append(name)
         index.append(-1 if i is None else i)
     if missing:
+        hint = "add a `source_classes` index list to its metadata"
+        if imagenet is not None:
+            hint = (
+                "its `imagenet_classes` map it onto a complete 1000-class ImageNet source, or "
+                "give the source bundle `wnids` metadata "
+                "(clipadapt.data.imagenet_variants.add_bundle_metadata)"
+            )
         raise ConfigError(
             f"{target.where}: {len(missing)} target class(es) are not source classes "
-            f"(e.g. {', '.join(missing[:3])}); add a `source_classes` index list to its metadata"
+            f"(e.g. {', '.join(missing[:3])}); {hint}"
         )
-    return torch.tensor(index, dtype=torch.long)
+    return torch.tensor(index, dtype=torch.long), "names"
+
+
+def class_subset(
+    source_classnames: Sequence[str],
+    target: FeatureBundle,
+    source_metadata: Mapping[str, object] | None = None,
+) -> Tensor:
+    """Source class index of every target class (see :func:`class_mapping`).
+
+    Args:
+        source_classnames: the C_source class names the adapter was fitted on.
+        target: the target bundle (``C_target`` <= ``C_source`` classes).
+        source_metadata: the source bundle's metadata (for ``wnids``), when known.
+
+    Returns:
+        (C_target,) int64 tensor; column ``j`` of the target's logits is source column
+        ``index[j]``.
+
+    Raises:
+        ConfigError: a target class has no source class (the message names a few), or the
+            mapping metadata is malformed.
+    """
+    return class_mapping(source_classnames, target, source_metadata)[0]
 
 
 def subset_accuracy(
@@ -122,10 +221,12 @@ def evaluate_dg(
     Returns:
         One record per dataset (source first): the source's :class:`RunResult` fields with
         ``task`` = "domain_generalization", ``role`` ("source"/"target"), ``source`` (the source
-        dataset's name), ``dataset`` and ``accuracy`` of that dataset, and ``n_classes``.
+        dataset's name), ``dataset`` and ``accuracy`` of that dataset, and ``n_classes``; a
+        target's record also names the ``class_mapping`` rule that mapped its classes.
     """
     choice = choice or SplitChoice()
-    indices = [class_subset(source.classnames, t) for t in targets]  # fail before fitting
+    # fail before fitting
+    mappings = [class_mapping(source.classnames, t, source.metadata) for t in targets]
     result: RunResult = evaluate(
         method,
         source,
@@ -137,7 +238,7 @@ def evaluate_dg(
     )
     base = {**result.to_dict(), "task": TASK, "source": source.name}
     records = [{**base, "role": "source", "n_classes": source.num_classes}]
-    for target, index in zip(targets, indices, strict=True):
+    for target, (index, rule) in zip(targets, mappings, strict=True):
         rows = target.group(target_eval_set, "eval")
         started = time.perf_counter()
         accuracy = subset_accuracy(result.fitted, rows.features.to(device), rows.labels, index)
@@ -150,6 +251,7 @@ def evaluate_dg(
                 "eval_set": target_eval_set,
                 "n_eval": len(rows),
                 "n_classes": target.num_classes,
+                "class_mapping": rule,
                 "predict_seconds": time.perf_counter() - started,
             }
         )

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from clipadapt.encoders.tokenizers import register_tokenizer
-
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -118,7 +116,3 @@ def tokenizer_from_card(spec: dict, base_dir: str | Path | None = None) -> WordT
             tok.context_length = int(spec["context_length"])
         return tok
     raise ValueError("a word tokenizer spec needs 'vocab' or 'vocab_file'")
-
-
-# model cards with {"type": "word", ...} (the embedded world model's) build this tokenizer
-register_tokenizer("word", tokenizer_from_card)
