@@ -321,7 +321,8 @@ def test_thousand_class_source_in_imagenet_order(dg_bundles) -> None:
 
 
 def test_paper_profile_lists_dg_cells_for_variant_bundles(dg_bundles, tmp_path: Path) -> None:
-    from clipadapt.bench.runner import paper_profile, resolve_sweep
+    from clipadapt.bench.resolve import resolve_sweep
+    from clipadapt.bench.spec import paper_profile
 
     bundle_dir = tmp_path / "bundles"
     bundle_dir.mkdir()
@@ -334,8 +335,8 @@ def test_paper_profile_lists_dg_cells_for_variant_bundles(dg_bundles, tmp_path: 
     spec = paper_profile(str(bundle_dir), methods=["zeroshot"])
     spec.seeds = [1]
     resolved = resolve_sweep(spec, progress=False)
-    dg = [c for c in resolved.cells if c["task"] == "domain_generalization"]
-    assert len(dg) == 1 and dg[0]["targets"] == ["imagenet_a", "imagenet_r"]
-    assert dg[0]["shots"] == 16
+    dg = [c for c in resolved.cells if c.task == "domain_generalization"]
+    assert len(dg) == 1 and list(dg[0].targets) == ["imagenet_a", "imagenet_r"]
+    assert dg[0].shots == 16
     skipped = dict(resolved.skipped)
     assert "DG target imagenet_v2" in skipped and "DG target imagenet_a" not in skipped

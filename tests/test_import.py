@@ -28,7 +28,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """``clipadapt`` with only the export/import verbs, errors handled as ``main`` does."""
-    from clipadapt.cli_export_import import register_cli
+    from clipadapt.cli.export_import import register_cli
 
     parser = argparse.ArgumentParser(prog="clipadapt")
     register_cli(parser.add_subparsers(dest="command"))
