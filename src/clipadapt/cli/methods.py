@@ -43,9 +43,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             "searched on validation data: "
             + "; ".join(f"{k} over {v}" for k, v in card.searched.items())
         )
-    print("hyperparameters (defaults):")
+    print("hyperparameters (default, allowed values):")
     for key, value in sorted(cls._defaults().items()):
-        print(f"  {key} = {value!r}")
+        print(f"  {key} = {value!r}  ({card.describe_option(key)})")
     doc = (cls.__doc__ or "").strip()
     if doc:
         print("\n" + doc)
