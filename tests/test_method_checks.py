@@ -58,6 +58,12 @@ def test_method_checks(check) -> None:
     check()
 
 
+@parametrize_with_checks(["zeroshot"], params={"zeroshot": {"text": "auto"}})
+def test_zeroshot_choosing_its_text_on_validation_passes_the_checks(check) -> None:
+    # the default (text=names) searches nothing; text=auto is the demo's reference row
+    check()
+
+
 def test_every_method_is_enrolled() -> None:
     names = clipadapt.list_methods()
     assert "zeroshot" in names and "tip_adapter" in names
