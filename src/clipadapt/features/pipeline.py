@@ -17,6 +17,7 @@ The cache root is :func:`clipadapt.features.cache.default_cache_dir` unless ``ca
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from clipadapt.data.datasets import ImageDataset
     from clipadapt.encoders.clip import BackboneSpec, ClipEncoder, TextTower
     from clipadapt.features.extract import ExtractionReport
+
+log = logging.getLogger(__name__)
 
 #: Encoders kept per process (a sweep alternates between a few backbones at most).
 _MAX_ENCODERS = 2
@@ -164,6 +167,23 @@ def open_dataset(
     return dataset, chosen, texts
 
 
+def _same_augmentation(bundle: FeatureBundle, wanted: dict[str, Any]) -> bool:
+    """Whether ``bundle``'s train views were made with the augmentation ``wanted``.
+
+    A bundle without the record (written before it existed, or imported) counts as made with
+    the default, so it is reused exactly when the default is wanted.
+    """
+    keys = ("views", "scale", "flip")
+    recorded = bundle.metadata.get("augmentation")
+    if recorded is None:
+        return wanted["source"] == "default"
+    try:
+        have = json.loads(recorded)
+    except ValueError:
+        return False
+    return all(have.get(k) == wanted[k] for k in keys)
+
+
 def ensure_bundle(
     dataset: str | Path | ImageDataset,
     backbone: str | BackboneSpec | dict[str, Any],
@@ -174,6 +194,8 @@ def ensure_bundle(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "auto",
     views: int = 10,
+    aug_scale: tuple[float, float] | None = None,
+    aug_flip: float | None = None,
     templates: str | Sequence[str] | None = None,
     descriptions: str | Path | None = None,
     descriptions_match: str = "name",
@@ -199,18 +221,21 @@ def ensure_bundle(
         cache_dir: the feature cache root.
         out: the bundle file written (atomically).
         reuse: return the bundle already at ``out`` without encoding (the bench's rule: one
-            bundle per dataset entry and backbone).
+            bundle per dataset entry and backbone), unless its recorded train-view
+            augmentation differs from the one this call would use (a dataset that now declares
+            another one, or another ``aug_scale``/``aug_flip``/``views``): then it is re-made.
         text_tower: also return the backbone's text tower (for methods such as CoOp).
         on_report: called with the bundle and the extraction report after an extraction (not on
             reuse), e.g. to print what was encoded and what was skipped.
-        views, templates, descriptions, descriptions_match, negative_template, batch_size,
-        num_workers, progress: as in ``extract_dataset`` / :func:`open_dataset`.
+        views, aug_scale, aug_flip, templates, descriptions, descriptions_match,
+        negative_template, batch_size, num_workers, progress: as in ``extract_dataset`` /
+        :func:`open_dataset`.
 
     Returns:
         ``(bundle, text tower or None)``.
     """
     from clipadapt.data.bundle import load_bundle
-    from clipadapt.features.extract import extract_dataset
+    from clipadapt.features.extract import extract_dataset, resolve_augmentation
 
     loaded, chosen, texts = open_dataset(
         dataset,
@@ -220,8 +245,13 @@ def ensure_bundle(
         descriptions_match=descriptions_match,
     )
     out = Path(out)
-    if reuse and out.is_file():
-        bundle = load_bundle(out)
+    bundle = load_bundle(out) if reuse and out.is_file() else None
+    if bundle is not None and not _same_augmentation(
+        bundle, resolve_augmentation(loaded, views=views, scale=aug_scale, flip=aug_flip)
+    ):
+        log.info("%s: its views were made with another augmentation; re-extracting", out)
+        bundle = None
+    if bundle is not None:
         tower = None
         if text_tower:
             tower = load_encoder(backbone, checkpoint=checkpoint, device=device).text_tower()
@@ -233,6 +263,8 @@ def ensure_bundle(
         out,
         cache_dir=cache_dir,
         views=views,
+        aug_scale=aug_scale,
+        aug_flip=aug_flip,
         templates=chosen,
         descriptions=texts,
         negative_template=negative_template or None,
