@@ -879,8 +879,9 @@ def _load_folder(
         allow_missing=allow_missing,
         classnames=meta.get("classnames"),
         missing_fix=(
-            "restore them, or pass --resplit to make a new split of the folder as it is now "
-            "(API: resplit=True; allow_missing=True drops the missing entries instead)"
+            "check that the images are in that folder, or pass --resplit to make a new split "
+            "of the folder as it is now (API: resplit=True; allow_missing=True drops the "
+            "missing entries instead)"
         ),
     )
     dataset.split_path = path
