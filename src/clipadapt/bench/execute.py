@@ -155,6 +155,7 @@ def _classification(ctx: _Context) -> list[Record]:
 
 
 def _domain_generalization(ctx: _Context) -> list[Record]:
+    from clipadapt.tasks.classification import absent_classes
     from clipadapt.tasks.domain_generalization import evaluate_dg
 
     cell, device = ctx.cell, ctx.settings.device
@@ -172,15 +173,24 @@ def _domain_generalization(ctx: _Context) -> list[Record]:
     )
     bundles = [source, *targets]
     scored_on = [cell.bundle_fingerprint, *cell.target_fingerprints]
-    return [
-        ok_record(
-            cell,
-            {**result, **bundle_record(bundles[i]), "eval_bundle_fingerprint": scored_on[i]},
-            device,
-            output=i,
-        )
-        for i, result in enumerate(results)
-    ]
+    records = []
+    for i, result in enumerate(results):
+        extra = {**bundle_record(bundles[i]), "eval_bundle_fingerprint": scored_on[i]}
+        if i > 0:  # a target: its own absent classes, not the source's
+            target = bundles[i]
+            rows = target.group(cell.target_eval_set or "test", "eval")
+            absent = absent_classes(target.classnames, None, rows)
+            extra["absent_classes"] = absent
+            extra["warnings"] = (
+                [
+                    f"{len(absent['eval'])} class(es) have no row in {rows.name} of {target.name}: "
+                    "the accuracy is over the other classes only"
+                ]
+                if absent
+                else []
+            )
+        records.append(ok_record(cell, {**result, **extra}, device, output=i))
+    return records
 
 
 def _episodes(ctx: _Context) -> list[Record]:

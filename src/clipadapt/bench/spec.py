@@ -134,7 +134,8 @@ def _int_list(value: Any, what: str, *, positive: bool = False) -> list[int]:
         # YAML reads `four` as a string and `1.5` as a float: neither is a count
         if isinstance(item, bool) or not isinstance(item, int):
             kind = "positive integers" if positive else "integers"
-            raise ConfigError(f"{what} must be a list of {kind}, got {item!r} in {value!r}")
+            where = f" in {value!r}" if isinstance(value, list) else ""
+            raise ConfigError(f"{what} must be a list of {kind}, got {item!r}{where}")
         out.append(item)
     if positive and any(v < 1 for v in out):
         raise ConfigError(f"{what} must be positive, got {out}")
