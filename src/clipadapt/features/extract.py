@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from clipadapt._progress import progress as progress_report
 from clipadapt.data.bundle import FeatureBundle, save_bundle
 from clipadapt.features.cache import SplitCache, TextCache, default_cache_dir
 from clipadapt.features.transforms import AugmentedViews, CleanView, load_rgb
@@ -131,7 +131,7 @@ def extract_split(
             ]
             offset += n
         loader = DataLoader(rows, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
-        bar = tqdm(total=encoded, desc=description, unit="img", disable=not progress, leave=False)
+        bar = progress_report(encoded, description, "img", enabled=progress, leave=False)
         shard_iter = iter(missing)
         current = next(shard_iter)
         remaining = len(cache.shard_range(current))
