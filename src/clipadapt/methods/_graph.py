@@ -464,11 +464,10 @@ class TrainedGraph:
     ) -> Callable[[Mapping[str, float], ValidationSet], tuple[float, float]]:
         """``score(weights, rows) -> (accuracy %, fusion weight)`` of the fused prediction.
 
-        The text classifier ``τ f norm(X^p')ᵀ`` with these weights (``defaults`` for those
-        not given), fused (``"prob"``: the
-        softmaxes, ``"logit"``: the logits) with the cache logits ``vis_logits(γ, features)``
-        (None: text only) at the first best weight of ``fusion_grid``. The cache logits are
-        computed once per γ.
+        The text classifier ``τ f norm(X^p')ᵀ`` with these weights (``defaults`` for those not
+        given), fused (``"prob"``: the softmaxes, ``"logit"``: the logits) with the cache logits
+        ``vis_logits(γ, features)`` (None: text only) at the first best weight of
+        ``fusion_grid``. The cache logits are computed once per γ.
         """
         cached: dict[tuple[float, int], Tensor] = {}
 

@@ -455,8 +455,13 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         fixed = {name: defaults[name] for name in names}
         if fuse:
             fixed["fusion_weight"] = float(self.fusion_weight)
-        searching = names or (fuse and self.search_fusion)
-        chosen = self._choose(val, search, fixed, disabled=None if searching else "search disabled")
+        if names or (fuse and self.search_fusion):
+            chosen = self._choose(val, search, fixed)
+        elif fuse:
+            chosen = self._choose(val, search, fixed, disabled="search disabled")
+        else:
+            chosen = fixed
+            self._record_fixed(fixed, "text classifier only, meta-path search off")
         self.metapath_weights_ = {**defaults, **{n: float(chosen[n]) for n in names}}
         self.fusion_weight_ = float(chosen.get("fusion_weight", 0.0))
 
