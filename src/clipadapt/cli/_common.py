@@ -123,7 +123,11 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
         help="DataLoader workers (default: automatic)",
     )
     add_dataset_flags(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="print no progress (a bar on a terminal, lines otherwise)",
+    )
 
 
 def add_dataset_flags(p: argparse.ArgumentParser) -> None:
