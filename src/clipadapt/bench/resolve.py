@@ -114,9 +114,11 @@ class ResolveOptions:
     resplit: bool = False
 
 
-def bundle_problem(src: BundleSource) -> str | None:
+def bundle_problem(src: BundleSource, trains: bool = True) -> str | None:
     """Why no run can use this bundle (None: it is fine): unreadable values (NaN/Inf), labels
-    out of range, no evaluation group, no rows to train on, fewer than two classes."""
+    out of range, no evaluation group, no rows to train on (only when ``trains``: a bundle
+    that is only a domain-generalisation target is scored, never fitted), fewer than two
+    classes."""
     bundle, choice = src.bundle, src.choice
     try:
         bundle.check()
@@ -135,7 +137,7 @@ def bundle_problem(src: BundleSource) -> str | None:
                 f"{bundle.where}: no {role} group {group!r} (groups: {', '.join(groups)}); "
                 f"fix {role}_set:"
             )
-    if choice.train_set is None and "train" not in groups and not bundle.shot_groups():
+    if trains and choice.train_set is None and "train" not in groups and not bundle.shot_groups():
         return f"{bundle.where}: no `train` group and no `train_{{K}}shot` group to fit on"
     if bundle.num_classes < 2:
         return (
@@ -222,6 +224,8 @@ def resolve_sweep(
 
     wanted = list(spec.datasets)
     have = {d.name for d in wanted}
+    # bundles that some run fits on; the rest are only domain-generalisation targets
+    fitted = have | {dg.source for dg in spec.domain_generalization}
     for dg in spec.domain_generalization:
         wanted += [SweepDataset(n) for n in (dg.source, *dg.targets) if n not in have]
         have |= {dg.source, *dg.targets}
@@ -257,7 +261,7 @@ def resolve_sweep(
                 errors.append((ds.name, str(error)))
                 continue
             src = BundleSource.of(bundle, name=ds.name, key=str(path), choice=ds.choice)
-            problem = bundle_problem(src)
+            problem = bundle_problem(src, trains=ds.name in fitted)
             if problem is not None:
                 errors.append((ds.name, problem))
                 continue
