@@ -125,8 +125,11 @@ def run_demo(
         bundles={source.key: source.bundle for source in sources},
     )
     # the table and plot name rows by method; the two zero-shot specs get their own labels
+    # (the table labels a row by its method spec, so both fields carry the label)
     ok = [
-        {**r, "method": ZEROSHOT_ROWS.get(r.get("method_spec", ""), r["method"])}
+        {**r, "method": label, "method_spec": label}
+        if (label := ZEROSHOT_ROWS.get(r.get("method_spec", "")))
+        else r
         for r in records
         if r.get("status") == "ok"
     ]
