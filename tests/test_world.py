@@ -752,32 +752,44 @@ def test_shipped_checkpoint_loads_through_the_encoder() -> None:
     assert tuple(encoder.mean) == tuple(read_card()["mean"])
 
 
-@needs_checkpoint
-def test_world_views_follow_the_declared_label_preserving_augmentation(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def world_bundles(tmp_path_factory):
+    """world_species and world_count at the demo's size, extracted as the demo does (10 views
+    per train image, the dataset's descriptions) with the shipped world CLIP, through a fresh
+    cache; world_count's train rows only."""
+    from clipadapt.features.extract import extract_dataset
+    from clipadapt.features.pipeline import load_encoder, open_dataset
+
+    if not (SHIPPED_CARD.is_file() and SHIPPED_CKPT.is_file()):
+        pytest.skip("the world checkpoint has not been produced yet")
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("world-views")
+    encoder = load_encoder("world", device="cpu")
+    bundles = {}
+    for path in generate_world_datasets(root / "data", names=["world_species", "world_count"]):
+        dataset, _, descriptions = open_dataset(str(path))
+        bundles[path.name] = (
+            dataset,
+            extract_dataset(
+                dataset,
+                encoder,
+                root / f"{path.name}.safetensors",
+                cache_dir=root / "cache",
+                descriptions=descriptions,
+                splits=("train", "val", "test") if path.name == "world_species" else ("train",),
+                progress=False,
+            )[0],
+        )
+    return bundles
+
+
+def test_world_views_follow_the_declared_label_preserving_augmentation(world_bundles) -> None:
     """The default views (crops of 50-100 %) cut objects off and enlarge small ones, which
     mislabels views of world_species (fixed sizes) and world_count (the number of objects): a
-    class-mean classifier from the clean 16-shot rows scored 6 and 10 points lower on their
+    class-mean classifier from the clean 16-shot rows scored 4.7 and 9.3 points lower on their
     views. The world datasets declare crops that keep the labels; extraction must follow them."""
-    from clipadapt.data.datasets import load_dataset
-    from clipadapt.features.extract import extract_dataset
-    from clipadapt.features.pipeline import load_encoder
-
-    torch.set_num_threads(1)
-    encoder = load_encoder("world", device="cpu")
-    paths = generate_world_datasets(tmp_path / "data", names=["world_species", "world_count"])
-    for path in paths:
-        dataset = load_dataset(str(path))
+    for name, (dataset, bundle) in world_bundles.items():
         assert dataset.augmentation == WORLD_AUGMENTATION
-        bundle, _ = extract_dataset(
-            dataset,
-            encoder,
-            tmp_path / f"{path.name}.safetensors",
-            cache_dir=tmp_path / "cache",
-            views=4,
-            splits=("train",),
-            negative_template=None,
-            progress=False,
-        )
         recorded = json.loads(bundle.metadata["augmentation"])
         assert recorded["scale"] == WORLD_AUGMENTATION["scale"]
         assert recorded["flip"] == WORLD_AUGMENTATION["flip"] and recorded["source"] == "dataset"
@@ -789,4 +801,17 @@ def test_world_views_follow_the_declared_label_preserving_augmentation(tmp_path)
         means = torch.zeros(dataset.num_classes, clean.shape[1]).index_add_(0, labels, clean)
         on_clean = (clean @ means.T).argmax(-1).eq(labels).float().mean().item()
         on_views = (views @ means.T).argmax(-1).eq(labels).float().mean().item()
-        assert on_views >= on_clean - 0.025, (path.name, on_clean, on_views)
+        assert on_views >= on_clean - 0.02, (name, on_clean, on_views)
+
+
+@pytest.mark.parametrize("method", ["hegraph_adapter", "tip_adapter_f", "taskres"])
+def test_more_world_shots_do_not_make_view_trained_adapters_worse(world_bundles, method) -> None:
+    """Issue 18: on world_species HeGraphAdapter scored 61.3 % at 4 shots and 56.7 % at 16
+    (seed 1, the demo's protocol) while it trained on the mislabelled default views."""
+    import clipadapt
+
+    _, bundle = world_bundles["world_species"]
+    torch.set_num_threads(1)
+    adapter = clipadapt.create_method(method)
+    acc = {k: clipadapt.evaluate(adapter, bundle, shots=k, seed=1).accuracy for k in (4, 16)}
+    assert acc[16] >= acc[4] - 1.0, (method, acc)

@@ -91,8 +91,9 @@ SPLITS = ("train", "val", "test")
 #: 90-100 % of the image, flipped half the time. The extractor's default crops (50-100 %) cut
 #: objects off and blow small ones up, which changes what the labels mean here (a species with a
 #: fixed size, the number of objects, which object is the larger); with them a class-mean
-#: classifier from the clean 16-shot rows of world_species scores 67.2 % on those rows but 60.8 %
-#: on their views, with these 66.8 % (docs/world.md, "Augmented views").
+#: classifier from the clean 16-shot rows scores 63.7 % on those rows of world_species but 59.0 %
+#: on their views (world_count: 83.9 and 74.6 %), with these 63.9 % (83.6 %); docs/world.md,
+#: "Augmented views".
 WORLD_AUGMENTATION: dict[str, Any] = {"scale": [0.9, 1.0], "flip": 0.5}
 
 # Images per class and split: (train, val, test).
