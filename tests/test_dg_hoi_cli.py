@@ -171,6 +171,21 @@ def test_paper_dry_run_lists_dg_cells_and_encodes_nothing(dg_root: Path, tmp_pat
         assert f"encode {name} with world" in out
     assert "dtd (world): cannot extract" in out  # the CoOp datasets absent from the root
     assert not list(cache.rglob("*.safetensors")) and not list(cache.rglob("*.pt"))
+    # the source's bundle exists, the targets are not encoded yet: matched by backbone
+    only = tmp_path / "only_source"
+    only.mkdir()
+    (only / "imagenet.safetensors").write_bytes(
+        (dg_root / "feats/imagenet.safetensors").read_bytes()
+    )
+    assert main([*argv, "--bundle-dir", str(only), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    (plan,) = [x for x in out.splitlines() if x.startswith("plan") and "domain_gen" in x]
+    assert plan.endswith(
+        "-> imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r (after encoding imagenet_v2, "
+        "imagenet_sketch, imagenet_a, imagenet_r)"
+    )
+    assert "encode imagenet with" not in out
+    assert not list(cache.rglob("*.safetensors"))
 
 
 def test_bongard_hoi_episodes_through_the_cli(tmp_path: Path, capsys) -> None:

@@ -359,14 +359,15 @@ def resolve_sweep(
             for n in dg.targets:
                 if n != dg.source and n not in names:
                     skipped.append((f"DG target {n}", f"no bundle with backbone {backbone}"))
+            if not names:
+                continue
             waits = (dg.source, *(n for n in names if backbone in pending.get(n, ())))
             planned += [
-                PlannedRun(DOMAIN_GENERALIZATION, dg.source, method.spec, k, seed,
-                           tuple(names), waits)
-                for method in methods
+                PlannedRun(DOMAIN_GENERALIZATION, dg.source, m.spec, k, seed, tuple(names), waits)
+                for m in methods
                 for k in dg.shots
                 for seed in spec.seeds
-            ] if names else []  # fmt: skip
+            ]
         for src in srcs:
             targets = [
                 t
@@ -394,16 +395,16 @@ def resolve_sweep(
             if waiting:
                 # a target is not encoded yet: the run (source and every target) is listed,
                 # not keyed; it becomes a cell once the targets are extracted
-                names = tuple(
+                scored = tuple(
                     n for n in dg.targets if n in waiting or any(t.name == n for t in targets)
                 )
+                waits = tuple(waiting)
                 planned += [
-                    PlannedRun(DOMAIN_GENERALIZATION, dg.source, method.spec, k, seed, names,
-                               tuple(waiting))
-                    for method in methods
+                    PlannedRun(DOMAIN_GENERALIZATION, dg.source, m.spec, k, seed, scored, waits)
+                    for m in methods
                     for k in dg.shots
                     for seed in spec.seeds
-                ]  # fmt: skip
+                ]
                 continue
             if not targets:
                 continue
