@@ -318,7 +318,7 @@ def extraction_settings(
     *,
     views: int,
     aug_scale: Sequence[float],
-    aug_flip: float,
+    aug_flip: float = DEFAULT_AUG_FLIP,
     seed: int,
     templates: Sequence[str],
     descriptions: Sequence[Sequence[str]] | None,
