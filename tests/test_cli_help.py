@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 
@@ -46,6 +47,16 @@ def test_every_verb_help_has_a_description_its_defaults_and_one_example(name, pa
             assert "default" in parser._get_formatter()._get_help_string(action).lower(), (
                 f"{name} {action.option_strings[0]} hides its default {action.default!r}"
             )
+
+
+@pytest.mark.parametrize("name,parser", VERBS, ids=[n for n, _ in VERBS])
+def test_every_example_parses(name, parser):
+    """An example a user copies is a valid command line of its own verb."""
+    text = parser.format_help()
+    example = text[text.index("Example:") + len("Example:") :].split("\n\n")[0]
+    argv = shlex.split(example.replace("\\\n", " "))[1:]
+    assert " ".join(argv).startswith(name.split()[0])
+    build_parser().parse_args(argv)  # SystemExit (a usage error) fails the test
 
 
 def test_defaults_are_shown_by_the_formatter():

@@ -343,7 +343,7 @@ def register_cli(sub: Any) -> None:
         "the evaluation group (accuracy in percent) and save the adapter with the class names, "
         "backbone and bundle it was fitted on.",
         epilog=example(
-            "clipadapt fit --bundle feats/species.safetensors --method tip_adapter --shots 4 "
+            "clipadapt fit --bundle feats/count.safetensors --method tip_adapter --shots 4 "
             "--out adapters/tip"
         ),
     )
@@ -371,7 +371,7 @@ def register_cli(sub: Any) -> None:
         "percent over its rows. The bundle must have the adapter's classes in the same order, "
         "and be the bundle it was fitted on unless --other-bundle.",
         epilog=example(
-            "clipadapt evaluate --adapter adapters/tip --bundle feats/species.safetensors"
+            "clipadapt evaluate --adapter adapters/tip --bundle feats/count.safetensors"
         ),
     )
     p.add_argument("--adapter", required=True, help="saved adapter folder (clipadapt fit --out)")
@@ -393,7 +393,7 @@ def register_cli(sub: Any) -> None:
         "cache), fit one method on a few-shot draw, score it once on test (accuracy in "
         "percent) and save the adapter in OUT/adapter and the result in OUT/result.json.",
         epilog=example(
-            "clipadapt run world-data/world_species --backbone world --method tip_adapter "
+            "clipadapt run world-data/world_count --backbone world --method tip_adapter "
             "--shots 4 --out runs/first"
         ),
     )
@@ -426,5 +426,9 @@ def register_cli(sub: Any) -> None:
         help="encode the images with --backbone even when the adapter was fitted on another "
         "backbone's features (refused without it)",
     )
-    p.add_argument("--json", help="also write the predictions as JSON to this file")
+    p.add_argument(
+        "--json",
+        help="also write the predictions as JSON to this file (skipped files are listed with "
+        "the reason)",
+    )
     p.set_defaults(handler=cmd_predict)

@@ -180,7 +180,7 @@ def register_cli(sub: Any) -> None:
         "input found before any run (method options, a bundle with NaN/Inf, out-of-range "
         "labels or no test group, a device this machine lacks, nothing to run).\n\n"
         + example(
-            "clipadapt bench --bundle feats/species.safetensors --methods zeroshot,tip_adapter "
+            "clipadapt bench --bundle feats/count.safetensors --methods zeroshot,tip_adapter "
             "--shots 1,2,4 --seeds 1,2 --out results.jsonl"
         ),
     )

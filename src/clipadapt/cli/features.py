@@ -97,8 +97,8 @@ def register_cli(sub: Any) -> None:
         "the class prompts into a feature bundle; features are cached, so a rerun "
         "encodes nothing and an interrupted run resumes.",
         epilog=example(
-            "clipadapt extract world-data/world_species --backbone world "
-            "--out feats/species.safetensors"
+            "clipadapt extract world-data/world_count --backbone world "
+            "--out feats/count.safetensors"
         ),
     )
     p.add_argument("dataset", help="registered dataset name (with --data-root) or a folder")

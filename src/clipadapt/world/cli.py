@@ -161,7 +161,7 @@ def register_cli(subparsers: Any) -> None:
         "dataset.json, the images) under --out, one folder per dataset; a folder already "
         "written with the same settings is kept.",
         epilog="Example:\n  clipadapt world generate --out world-data --size small "
-        "--datasets world_species",
+        "--datasets world_count",
     )
     p.add_argument("--out", required=True, help="root folder of the dataset folders")
     p.add_argument(
