@@ -90,6 +90,18 @@ def require_bundle(path: str | None, flag: str = "--bundle") -> None:
     )
 
 
+def require_adapter(path: str | None, flag: str = "--adapter") -> None:
+    """:func:`require_path` for a saved adapter folder, with the loader's own message and fix
+    (its files are checked when it is loaded)."""
+    require_path(
+        path,
+        flag,
+        "folder",
+        missing=f"{path}: not a saved adapter (the folder does not exist; create one with "
+        "`clipadapt fit --out DIR`)",
+    )
+
+
 def int_list(text: str) -> list[int]:
     """``"1,2,4"`` -> ``[1, 2, 4]`` (an argparse type)."""
     try:

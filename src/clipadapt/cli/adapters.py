@@ -22,6 +22,7 @@ from clipadapt.cli._common import (
     example,
     positive_int,
     print_result,
+    require_adapter,
     require_bundle,
     require_path,
     split_choice,
@@ -150,7 +151,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    require_path(args.adapter, "--adapter", "folder")
+    require_adapter(args.adapter)
     require_bundle(args.bundle)
     from clipadapt.data.bundle import load_bundle
     from clipadapt.methods.base import load
@@ -247,7 +248,7 @@ def image_inputs(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    require_path(args.adapter, "--adapter", "folder")
+    require_adapter(args.adapter)
     paths = image_inputs(args.images)
     from clipadapt.features.pipeline import encode_image_files, load_encoder
     from clipadapt.methods.base import load

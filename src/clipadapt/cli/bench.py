@@ -175,7 +175,7 @@ def register_cli(sub: Any) -> None:
         "Method "
         "options and every bundle (finite values, labels in range, the evaluation group, "
         "two classes or more) are checked before any run starts.",
-        epilog="Exit status: 0 when every run of the sweep is ok; 1 when any run failed "
+        epilog="exit status: 0 when every run of the sweep is ok; 1 when any run failed "
         "(recorded with status error; with --fail-fast the sweep stops there); 2 on bad "
         "input found before any run (method options, a bundle with NaN/Inf, out-of-range "
         "labels or no test group, a device this machine lacks, nothing to run).\n\n"

@@ -43,9 +43,9 @@ def _classnames(path: str | None) -> list[str] | None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from clipadapt.cli._common import require_path
+    from clipadapt.cli._common import require_adapter
 
-    require_path(args.adapter, "--adapter", "folder")  # before torch is imported
+    require_adapter(args.adapter)  # before torch is imported
     from clipadapt.export import export_adapter
 
     summary = export_adapter(
