@@ -2,8 +2,11 @@
 
 Each verb group is a module with ``register_cli(subparsers)`` that adds its sub-commands and sets
 ``handler`` on each (see :data:`VERB_GROUPS`); handlers import the library lazily, so
-``clipadapt --help`` imports no torch. Errors meant for users print one line naming the problem
-and the fix and exit with code 2; ``--debug`` shows the traceback instead.
+``clipadapt --help`` imports no torch, and handlers check the paths they are given before they
+import it. Every verb gets one help layout (:class:`~clipadapt.cli._common.HelpFormatter`:
+defaults shown, its ``Example:`` kept as written) and accepts the global ``--debug``/``-v`` after
+the verb too. Errors meant for users print one line naming the problem and the fix and exit with
+code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
