@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from clipadapt.cli._common import (
+    CLASSNAMES_HELP,
     add_backbone_flags,
+    add_classnames_flag,
     add_extract_flags,
     add_split_flags,
     example,
+    named_bundle,
     positive_int,
     print_result,
     require_adapter,
@@ -139,7 +142,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     require_bundle(args.bundle)  # before torch is imported: a typo answers at once
     from clipadapt.data.bundle import load_bundle
 
-    bundle = load_bundle(args.bundle)
+    bundle = named_bundle(load_bundle(args.bundle), args.classnames)
     result = fit_and_save(
         bundle, args.method, args.shots, args.seed, split_choice(args), Path(args.out)
     )
@@ -158,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from clipadapt.tasks.classification import absent_classes
 
     method = load(args.adapter)
-    bundle = load_bundle(args.bundle)
+    bundle = named_bundle(load_bundle(args.bundle), args.classnames)
     provenance = adapter_provenance(Path(args.adapter), method)
     check_adapter_on_bundle(
         Path(args.adapter), method, provenance, bundle, other_bundle=args.other_bundle
@@ -361,6 +364,7 @@ def register_cli(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=1, help="which few-shot draw (and training seed)")
     add_split_flags(p)
+    add_classnames_flag(p)
     p.add_argument("--out", required=True, help="folder for config.json + state.safetensors")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(handler=cmd_fit)
@@ -378,6 +382,11 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--adapter", required=True, help="saved adapter folder (clipadapt fit --out)")
     p.add_argument("--bundle", required=True, help="feature bundle (.safetensors)")
     p.add_argument("--eval-set", default="test", help="bundle group to score")
+    add_classnames_flag(
+        p,
+        CLASSNAMES_HELP + " (give the file the adapter was fitted with: the names must match "
+        "its classes)",
+    )
     p.add_argument(
         "--other-bundle",
         action="store_true",
