@@ -34,6 +34,11 @@ from clipadapt.bench.results import latest_ok
 
 ROW = "_row"
 COLUMN = "_column"
+#: The line under every table whose cells show "±" over seeds.
+STD_NOTE = (
+    "± is the population standard deviation over seeds (cells without ± ran one seed); "
+    "accuracies are percentages."
+)
 
 
 def _classification(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,6 +207,8 @@ class Table:
         column_digits: decimals of particular columns (default ``digits``).
         higher_is_better: bold the max (True) or min (False) of each column; None: no bold.
         digits: decimals shown.
+        spread_note: the line under the Markdown table saying what "±" is (shown when a cell
+            has ±).
     """
 
     title: str
@@ -214,6 +221,7 @@ class Table:
     digits: int = 1
     average_over: list[str] | None = None
     column_digits: dict[str, int] | None = None
+    spread_note: str = STD_NOTE
 
     def row_average(self, row: str) -> float | None:
         """Mean of the row over ``average_over`` (default all columns); None if one is missing."""
@@ -265,7 +273,10 @@ class Table:
                 bold = a is not None and "average" in best and abs(a - best["average"]) < 1e-9
                 out.append(f"**{text}**" if bold else text)
             lines.append("| " + " | ".join(out) + " |")
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        if with_std and any(n > 1 for _, _, n in self.cells.values()):
+            text += f"\n{self.spread_note}\n"
+        return text
 
     def csv(self) -> str:
         """The table as CSV: one ``mean`` and one ``std`` column per column (plus average)."""
@@ -381,6 +392,8 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
             [f"{k}-shot" for k in shots],
             avg,
             average=False,
+            spread_note="± is the population standard deviation over datasets (of each "
+            "dataset's mean over seeds); accuracies are percentages.",
         )
     return out
 
@@ -408,6 +421,7 @@ def cost_table(records: Iterable[dict[str, Any]]) -> Table:
         higher_is_better=None,
         digits=3,
         column_digits={"params": 0},
+        spread_note="± is the population standard deviation over runs.",
     )
 
 
@@ -486,7 +500,8 @@ def episodes_table(records: Iterable[dict[str, Any]]) -> str | None:
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     note = (
         "\n± is the half-width of the 95 % confidence interval over episodes (normal "
-        "approximation, 1.96 standard errors), n the number of episodes"
+        "approximation, 1.96 standard errors; seed 1's when several seeds ran), n the number "
+        "of episodes; accuracies are percentages"
     )
     if any_subsets:
         note += (
@@ -511,20 +526,59 @@ def markdown_table(records: Iterable[dict[str, Any]], with_std: bool = True) -> 
     return table.markdown(with_std=with_std)
 
 
-def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """One panel per dataset plus an average panel: accuracy vs shots, one line per method.
+#: What the error bars of :func:`accuracy_vs_shots_figure` are, by task.
+SPREAD = {
+    "classification": "error bars: ± 1 standard deviation over seeds (population)",
+    "episodes": "error bars: the 95 % confidence interval over episodes (seed 1's)",
+}
 
-    A method keeps its colour and marker in every panel. The average panel (mean over datasets)
-    has a point only where the method ran on every dataset, and is left out when no method did.
+
+def _shot_series(
+    records: list[dict[str, Any]],
+) -> tuple[str, dict[tuple[str, str], dict[int, tuple[float, float]]]]:
+    """``(task, {(panel, method): {shots: (mean accuracy, error)}})`` of the records that have
+    shots: classification (error = std over seeds) when there is any, else episodes (error =
+    the 95 % interval over episodes)."""
+    labelled = [r for r in _labelled(records) if r.get("shots") is not None]
+    classification = _classification(labelled)
+    series: dict[tuple[str, str], dict[int, tuple[float, float]]] = defaultdict(dict)
+    if classification or not labelled:
+        for (m, d, k), (mean, std, _) in summarize(classification).items():
+            series[(d, m)][int(k)] = (mean, std)
+        return "classification", series
+    eps = _one_per_seed([r for r in labelled if r.get("task") == "episodes"], ROW, COLUMN, "shots")
+    by: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in eps:
+        by[(r[COLUMN], r[ROW], int(r["shots"]))].append(r)
+    for (d, m, k), rs in by.items():
+        rs.sort(key=lambda r: r.get("seed", 0))
+        mean = statistics.fmean(float(r["accuracy"]) for r in rs)
+        series[(d, m)][k] = (mean, float(rs[0].get("ci95", 0.0)))
+    return "episodes", series
+
+
+def accuracy_vs_shots_figure(records: Iterable[dict[str, Any]]) -> Any:
+    """The accuracy-vs-shots figure (a matplotlib ``Figure``; Agg backend).
+
+    One panel per dataset plus an average panel: accuracy (%) vs shots per class on a log2 axis
+    whose ticks are exactly the shot counts that ran (1, 2, 4, 8, 16), one line per method with
+    error bars (classification: ± 1 population standard deviation over seeds; episodes: the 95 %
+    interval over episodes), said in the title. A method keeps its colour and marker in every
+    panel, and each method's points sit a little left or right of the true shot count, so lines
+    that tie stay visible. The average panel (mean over datasets, no error bars: the spread of a
+    mean over datasets is not the seeds') has a point only where the method ran on every
+    dataset, and is left out when no method did.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
-    stats = summarize(_classification(records))
-    datasets = sorted({k[1] for k in stats})
-    methods = sorted({k[0] for k in stats})
+    records = list(records)
+    task, series = _shot_series(records)
+    datasets = sorted({d for d, _ in series})
+    methods = sorted({m for _, m in series})
     # tab20's even entries are ten strong colours, the odd ones their light twins: step through
     # the strong ones first, and pair each with a distinct marker, so no two methods look alike
     colours = plt.get_cmap("tab20")
@@ -533,36 +587,47 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
         m: (colours((2 * i) % 20 + (i // 10) % 2), markers[i % len(markers)])
         for i, m in enumerate(methods)
     }
+    # a spread of at most ±0.2 octave: ties separate, and 1, 2, 4 ... stay far apart
+    step = min(0.08, 0.4 / max(len(methods) - 1, 1))
+    offset = {m: 2 ** ((i - (len(methods) - 1) / 2) * step) for i, m in enumerate(methods)}
+    ticks = sorted({k for points in series.values() for k in points})
 
-    def average(m: str) -> tuple[list[int], list[float]]:
-        xs, ys = [], []
-        for k in sorted({k[2] for k in stats if k[0] == m and k[2] is not None}):
-            vals = [stats[(m, d, k)][0] for d in datasets if (m, d, k) in stats]
+    def average(m: str) -> dict[int, tuple[float, float]]:
+        out = {}
+        for k in ticks:
+            vals = [series[(d, m)][k][0] for d in datasets if k in series.get((d, m), {})]
             if len(vals) == len(datasets):
-                xs.append(k)
-                ys.append(sum(vals) / len(vals))
-        return xs, ys
+                out[k] = (sum(vals) / len(vals), 0.0)
+        return out
 
     panels = list(datasets)
-    if len(datasets) > 1 and any(average(m)[0] for m in methods):
+    if len(datasets) > 1 and any(average(m) for m in methods):
         panels.append("average")
-    cols = min(3, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    cols = max(1, min(3, len(panels)))
+    rows = max(1, (len(panels) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         for m in methods:
-            if panel == "average":
-                shots, ys = average(m)
-            else:
-                shots = sorted(
-                    k[2] for k in stats if k[0] == m and k[1] == panel and k[2] is not None
-                )
-                ys = [stats[(m, panel, s)][0] for s in shots]
-            if shots:
-                colour, marker = style[m]
-                ax.plot(shots, ys, marker=marker, color=colour, label=m)
+            points = average(m) if panel == "average" else series.get((panel, m), {})
+            if not points:
+                continue
+            shots = sorted(points)
+            colour, marker = style[m]
+            ax.errorbar(
+                [k * offset[m] for k in shots],
+                [points[k][0] for k in shots],
+                yerr=None if panel == "average" else [points[k][1] for k in shots],
+                marker=marker,
+                markersize=5,
+                color=colour,
+                capsize=2,
+                linewidth=1.2,
+                label=m,
+            )
         ax.set_title(panel)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, labels=[str(k) for k in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("shots per class")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
@@ -570,7 +635,23 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
         ax.axis("off")
     handles = [plt.Line2D([], [], color=style[m][0], marker=style[m][1], label=m) for m in methods]
     fig.legend(handles=handles, loc="lower center", ncol=min(5, max(len(methods), 1)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    n_seeds = sorted({r.get("seed") for r in records if r.get("shots") is not None} - {None})
+    fig.suptitle(
+        f"accuracy (%) vs shots, mean over seeds ({len(n_seeds)} seed(s)); {SPREAD[task]}; "
+        "points shifted slightly along x so tied lines stay visible"
+        + ("; average panel: mean over datasets, no error bars" if "average" in panels else ""),
+        fontsize=8,
+        wrap=True,
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    return fig
+
+
+def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write :func:`accuracy_vs_shots_figure` of ``records`` to ``path`` (PNG); returns it."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_vs_shots_figure(list(records))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
