@@ -1,0 +1,211 @@
+"""``python -m benchmarks.schedules``: paper vs fast schedule of a method, fitted and scored.
+
+One JSON line per (problem, method, schedule, seed): fit seconds, validation and test accuracy,
+the hyperparameters chosen, this machine's GEMM rate just before and after the fit (so a time
+measured on a loaded machine can be read as a ratio to a GEMM), and the load average.
+
+Problems:
+
+- ``synthetic``: the benchmark suite's ImageNet-shaped problem (:func:`benchmarks.suite.make_problem`
+  with the ``full`` profile: 1000 classes x 16 shots x 1024 dims, 10 views, 4 validation and 50
+  test rows per class);
+- ``imagenet-1shot``: the real CLIP ViT-B/32 ImageNet bundle, fit on ``train_1shot``, validate
+  on ``train_2shot``, score on ``train_4shot`` (three disjoint draws);
+- ``imagenet-2shot``: fit on ``train_2shot``, validate on ``train_1shot``, score on ``train_4shot``;
+- ``world``: an embedded-world dataset (``--world-dataset``, generated and encoded with the
+  shipped world CLIP under ``--cache``) at ``--shots``, drawn per seed like ``clipadapt bench``
+  (validation: ``min(K, 4)`` per class from its val split; score on its test split); the text
+  tower comes with it, so CoOp runs here.
+
+Schedules: ``paper`` is the method's default (the paper's schedule), ``fast`` its ``fast``
+preset (``methods/presets/<name>.yaml``); ``--options`` adds hyperparameters on top of both
+(exploring a candidate preset). Nothing here chooses anything: the numbers are reported, and
+the fast presets were chosen on validation accuracy only (see docs/methods/<name>.md).
+
+Example:
+    python -m benchmarks.schedules --problem imagenet-1shot --methods taskres --out s.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROBLEMS = ("synthetic", "imagenet-1shot", "imagenet-2shot", "world")
+#: (train, validation) groups of the real ImageNet problems; every one scores on train_4shot.
+IMAGENET_GROUPS = {
+    "imagenet-1shot": ("train_1shot", "train_2shot"),
+    "imagenet-2shot": ("train_2shot", "train_1shot"),
+}
+DEFAULT_BUNDLE = Path("../shared/data/clip_vitb32/imagenet.safetensors")
+
+
+def load_problem(problem: str, bundle: Path) -> tuple[Any, Any, Any, Any]:
+    """(train, text, val, test) of a problem."""
+    if problem == "synthetic":
+        from benchmarks.suite import PROFILES, make_problem
+
+        fixture = make_problem(PROFILES["full"])
+        return fixture.train, fixture.text, fixture.val, fixture.test
+    import clipadapt
+    from clipadapt.tasks.classification import SplitChoice, prepare_sets
+
+    loaded = clipadapt.load_bundle(bundle)
+    train_set, val_set = IMAGENET_GROUPS[problem]
+    train, val, test = prepare_sets(loaded, None, 1, SplitChoice(train_set, val_set, "train_4shot"))
+    return train, loaded.text(), val, test
+
+
+def load_world(dataset: str, cache: Path) -> tuple[Any, Any]:
+    """(bundle, text tower) of one embedded-world dataset, generated and encoded once."""
+    from clipadapt.data.datasets import load_dataset
+    from clipadapt.features.pipeline import ensure_bundle
+    from clipadapt.world.datasets import generate_world_datasets
+
+    (folder,) = generate_world_datasets(cache / "world-data", names=[dataset])
+    return ensure_bundle(
+        load_dataset(str(folder)),
+        "world",
+        cache / "feature-cache",
+        out=cache / "features" / f"{dataset}.safetensors",
+        progress=False,
+        text_tower=True,
+    )
+
+
+def world_draw(bundle: Any, tower: Any, shots: int, seed: int) -> tuple[Any, Any, Any, Any]:
+    """(train, text, val, test) of one K-shot draw, as ``clipadapt bench`` draws it."""
+    from clipadapt.tasks.classification import prepare_sets
+
+    train, val, test = prepare_sets(bundle, shots, seed)
+    return train, bundle.text(tower), val, test
+
+
+def run_one(
+    problem: str,
+    data: tuple[Any, Any, Any, Any],
+    name: str,
+    schedule: str,
+    seed: int,
+    options: dict[str, Any],
+    shots: int | None = None,
+    count_flops: bool = False,
+) -> dict[str, Any]:
+    """Fit one schedule of one method and score it (validation and test rows); with
+    ``count_flops`` a second, identical fit counts its matrix-multiply FLOPs."""
+    from benchmarks.measure import count_matmul_flops, gemm_rate
+    from clipadapt.methods.base import create_method
+
+    train, text, val, test = data
+
+    def make() -> Any:
+        method = create_method(name, preset="fast" if schedule == "fast" else None, **options)
+        if "seed" in method.get_params():
+            method.set_params(seed=seed)
+        return method
+
+    method = make()
+    before = gemm_rate(1024) / 1e9
+    started = time.perf_counter()
+    method.fit(train, text, val)
+    seconds = time.perf_counter() - started
+    after = gemm_rate(1024) / 1e9
+    flops = None
+    if count_flops:
+        flops, _ = count_matmul_flops(lambda: make().fit(train, text, val))
+    return {
+        "problem": problem,
+        "shots": shots,
+        "method": name,
+        "schedule": schedule,
+        "options": options,
+        "params": method.get_params(),
+        "seed": seed,
+        "fit_seconds": seconds,
+        "flops": flops,
+        "val_accuracy": method.score(val.features, val.labels),
+        "test_accuracy": method.score(test.features, test.labels),
+        "hyperparameters": {k: v for k, v in method.best_params_.items() if k != "tried"},
+        "gemm_gflops_before_after": [before, after],
+        "load_average": list(os.getloadavg()),
+        "threads": __import__("torch").get_num_threads(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.schedules",
+        description="Fit methods with their paper and fast schedules on the synthetic "
+        "ImageNet-shaped problem or the real ImageNet bundle; one JSON line per run.",
+    )
+    parser.add_argument("--problem", choices=PROBLEMS, required=True)
+    parser.add_argument("--methods", required=True, help="comma list of method names")
+    parser.add_argument("--schedules", default="paper,fast", help="comma list of paper, fast")
+    parser.add_argument("--seeds", default="1", help="comma list of seeds (default 1)")
+    parser.add_argument("--options", default="{}", help="JSON hyperparameters for every fit")
+    parser.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="count each fit's matrix-multiply FLOPs (one more, identical fit per run)",
+    )
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="ImageNet bundle")
+    parser.add_argument("--world-dataset", default="world_species", help="world: the dataset")
+    parser.add_argument("--shots", default="1,4,16", help="world: comma list of shots")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("schedules-cache"), help="world: data and features"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    if set(schedules) - {"paper", "fast"}:
+        print(
+            f"error: --schedules takes paper and/or fast, got {args.schedules!r}", file=sys.stderr
+        )
+        return 2
+    if args.problem != "synthetic" and not args.bundle.is_file():
+        print(f"error: {args.bundle}: no such bundle; pass --bundle", file=sys.stderr)
+        return 2
+    options = json.loads(args.options)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.problem == "world":
+        bundle, tower = load_world(args.world_dataset, args.cache)
+        label = f"world:{bundle.name}"
+        cases = [
+            (int(k), seed, world_draw(bundle, tower, int(k), seed))
+            for k in args.shots.split(",")
+            for seed in seeds
+        ]
+    else:
+        data = load_problem(args.problem, args.bundle)
+        label = args.problem
+        cases = [(None, seed, data) for seed in seeds]
+    for name in names:
+        for schedule in schedules:
+            for shots, seed, data in cases:
+                row = run_one(label, data, name, schedule, seed, options, shots, args.count_flops)
+                with args.out.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(
+                    f"{label} {'' if shots is None else f'{shots}-shot '}{name} {schedule} "
+                    f"seed {seed}: fit {row['fit_seconds']:.1f}s val {row['val_accuracy']:.2f} "
+                    f"test {row['test_accuracy']:.2f}"
+                    + ("" if row["flops"] is None else f" GFLOP {row['flops'] / 1e9:.1f}"),
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
