@@ -177,8 +177,11 @@ def render(report: dict[str, Any]) -> str:
         out += [
             "## Paper vs fast schedules\n",
             "Each method's default (paper) schedule against its `fast` preset "
-            "(`methods/presets/<name>.yaml`), measured like the training table: GFLOP = the "
-            "fit's matrix-multiply FLOPs; the paper schedule runs to the end when its "
+            "(`methods/presets/<name>.yaml`), measured like the training table. GFLOP: the "
+            "fit's matrix-multiply FLOPs, projected from the probes for the paper schedule "
+            "(validation scoring repeated every epoch left out, so they can only be "
+            "understated) and counted over a whole fit for the fast preset, so the ratio is "
+            "an upper bound. The paper schedule runs to the end when its "
             f"projection is within {p['full_budget_s']:.0f} s (`--budget`), else it is "
             "projected and has no accuracy; the fast preset always runs to the end. Targets: "
             f"≤ {FAST_FLOPS_TARGET:g} of the paper FLOPs, test accuracy within "

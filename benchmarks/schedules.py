@@ -15,7 +15,10 @@ Problems:
 - ``world``: an embedded-world dataset (``--world-dataset``, generated and encoded with the
   shipped world CLIP under ``--cache``) at ``--shots``, drawn per seed like ``clipadapt bench``
   (validation: ``min(K, 4)`` per class from its val split; score on its test split); the text
-  tower comes with it, so CoOp runs here.
+  tower comes with it, so CoOp runs here;
+- ``bundle``: any feature bundle (``--bundle``) at ``--shots``, drawn per seed the same way
+  (the real image-only bundles: their pre-drawn ``train_{K}shot`` groups, validation rows drawn
+  per seed from ``val``, scored on ``test``).
 
 Schedules: ``paper`` is the method's default (the paper's schedule), ``fast`` its ``fast``
 preset (``methods/presets/<name>.yaml``); ``--options`` adds hyperparameters on top of both
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROBLEMS = ("synthetic", "imagenet-1shot", "imagenet-2shot", "world")
+PROBLEMS = ("synthetic", "imagenet-1shot", "imagenet-2shot", "world", "bundle")
 #: (train, validation) groups of the real ImageNet problems; every one scores on train_4shot.
 IMAGENET_GROUPS = {
     "imagenet-1shot": ("train_1shot", "train_2shot"),
@@ -78,12 +81,12 @@ def load_world(dataset: str, cache: Path) -> tuple[Any, Any]:
     )
 
 
-def world_draw(bundle: Any, tower: Any, shots: int, seed: int) -> tuple[Any, Any, Any, Any]:
-    """(train, text, val, test) of one K-shot draw, as ``clipadapt bench`` draws it."""
+def draw(bundle: Any, tower: Any, shots: int, seed: int) -> tuple[Any, Any, Any, Any]:
+    """(train, text or None, val, test) of one K-shot draw, as ``clipadapt bench`` draws it."""
     from clipadapt.tasks.classification import prepare_sets
 
     train, val, test = prepare_sets(bundle, shots, seed)
-    return train, bundle.text(tower), val, test
+    return train, bundle.text(tower) if bundle.has_text() else None, val, test
 
 
 def run_one(
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="count each fit's matrix-multiply FLOPs (one more, identical fit per run)",
     )
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="ImageNet bundle")
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="ImageNet / any bundle")
     parser.add_argument("--world-dataset", default="world_species", help="world: the dataset")
     parser.add_argument("--shots", default="1,4,16", help="world: comma list of shots")
     parser.add_argument(
@@ -173,17 +176,22 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --schedules takes paper and/or fast, got {args.schedules!r}", file=sys.stderr
         )
         return 2
-    if args.problem != "synthetic" and not args.bundle.is_file():
+    if args.problem not in ("synthetic", "world") and not args.bundle.is_file():
         print(f"error: {args.bundle}: no such bundle; pass --bundle", file=sys.stderr)
         return 2
     options = json.loads(args.options)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.problem == "world":
-        bundle, tower = load_world(args.world_dataset, args.cache)
-        label = f"world:{bundle.name}"
+    if args.problem in ("world", "bundle"):
+        if args.problem == "world":
+            bundle, tower = load_world(args.world_dataset, args.cache)
+        else:
+            import clipadapt
+
+            bundle, tower = clipadapt.load_bundle(args.bundle), None
+        label = f"{args.problem}:{bundle.name}"
         cases = [
-            (int(k), seed, world_draw(bundle, tower, int(k), seed))
+            (int(k), seed, draw(bundle, tower, int(k), seed))
             for k in args.shots.split(",")
             for seed in seeds
         ]
