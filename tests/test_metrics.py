@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipadapt.metrics import ECE_BINS, expected_calibration_error
+from clipadapt.metrics import ECE_BINS, calibration_gaps, expected_calibration_error
 
 # five rows whose softmax is exactly these probabilities (logits = log p)
 PROBS = torch.tensor(
@@ -57,3 +57,24 @@ def test_ece_is_zero_when_confidence_equals_accuracy() -> None:
 def test_ece_rejects_bad_input(logits, labels, bins, match) -> None:
     with pytest.raises(ValueError, match=match):
         expected_calibration_error(logits, labels, bins)
+
+
+def test_calibration_gaps_add_up_over_batches() -> None:
+    logits = torch.randn(50, 7, generator=torch.Generator().manual_seed(0)) * 3
+    labels = torch.arange(50) % 7
+    whole = expected_calibration_error(logits, labels)
+    gaps = calibration_gaps(logits[:20], labels[:20]) + calibration_gaps(logits[20:], labels[20:])
+    assert float(gaps.abs().sum() / 50 * 100) == pytest.approx(whole, abs=1e-4)
+    assert whole > 1.0  # a real gap, not a trivially calibrated case
+
+
+def test_every_classification_record_carries_its_ece() -> None:
+    import clipadapt
+    from clipadapt.testing import make_fixture
+
+    fx = make_fixture(num_classes=5, dim=16, shots=4, seed=0)
+    result = clipadapt.evaluate(clipadapt.create_method("zeroshot"), fx.bundle, shots=4, seed=1)
+    rows = fx.bundle.group("test")
+    expected = expected_calibration_error(result.fitted.logits(rows.features), rows.labels)
+    assert result.to_dict()["ece"] == pytest.approx(expected)
+    assert 0.0 < result.ece < 100.0

@@ -2,6 +2,7 @@
 
 Public API:
     - :func:`expected_calibration_error`: ECE in percent over equal-width confidence bins.
+    - :func:`calibration_gaps`: the per-bin sums behind it, to add up over batches.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = ECE_B
         >>> round(expected_calibration_error(logits, torch.tensor([0, 1])), 3)
         35.0
     """
+    if labels.numel() == 0:
+        raise ValueError("the expected calibration error of an empty set is undefined")
+    # (n_b / N) · |acc_b − conf_b| = |Σ_b correct − Σ_b confidence| / N, so no per-bin count
+    gap = calibration_gaps(logits, labels, bins).abs().sum() / labels.numel()
+    return float(gap * 100.0)
+
+
+def calibration_gaps(logits: Tensor, labels: Tensor, bins: int = ECE_BINS) -> Tensor:
+    """Per confidence bin, ``Σ correct − Σ confidence`` over the rows (a (bins,) float32 tensor).
+
+    Sums of batches add up, so the ECE of a set scored in batches is
+    ``100 · |Σ_batches gaps|.sum() / N`` (:func:`expected_calibration_error` on one batch).
+
+    Raises:
+        ValueError: ``bins < 1`` or shapes that do not match.
+    """
     if bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins}")
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
@@ -45,15 +62,10 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = ECE_B
             f"expected (N, C) logits and (N,) labels, got {tuple(logits.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    if labels.numel() == 0:
-        raise ValueError("the expected calibration error of an empty set is undefined")
     probs = torch.softmax(logits.float(), dim=-1)
     confidence, predicted = probs.max(dim=-1)
     correct = (predicted == labels.to(predicted.device)).float()
     # bin i holds confidences in (i/bins, (i+1)/bins]
     index = (torch.ceil(confidence * bins).long() - 1).clamp_(0, bins - 1)
-    conf_sum = torch.zeros(bins, device=confidence.device).index_add_(0, index, confidence)
-    correct_sum = torch.zeros(bins, device=confidence.device).index_add_(0, index, correct)
-    # (n_b / N) · |acc_b − conf_b| = |Σ_b correct − Σ_b confidence| / N, so no per-bin count
-    gap = (correct_sum - conf_sum).abs().sum() / labels.numel()
-    return float(gap * 100.0)
+    gaps = torch.zeros(bins, device=confidence.device)
+    return gaps.index_add_(0, index, correct - confidence)

@@ -5,7 +5,9 @@ records count, and a run id that appears more than once (``--rerun``) counts onc
 newest line. Accuracy cells are the mean over seeds, ``± std`` the population standard
 deviation over seeds (``statistics.pstdev``; shown when there are 2+ seeds), the ``average``
 column is the unweighted mean of the row's cells (only when the row has every column), and the
-best mean of each column is in bold.
+best mean of each column is in bold. In the accuracy tables a cell below zero-shot CLIP on the
+same dataset (a collapse: the adaptation made things worse) is marked ▼ (:func:`collapse_marks`);
+the ECE table shows each run's expected calibration error (15 bins) the same way.
 
 Nothing that differs is merged (:func:`label_records`): a row is one *method spec* (the method
 with every hyperparameter it resolved to, labelled by the spec as typed, e.g.
@@ -202,6 +204,8 @@ class Table:
         column_digits: decimals of particular columns (default ``digits``).
         higher_is_better: bold the max (True) or min (False) of each column; None: no bold.
         digits: decimals shown.
+        marks: {(row, column): mark} shown after a cell's text (e.g. :data:`COLLAPSE_MARK`).
+        note: a line under the Markdown table (what the marks mean).
     """
 
     title: str
@@ -214,6 +218,8 @@ class Table:
     digits: int = 1
     average_over: list[str] | None = None
     column_digits: dict[str, int] | None = None
+    marks: dict[tuple[str, str], str] | None = None
+    note: str | None = None
 
     def row_average(self, row: str) -> float | None:
         """Mean of the row over ``average_over`` (default all columns); None if one is missing."""
@@ -258,13 +264,17 @@ class Table:
                     continue
                 mean, std, n = self.cells[(r, c)]
                 text = self._text(mean, std, n, with_std, c)
-                out.append(f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text)
+                text = f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text
+                mark = (self.marks or {}).get((r, c))
+                out.append(f"{text} {mark}" if mark else text)
             if self.average:
                 a = self.row_average(r)
                 text = "–" if a is None else f"{a:.{self.digits}f}"
                 bold = a is not None and "average" in best and abs(a - best["average"]) < 1e-9
                 out.append(f"**{text}**" if bold else text)
             lines.append("| " + " | ".join(out) + " |")
+        if self.note:
+            lines += ["", self.note]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -303,6 +313,49 @@ def _method_order(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods))
 
 
+#: The mark of a table cell whose mean accuracy is below zero-shot CLIP's on the same column.
+COLLAPSE_MARK = "▼"
+ZERO_SHOT = "zeroshot"
+
+
+def zero_shot_accuracy(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """{column: zero-shot CLIP's mean accuracy there} from the ``zeroshot`` runs among the
+    (labelled, classification) records, any shot count (zero-shot does not use the shots).
+    Where zero-shot ran with several specs, the plain ``zeroshot`` row (else the first label)
+    is the reference."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in _one_per_seed(list(records), ROW, COLUMN, "shots"):
+        if r.get("method") == ZERO_SHOT:
+            by[r[COLUMN]][r[ROW]].append(float(r["accuracy"]))
+    out = {}
+    for column, rows in by.items():
+        label = ZERO_SHOT if ZERO_SHOT in rows else sorted(rows)[0]
+        out[column] = statistics.fmean(rows[label])
+    return out
+
+
+def collapse_marks(
+    cells: dict[tuple[str, str], tuple[float, float, int]],
+    reference: dict[str, float],
+    column_of: Any = None,
+) -> tuple[dict[tuple[str, str], str], str | None]:
+    """Marks for the cells whose mean is below zero-shot on their dataset (a collapse), and the
+    note saying so (None when no cell is marked). ``column_of`` maps a table column to the
+    dataset column of ``reference`` (default: the same name); zero-shot's own rows are never
+    marked, and a cell without a zero-shot reference is not judged."""
+    marks = {}
+    for (row, column), (mean, _, _) in cells.items():
+        ref = reference.get(column_of(column) if column_of else column)
+        if ref is not None and not row.startswith(ZERO_SHOT) and mean < ref - 1e-9:
+            marks[(row, column)] = COLLAPSE_MARK
+    if not marks:
+        return {}, None
+    return marks, (
+        f"{COLLAPSE_MARK} below zero-shot CLIP on the same dataset (a collapse): "
+        f"{len(marks)} cell(s)"
+    )
+
+
 # ----------------------------------------------------------------------------- paper tables
 def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table:
     """Methods × datasets at one shot count, with the average column.
@@ -320,12 +373,40 @@ def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> 
             groups[(r[ROW], r[COLUMN])].append(float(r["accuracy"]))
     cells = {k: _stats(v) for k, v in groups.items()}
     title = f"{shots}-shot accuracy (%)" if shots is not None else "accuracy (%)"
+    marks, note = collapse_marks(cells, zero_shot_accuracy(records))
     return Table(
         title,
         "method",
         _method_order(k[0] for k in cells),
         sorted({k[1] for k in cells}),
         cells,
+        marks=marks,
+        note=note,
+    )
+
+
+def ece_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table | None:
+    """Methods × datasets at one shot count (default :func:`default_shots`): expected
+    calibration error (%, 15 bins, lower is better) of the runs that recorded it (``ece``);
+    None when none did."""
+    records = [r for r in _classification(_labelled(records)) if r.get("ece") is not None]
+    if not records:
+        return None
+    if shots is None:
+        shots = default_shots(records)
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in _one_per_seed(records, ROW, COLUMN, "shots"):
+        if r.get("shots") in (shots, None):
+            groups[(r[ROW], r[COLUMN])].append(float(r["ece"]))
+    cells = {k: _stats(v) for k, v in groups.items()}
+    return Table(
+        (f"{shots}-shot " if shots is not None else "")
+        + "expected calibration error (%, 15 bins, lower is better)",
+        "method",
+        _method_order(k[0] for k in cells),
+        sorted({k[1] for k in cells}),
+        cells,
+        higher_is_better=False,
     )
 
 
@@ -347,7 +428,9 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
     The ``average`` table's cell is the mean over datasets of the per-dataset seed means (only
     for methods that have that shot count on every dataset); its std is over datasets.
     """
-    stats = summarize(_classification(records))
+    labelled = _classification(_labelled(records))
+    stats = summarize(labelled)
+    reference = zero_shot_accuracy(labelled)
     datasets = sorted({k[1] for k in stats})
     out: dict[str, Table] = {}
     for d in datasets:
@@ -357,6 +440,7 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
         if not cells:
             continue
         shots = sorted({k for (_, dd, k) in stats if dd == d and k is not None})
+        marks, note = collapse_marks(cells, reference, lambda _column, d=d: d)
         out[d] = Table(
             f"{d}: accuracy (%) by shots",
             "method",
@@ -364,6 +448,8 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
             [f"{k}-shot" for k in shots],
             cells,
             average=False,
+            marks=marks,
+            note=note,
         )
     shots = sorted({k[2] for k in stats if k[2] is not None})
     methods = _method_order(k[0] for k in stats)
@@ -687,6 +773,11 @@ def write_report(
             put(f"shots_{safe_name(name)}.md", table.markdown())
             put(f"shots_{safe_name(name)}.csv", table.csv())
             sections.append(f"## {table.title}\n\n{table.markdown()}")
+        ece = ece_table(classification, shots)
+        if ece is not None:
+            put("ece.md", ece.markdown())
+            put("ece.csv", ece.csv())
+            sections.append(f"## {ece.title}\n\n{ece.markdown()}")
         cost = cost_table(classification)
         put("cost.md", cost.markdown(with_std=False))
         put("cost.csv", cost.csv())
