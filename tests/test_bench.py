@@ -299,6 +299,11 @@ def test_bench_profile_fast_runs_the_fast_presets_and_keeps_them_apart(
     assert main([*argv, "--profile", "fast", "--no-progress"]) == 0
     assert len(list(read_results(out))) == 2
     assert paper_table(read_results(out)).rows == ["taskres", "taskres:preset=fast"]
+    # a fast preset switches no need off: a method the bundle lacks tensors for is still
+    # skipped with the reason, as without the profile
+    dry = [*argv[:-4], "--methods", "hegraph_adapter", "--dry-run", "--no-progress"]
+    assert main([*dry, "--profile", "fast"]) == 0
+    assert "hegraph_adapter on alpha: needs `negative_text_features`" in capsys.readouterr().out
 
 
 def test_run_grid_keeps_going_past_a_failing_method(tmp_path: Path) -> None:
