@@ -15,7 +15,7 @@ rates before and after) and prints the projection: ``sum(work) x grid seeds / me
 Example (the issue-17 real grid, one seed measured, fast presets):
     python -m benchmarks.grid_cost docs/grids/vitb32-imagenet.yaml \\
         docs/grids/vitb32-image-only.yaml --bundle-dir ../shared/data/clip_vitb32 \\
-        --fast --seeds 1 --threads 1 --out grid-cost.jsonl
+        --profile fast --seeds 1 --threads 1 --out grid-cost.jsonl
 """
 
 from __future__ import annotations
@@ -29,15 +29,6 @@ from pathlib import Path
 from typing import Any
 
 GEMM_SIZE = 1024
-
-
-def fast_specs(methods: list[str]) -> list[str]:
-    """Bare method names -> ``name:preset=fast`` where the method has a ``fast`` preset."""
-    from clipadapt.methods.base import method_presets
-
-    return [
-        f"{m}:preset=fast" if ":" not in m and "fast" in method_presets(m) else m for m in methods
-    ]
 
 
 def project(rows: list[dict[str, Any]], idle_gflops: float, workers: int, factor: float) -> float:
@@ -55,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("configs", nargs="+", type=Path, help="sweep YAML files")
     parser.add_argument("--bundle-dir", type=Path, required=True)
-    parser.add_argument("--fast", action="store_true", help="methods with a fast preset use it")
+    parser.add_argument(
+        "--profile",
+        choices=("paper", "fast"),
+        default="paper",
+        help="the schedules, as `clipadapt bench --profile` (fast: each method's fast preset)",
+    )
     parser.add_argument("--seeds", default="1", help="seeds measured (default 1)")
     parser.add_argument("--grid-seeds", type=int, default=3, help="seeds of the real grid (3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -72,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.measure import gemm_rate
     from clipadapt.bench.resolve import resolve_sweep
     from clipadapt.bench.runner import run_cells
-    from clipadapt.bench.spec import load_sweep
+    from clipadapt.bench.spec import load_sweep, profile_methods
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -80,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs:
         spec = load_sweep(config, [f"seeds={seeds}"])
         spec.bundle_dir = str(args.bundle_dir.resolve())
-        if args.fast:
-            spec.methods = fast_specs(spec.methods)
+        spec.methods = profile_methods(spec.methods, args.profile)
         resolved = resolve_sweep(spec, progress=False)
         for what, why in resolved.skipped:
             print(f"skipped: {what}: {why}")
@@ -120,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     factor = args.grid_seeds / len(seeds)
     total = sum(row["work_gflop"] for row in rows)
     print(f"{len(rows)} cells, {total:,.0f} GEMM-equivalent GFLOP measured (x{factor:g} seeds)")
+    by_method: dict[str, float] = {}
+    for row in rows:
+        by_method[row["method"]] = by_method.get(row["method"], 0.0) + row["work_gflop"]
+    for method, work in sorted(by_method.items(), key=lambda item: -item[1]):
+        print(f"  {method}: {work:,.0f} GFLOP-equivalents ({100 * work / max(total, 1e-9):.1f} %)")
     if args.idle_gflops:
         seconds = project(rows, args.idle_gflops, args.workers, factor)
         print(

@@ -143,14 +143,77 @@ def run_one(
     }
 
 
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of runs (JSON lines of this tool) per method: one row per schedule
+    (``fast`` / ``paper`` plus ``--options``), one column group per problem: FLOPs as a
+    fraction of the plain paper schedule's on the same problem, validation and test accuracy,
+    and the test difference to the paper schedule; the mean validation accuracy over the
+    problems is what a fast preset is chosen by."""
+    import statistics
+
+    def label(row: dict[str, Any]) -> str:
+        options = json.dumps(row["options"], sort_keys=True) if row["options"] else ""
+        return f"{row['schedule']} + {options}" if options else row["schedule"]
+
+    problems = sorted({r["problem"] + (f" {r['shots']}-shot" if r["shots"] else "") for r in rows})
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in rows:  # the newest line of a (method, schedule, problem) wins; seeds are averaged
+        problem = r["problem"] + (f" {r['shots']}-shot" if r["shots"] else "")
+        cells.setdefault((r["method"], label(r), problem), {"runs": []})["runs"].append(r)
+    out = []
+    for method in sorted({k[0] for k in cells}):
+        labels = sorted({k[1] for k in cells if k[0] == method}, key=lambda x: (x != "paper", x))
+        header = ["schedule"]
+        for problem in problems:
+            header += [f"{problem}: FLOPs / paper", "val", "test", "Δ test"]
+        header.append("mean val")
+        out += [f"**{method}**\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in labels:
+            line, vals = [name], []
+            for problem in problems:
+                cell = cells.get((method, name, problem))
+                paper = cells.get((method, "paper", problem))
+                if cell is None:
+                    line += ["–"] * 4
+                    continue
+
+                def mean(key: str, runs: list[dict[str, Any]]) -> float | None:
+                    values = [r[key] for r in runs if r.get(key) is not None]
+                    return statistics.fmean(values) if values else None
+
+                flops, val, test = (
+                    mean(k, cell["runs"]) for k in ("flops", "val_accuracy", "test_accuracy")
+                )
+                base_flops = mean("flops", paper["runs"]) if paper else None
+                base_test = mean("test_accuracy", paper["runs"]) if paper else None
+                vals.append(val)
+                line += [
+                    f"{flops / base_flops:.3f}" if flops and base_flops else "–",
+                    f"{val:.2f}",
+                    f"{test:.2f}",
+                    f"{test - base_test:+.2f}" if base_test is not None else "–",
+                ]
+            line.append(f"{statistics.fmean(vals):.2f}" if len(vals) == len(problems) else "–")
+            out.append("| " + " | ".join(line) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.schedules",
         description="Fit methods with their paper and fast schedules on the synthetic "
         "ImageNet-shaped problem or the real ImageNet bundle; one JSON line per run.",
     )
-    parser.add_argument("--problem", choices=PROBLEMS, required=True)
-    parser.add_argument("--methods", required=True, help="comma list of method names")
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        type=Path,
+        metavar="JSONL",
+        help="print the Markdown table of runs written earlier (no runs)",
+    )
+    parser.add_argument("--problem", choices=PROBLEMS)
+    parser.add_argument("--methods", help="comma list of method names")
     parser.add_argument("--schedules", default="paper,fast", help="comma list of paper, fast")
     parser.add_argument("--seeds", default="1", help="comma list of seeds (default 1)")
     parser.add_argument("--options", default="{}", help="JSON hyperparameters for every fit")
@@ -166,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", type=Path, default=Path("schedules-cache"), help="world: data and features"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
+    parser.add_argument("--out", type=Path, help="JSON lines are appended here")
     args = parser.parse_args(argv)
+    if args.summarize:
+        rows = [json.loads(line) for path in args.summarize for line in path.open() if line.strip()]
+        print(summarize(rows))
+        return 0
+    if not (args.problem and args.methods and args.out):
+        parser.error("--problem, --methods and --out are needed to run (or --summarize)")
     import torch
 
     if args.threads:
