@@ -155,10 +155,12 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         options = json.dumps(row["options"], sort_keys=True) if row["options"] else ""
         return f"{row['schedule']} + {options}" if options else row["schedule"]
 
-    problems = sorted({r["problem"] + (f" {r['shots']}-shot" if r["shots"] else "") for r in rows})
+    problems = sorted(
+        {r["problem"] + (f" {r['shots']}-shot" if r.get("shots") else "") for r in rows}
+    )
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in rows:  # the newest line of a (method, schedule, problem) wins; seeds are averaged
-        problem = r["problem"] + (f" {r['shots']}-shot" if r["shots"] else "")
+        problem = r["problem"] + (f" {r['shots']}-shot" if r.get("shots") else "")
         cells.setdefault((r["method"], label(r), problem), {"runs": []})["runs"].append(r)
     out = []
     for method in sorted({k[0] for k in cells}):

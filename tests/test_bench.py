@@ -293,7 +293,11 @@ def test_bench_profile_fast_runs_the_fast_presets_and_keeps_them_apart(
     fast, paper = list(read_results(out))
     assert fast["method_spec"] == "taskres:preset=fast" and paper["method_spec"] == "taskres"
     # the preset resolved into the run's hyperparameters (9 of the rule's 100 epochs)
-    assert fast["params"]["epoch_scale"] == 0.09 and fast["params"]["batch_size"] == 128 and paper["params"]["epoch_scale"] == 1.0
+    assert (
+        fast["params"]["epoch_scale"] == 0.09
+        and fast["params"]["batch_size"] == 128
+        and paper["params"]["epoch_scale"] == 1.0
+    )
     assert fast["run_id"] != paper["run_id"]  # the resume key separates the two schedules
     # each resumes on its own: running the fast profile again runs nothing
     assert main([*argv, "--profile", "fast", "--no-progress"]) == 0

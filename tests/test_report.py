@@ -157,6 +157,27 @@ def test_ece_table_and_report_section(results: Path, tmp_path: Path) -> None:
     assert "expected calibration error" in written["report.md"].read_text(encoding="utf-8")
 
 
+def test_fixed_group_protocols_of_one_bundle_get_a_column_each() -> None:
+    # the issue-17 ImageNet grid: one bundle, fit on train_1shot / tune on train_2shot and the
+    # other way round, no shot count; the two protocols must not merge into one cell
+    records = []
+    for train, val, accs in (
+        ("train_1shot", "train_2shot", (60.0, 61.0)),
+        ("train_2shot", "train_1shot", (63.0, 64.0)),
+    ):
+        for seed, acc in zip((1, 2), accs, strict=True):
+            r = _record("tip", "imagenet", None, seed, acc, train_set=train, val_set=val)
+            records.append(r | {"run_id": f"{train}-{seed}", "bundle_fingerprint": "abc"})
+    table = paper_table(records)
+    one, two = (
+        "imagenet (fit train_1shot, tune train_2shot)",
+        "imagenet (fit train_2shot, tune train_1shot)",
+    )
+    assert table.columns == [one, two]
+    assert table.cells[("tip", one)][:3] == (60.5, 0.5, 2)
+    assert table.cells[("tip", two)][:3] == (63.5, 0.5, 2)
+
+
 def test_cost_table(results: Path) -> None:
     table = cost_table(list(read_results(results)))
     assert table.cells[("tip", "fit s")][0] == 2.0 and table.cells[("zeroshot", "fit s")][0] == 0.0

@@ -12,8 +12,9 @@ the ECE table shows each run's expected calibration error (15 bins) the same way
 Nothing that differs is merged (:func:`label_records`): a row is one *method spec* (the method
 with every hyperparameter it resolved to, labelled by the spec as typed, e.g.
 ``hegraph_adapter:edges=[pn]``), a column one *dataset as scored* (its name, backbone and bundle
-fingerprint; a name shared by different bundles or backbones gets one column each, labelled with
-the backbone and a short fingerprint). Within a cell only seeds are averaged (one line per seed,
+fingerprint, and for runs on fixed groups the groups fitted and tuned on; a name shared by
+different bundles, backbones or protocols gets one column each, labelled with the protocol, the
+backbone and a short fingerprint). Within a cell only seeds are averaged (one line per seed,
 the newest); :func:`merge_notes` says what was merged and what was kept apart.
 
 :func:`write_report` writes everything into one folder and returns the paths it wrote.
@@ -51,16 +52,21 @@ def spec_key(record: dict[str, Any]) -> tuple[Any, str]:
     return record.get("method"), stable_hash(params)
 
 
-def data_key(record: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """What makes a column: the dataset scored, its backbone and the fingerprint of the bundle
-    (or episode file) it was scored on."""
+def data_key(record: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """What makes a column: the dataset scored, its backbone, the fingerprint of the bundle
+    (or episode file) it was scored on and, for a run on fixed groups (no shot count: e.g. fit
+    on ``train_1shot``, tune on ``train_2shot``), which groups it fitted and tuned on; a K-shot
+    run draws its rows, and its shots tell it apart."""
     fingerprint = (
         record.get("eval_bundle_fingerprint")
         or record.get("bundle_fingerprint")
         or record.get("episodes_fingerprint")
         or record.get("dataset_fingerprint")
     )
-    return record.get("dataset"), record.get("backbone"), fingerprint
+    protocol = None
+    if record.get("shots") is None and record.get("train_set"):
+        protocol = (record.get("train_set"), record.get("val_set"))
+    return record.get("dataset"), record.get("backbone"), fingerprint, protocol
 
 
 def label_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,15 +91,18 @@ def label_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(keys) > 1:
             for key in keys:
                 spec_labels[key] = f"{label} [params {key[1][:6]}]"
-    data_labels: dict[tuple[Any, Any, Any], str] = {}
-    by_name: dict[Any, set[tuple[Any, Any, Any]]] = defaultdict(set)
+    data_labels: dict[tuple[Any, Any, Any, Any], str] = {}
+    by_name: dict[Any, set[tuple[Any, Any, Any, Any]]] = defaultdict(set)
     for r in kept:
         by_name[r.get("dataset")].add(data_key(r))
     for name, keys in by_name.items():
         backbones = {k[1] for k in keys}
         prints = {k[2] for k in keys}
+        protocols = {k[3] for k in keys}
         for key in keys:
             extra = []
+            if len(protocols) > 1 and key[3] is not None:
+                extra.append(f"fit {key[3][0]}, tune {key[3][1]}")
             if len(backbones) > 1:
                 extra.append(str(key[1]))
             if len(prints) > 1:
