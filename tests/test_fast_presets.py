@@ -73,12 +73,34 @@ def test_fast_presets_pass_the_method_checks(check) -> None:
 AGREEMENT_POINTS = 2.0
 
 
+#: Methods the small problem cannot run, with the reason (their comparison is in their docs).
+NO_SMALL_PROBLEM = {
+    "coop": "needs a text tower, which the fixture has not; measured on the world task in "
+    "docs/methods/coop.md",
+}
+
+
+#: Fast presets measured to disagree with the paper schedule on the small problem (strict: the
+#: test fails if they start agreeing, so this list stays true). Both enlarge the batch, which on
+#: ImageNet keeps several steps per epoch but here leaves one: 24 / 30 optimisation steps
+#: against the paper schedule's 300. Measured means over seeds 1-3 in their docs.
+KNOWN_DISAGREEMENT = {
+    "zs_linear_probe": "fast 34.0 vs paper 37.1 (one step per epoch at batch 128 here)",
+    "graph_adapter": "fast 29.8 vs paper 34.9 (one step per epoch at batch 128 here)",
+}
+
+
 def _agreement_cases() -> list:
-    return [
-        pytest.param(name, marks=_pending(name))
-        for name in TRAINABLE
-        if name in PENDING or "fast" in method_presets(name)
-    ]
+    cases = []
+    for name in TRAINABLE:
+        if name in NO_SMALL_PROBLEM:
+            marks = [pytest.mark.skip(reason=NO_SMALL_PROBLEM[name])]
+        elif name in KNOWN_DISAGREEMENT:
+            marks = [pytest.mark.xfail(reason=KNOWN_DISAGREEMENT[name], strict=True)]
+        else:
+            marks = _pending(name)
+        cases.append(pytest.param(name, marks=marks))
+    return cases
 
 
 @pytest.mark.parametrize("name", _agreement_cases())
