@@ -532,8 +532,16 @@ def dg_table(records: Iterable[dict[str, Any]]) -> Table | None:
 
 
 def episodes_table(records: Iterable[dict[str, Any]]) -> str | None:
-    """Reasoning episodes: methods × episode sets, ``mean ± 95 % CI`` (over episodes, seed 1's
-    interval when several seeds ran: the CI is about episodes, not seeds)."""
+    """Reasoning episodes: methods × episode sets, ``mean ± 95 % CI (n=episodes)``.
+
+    An episode set whose records have named subsets (Bongard-HOI's four test splits) gets one
+    column per subset and its ``average``, as the paper tabulates them
+    (:func:`~clipadapt.tasks.episodes.episode_table_cells`); other sets get one column. The
+    mean is over seeds; the interval is seed 1's (the first seed run): it is about episodes,
+    not seeds. A note under the table says what ± is.
+    """
+    from clipadapt.tasks.episodes import episode_table_cells
+
     eps = [r for r in _labelled(records) if r.get("task") == "episodes"]
     if not eps:
         return None
@@ -543,20 +551,44 @@ def episodes_table(records: Iterable[dict[str, Any]]) -> str | None:
     by = defaultdict(list)
     for r in eps:
         by[(r[ROW], r[COLUMN])].append(r)
-    lines = ["| method | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    # each set's column headings, from its first record with subsets (else the set's name)
+    headings: dict[str, list[str]] = {}
+    for s in sets:
+        with_subsets = [r for r in eps if r[COLUMN] == s and r.get("subsets")]
+        if with_subsets:
+            cells = [h for h, *_ in episode_table_cells(with_subsets[0])]
+            headings[s] = [f"{s}: {h}" if len(sets) > 1 else h for h in cells]
+        else:
+            headings[s] = [s]
+    columns = [h for s in sets for h in headings[s]]
+    lines = ["| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    any_subsets = any(len(h) > 1 or r.get("subsets") for s, h in headings.items() for r in eps)
     for m in methods:
-        cells = []
+        row = []
         for s in sets:
             rs = sorted(by.get((m, s), []), key=lambda r: r.get("seed", 0))
             if not rs:
-                cells.append("–")
+                row += ["–"] * len(headings[s])
                 continue
-            mean = statistics.fmean(float(r["accuracy"]) for r in rs)
-            cells.append(
-                f"{mean:.1f} ± {float(rs[0].get('ci95', 0.0)):.1f} (n={rs[0].get('n_episodes')})"
-            )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            per_seed = [episode_table_cells(r) for r in rs]
+            if any(len(c) != len(headings[s]) for c in per_seed):
+                row += ["–"] * len(headings[s])  # a record of another split layout
+                continue
+            for i in range(len(headings[s])):
+                mean = statistics.fmean(c[i][1] for c in per_seed)
+                _, _, ci, n = per_seed[0][i]
+                row.append(f"{mean:.1f} ± {ci:.1f} (n={n})")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    note = (
+        "\n± is the half-width of the 95 % confidence interval over episodes (normal "
+        "approximation, 1.96 standard errors), n the number of episodes"
+    )
+    if any_subsets:
+        note += (
+            "; `average` is the unweighted mean of the split accuracies, with the interval of "
+            "that mean"
+        )
+    return "\n".join(lines) + "\n" + note + ".\n"
 
 
 # ----------------------------------------------------------------------------- old API

@@ -72,6 +72,30 @@ def add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-set", help="bundle group scored once (default: test)")
 
 
+CLASSNAMES_HELP = (
+    "class names for a bundle made without them (class_0 ...): one per line, line i = "
+    "class i (CoOp's '<wnid> <name>' lines too); the count must be the bundle's class count"
+)
+
+
+def add_classnames_flag(p: argparse.ArgumentParser, help: str = CLASSNAMES_HELP) -> None:
+    """``--classnames FILE``: real names for a bundle's classes (tables, predictions)."""
+    p.add_argument("--classnames", metavar="FILE", help=help)
+
+
+def named_bundle(bundle: Any, classnames_file: str | None) -> Any:
+    """``bundle`` with the names of ``--classnames`` (as it is without the flag).
+
+    Raises:
+        ConfigError: the file's name count differs from the bundle's class count (both named).
+    """
+    if not classnames_file:
+        return bundle
+    from clipadapt.data.classnames import read_classnames, with_classnames
+
+    return with_classnames(bundle, read_classnames(classnames_file, bundle.num_classes))
+
+
 def add_backbone_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--backbone",
@@ -131,7 +155,15 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_dataset_flags(p: argparse.ArgumentParser) -> None:
-    """Where an ImageFolder tree's split lives and how its files are compared with the cache."""
+    """Where an ImageFolder tree's split lives, how its files are compared with the cache, and
+    whether a registered dataset may be a partial copy."""
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="accept a partial copy of a registered dataset or ImageNet variant (its class "
+        "and image counts are not checked; its numbers are then not comparable with "
+        "published ones)",
+    )
     p.add_argument(
         "--split-file",
         help="split of an ImageFolder tree: read from (or made and saved to) this file "

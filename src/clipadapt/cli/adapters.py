@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from clipadapt.cli._common import (
+    CLASSNAMES_HELP,
     add_backbone_flags,
+    add_classnames_flag,
     add_extract_flags,
     add_split_flags,
+    named_bundle,
     positive_int,
     print_result,
     split_choice,
@@ -133,7 +136,7 @@ def print_warnings(warnings: list[str]) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from clipadapt.data.bundle import load_bundle
 
-    bundle = load_bundle(args.bundle)
+    bundle = named_bundle(load_bundle(args.bundle), args.classnames)
     result = fit_and_save(
         bundle, args.method, args.shots, args.seed, split_choice(args), Path(args.out)
     )
@@ -150,7 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from clipadapt.tasks.classification import absent_classes
 
     method = load(args.adapter)
-    bundle = load_bundle(args.bundle)
+    bundle = named_bundle(load_bundle(args.bundle), args.classnames)
     provenance = adapter_provenance(Path(args.adapter), method)
     check_adapter_on_bundle(
         Path(args.adapter), method, provenance, bundle, other_bundle=args.other_bundle
@@ -290,6 +293,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--shots", type=positive_int)
     p.add_argument("--seed", type=int, default=1)
     add_split_flags(p)
+    add_classnames_flag(p)
     p.add_argument("--out", required=True, help="folder for config.json + state.safetensors")
     p.add_argument("--json")
     p.set_defaults(handler=cmd_fit)
@@ -298,6 +302,11 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--adapter", required=True)
     p.add_argument("--bundle", required=True)
     p.add_argument("--eval-set", default="test")
+    add_classnames_flag(
+        p,
+        CLASSNAMES_HELP + " (give the file the adapter was fitted with: the names must match "
+        "its classes)",
+    )
     p.add_argument(
         "--other-bundle",
         action="store_true",

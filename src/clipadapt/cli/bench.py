@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clipadapt.cli._common import (
+    add_classnames_flag,
     add_dataset_flags,
     add_split_flags,
     int_list,
@@ -28,16 +29,28 @@ def dry_run(resolved: Any, out: str, rerun: bool) -> int:
     todo = [c for c in resolved.cells if not set(c.outputs) <= done]
     for label, cells in (("done", finished), ("run", todo)):
         for cell in cells:
+            scored = f" -> {', '.join(cell.targets)}" if cell.targets else ""
             print(
                 f"{label:<5} {cell.task:<22} {cell.dataset:<18} {cell.method_spec:<24} "
-                f"K={cell.shots} seed={cell.seed}"
+                f"K={cell.shots} seed={cell.seed}{scored}"
             )
+    planned = getattr(resolved, "planned", [])
+    for name, backbone in getattr(resolved, "to_extract", []):
+        print(f"encode {name} with {backbone} (not encoded yet; a dry run encodes nothing)")
+    for run in planned:
+        scored = f" -> {', '.join(run.targets)}" if run.targets else ""
+        print(
+            f"plan  {run.task:<22} {run.dataset:<18} {run.method_spec:<24} "
+            f"K={run.shots} seed={run.seed}{scored} (after encoding {', '.join(run.waits_for)})"
+        )
     for what, why in resolved.errors:
         print(f"fail  {what}: {why}")
     print(
         f"{len(resolved.cells)} cell(s): {len(finished)} done in {out}, {len(todo)} would run; "
         f"{len(resolved.errors)} input problem(s) would stop the sweep"
     )
+    if planned:
+        print(f"{len(planned)} more run(s) after encoding what is listed above")
     print_warnings(resolved.warnings)
     print_skipped(resolved.skipped)
     return 2 if resolved.errors else 0
@@ -61,7 +74,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = sweep_from_args(args)
     progress = not args.no_progress
     device = str(select_device(args.device))  # before any work: a GPU this machine lacks
-    options = ResolveOptions(fingerprint=args.fingerprint, resplit=args.resplit)
+    options = ResolveOptions(
+        fingerprint=args.fingerprint,
+        resplit=args.resplit,
+        extract=not args.dry_run,
+        check_counts=not args.partial,
+    )
     resolved = resolve_sweep(spec, progress=progress, options=options)
     if args.dry_run:
         return dry_run(resolved, args.out, args.rerun)
@@ -175,6 +193,12 @@ def register_cli(sub: Any) -> None:
         "missing (with the list of what and why)",
     )
     p.add_argument("--bundle", action="append", help="a feature bundle (repeatable)")
+    add_classnames_flag(
+        p,
+        "class names for the --bundle files made without them (class_0 ...): one per line, "
+        "line i = class i; each bundle must have that many classes. The names are part of "
+        "the run key (other names are another run). In YAML: a dataset's `classnames: FILE`",
+    )
     p.add_argument(
         "--dataset",
         action="append",
@@ -215,7 +239,8 @@ def register_cli(sub: Any) -> None:
         "--dry-run",
         action="store_true",
         help="list what is done (in --out), what would run and what would fail, and what is "
-        "skipped; run nothing (exit 2 when something would fail)",
+        "skipped; run and encode nothing (what needs encoding first is listed as planned "
+        "runs; exit 2 when something would fail)",
     )
     add_dataset_flags(p)
     p.add_argument(

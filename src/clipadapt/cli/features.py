@@ -63,6 +63,7 @@ def extract_from_args(
         fingerprint=args.fingerprint,
         split_file=args.split_file,
         resplit=args.resplit,
+        check_counts=not getattr(args, "partial", False),
     )
 
 

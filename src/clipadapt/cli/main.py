@@ -48,6 +48,7 @@ VERB_GROUPS = (
     "clipadapt.cli.bench",  # bench, report
     "clipadapt.cli.demo",  # demo
     "clipadapt.cli.export_import",  # export, import tip-adapter | arrays
+    "clipadapt.cli.episodes",  # episodes bongard-hoi
 )
 #: Groups whose package may be left out of an install (their verbs then do not exist).
 OPTIONAL_VERB_GROUPS = ("clipadapt.world.cli",)  # world generate | pretrain | episodes | evaluate
