@@ -5,13 +5,16 @@ records count, and a run id that appears more than once (``--rerun``) counts onc
 newest line. Accuracy cells are the mean over seeds, ``± std`` the population standard
 deviation over seeds (``statistics.pstdev``; shown when there are 2+ seeds), the ``average``
 column is the unweighted mean of the row's cells (only when the row has every column), and the
-best mean of each column is in bold.
+best mean of each column is in bold. In the accuracy tables a cell below zero-shot CLIP on the
+same dataset (a collapse: the adaptation made things worse) is marked ▼ (:func:`collapse_marks`);
+the ECE table shows each run's expected calibration error (15 bins) the same way.
 
 Nothing that differs is merged (:func:`label_records`): a row is one *method spec* (the method
 with every hyperparameter it resolved to, labelled by the spec as typed, e.g.
 ``hegraph_adapter:edges=[pn]``), a column one *dataset as scored* (its name, backbone and bundle
-fingerprint; a name shared by different bundles or backbones gets one column each, labelled with
-the backbone and a short fingerprint). Within a cell only seeds are averaged (one line per seed,
+fingerprint, and for runs on fixed groups the groups fitted and tuned on; a name shared by
+different bundles, backbones or protocols gets one column each, labelled with the protocol, the
+backbone and a short fingerprint). Within a cell only seeds are averaged (one line per seed,
 the newest); :func:`merge_notes` says what was merged and what was kept apart.
 
 :func:`write_report` writes everything into one folder and returns the paths it wrote.
@@ -54,16 +57,21 @@ def spec_key(record: dict[str, Any]) -> tuple[Any, str]:
     return record.get("method"), stable_hash(params)
 
 
-def data_key(record: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """What makes a column: the dataset scored, its backbone and the fingerprint of the bundle
-    (or episode file) it was scored on."""
+def data_key(record: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """What makes a column: the dataset scored, its backbone, the fingerprint of the bundle
+    (or episode file) it was scored on and, for a run on fixed groups (no shot count: e.g. fit
+    on ``train_1shot``, tune on ``train_2shot``), which groups it fitted and tuned on; a K-shot
+    run draws its rows, and its shots tell it apart."""
     fingerprint = (
         record.get("eval_bundle_fingerprint")
         or record.get("bundle_fingerprint")
         or record.get("episodes_fingerprint")
         or record.get("dataset_fingerprint")
     )
-    return record.get("dataset"), record.get("backbone"), fingerprint
+    protocol = None
+    if record.get("shots") is None and record.get("train_set"):
+        protocol = (record.get("train_set"), record.get("val_set"))
+    return record.get("dataset"), record.get("backbone"), fingerprint, protocol
 
 
 def label_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,15 +96,18 @@ def label_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(keys) > 1:
             for key in keys:
                 spec_labels[key] = f"{label} [params {key[1][:6]}]"
-    data_labels: dict[tuple[Any, Any, Any], str] = {}
-    by_name: dict[Any, set[tuple[Any, Any, Any]]] = defaultdict(set)
+    data_labels: dict[tuple[Any, Any, Any, Any], str] = {}
+    by_name: dict[Any, set[tuple[Any, Any, Any, Any]]] = defaultdict(set)
     for r in kept:
         by_name[r.get("dataset")].add(data_key(r))
     for name, keys in by_name.items():
         backbones = {k[1] for k in keys}
         prints = {k[2] for k in keys}
+        protocols = {k[3] for k in keys}
         for key in keys:
             extra = []
+            if len(protocols) > 1 and key[3] is not None:
+                extra.append(f"fit {key[3][0]}, tune {key[3][1]}")
             if len(backbones) > 1:
                 extra.append(str(key[1]))
             if len(prints) > 1:
@@ -209,6 +220,8 @@ class Table:
         digits: decimals shown.
         spread_note: the line under the Markdown table saying what "±" is (shown when a cell
             has ±).
+        marks: {(row, column): mark} shown after a cell's text (e.g. :data:`COLLAPSE_MARK`).
+        note: a line under the Markdown table (what the marks mean).
     """
 
     title: str
@@ -222,6 +235,8 @@ class Table:
     average_over: list[str] | None = None
     column_digits: dict[str, int] | None = None
     spread_note: str = STD_NOTE
+    marks: dict[tuple[str, str], str] | None = None
+    note: str | None = None
 
     def row_average(self, row: str) -> float | None:
         """Mean of the row over ``average_over`` (default all columns); None if one is missing."""
@@ -266,7 +281,9 @@ class Table:
                     continue
                 mean, std, n = self.cells[(r, c)]
                 text = self._text(mean, std, n, with_std, c)
-                out.append(f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text)
+                text = f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text
+                mark = (self.marks or {}).get((r, c))
+                out.append(f"{text} {mark}" if mark else text)
             if self.average:
                 a = self.row_average(r)
                 text = "–" if a is None else f"{a:.{self.digits}f}"
@@ -276,6 +293,8 @@ class Table:
         text = "\n".join(lines) + "\n"
         if with_std and any(n > 1 for _, _, n in self.cells.values()):
             text += f"\n{self.spread_note}\n"
+        if self.note:
+            text += f"\n{self.note}\n"
         return text
 
     def csv(self) -> str:
@@ -314,6 +333,49 @@ def _method_order(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods))
 
 
+#: The mark of a table cell whose mean accuracy is below zero-shot CLIP's on the same column.
+COLLAPSE_MARK = "▼"
+ZERO_SHOT = "zeroshot"
+
+
+def zero_shot_accuracy(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """{column: zero-shot CLIP's mean accuracy there} from the ``zeroshot`` runs among the
+    (labelled, classification) records, any shot count (zero-shot does not use the shots).
+    Where zero-shot ran with several specs, the plain ``zeroshot`` row (else the first label)
+    is the reference."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in _one_per_seed(list(records), ROW, COLUMN, "shots"):
+        if r.get("method") == ZERO_SHOT:
+            by[r[COLUMN]][r[ROW]].append(float(r["accuracy"]))
+    out = {}
+    for column, rows in by.items():
+        label = ZERO_SHOT if ZERO_SHOT in rows else sorted(rows)[0]
+        out[column] = statistics.fmean(rows[label])
+    return out
+
+
+def collapse_marks(
+    cells: dict[tuple[str, str], tuple[float, float, int]],
+    reference: dict[str, float],
+    column_of: Any = None,
+) -> tuple[dict[tuple[str, str], str], str | None]:
+    """Marks for the cells whose mean is below zero-shot on their dataset (a collapse), and the
+    note saying so (None when no cell is marked). ``column_of`` maps a table column to the
+    dataset column of ``reference`` (default: the same name); zero-shot's own rows are never
+    marked, and a cell without a zero-shot reference is not judged."""
+    marks = {}
+    for (row, column), (mean, _, _) in cells.items():
+        ref = reference.get(column_of(column) if column_of else column)
+        if ref is not None and not row.startswith(ZERO_SHOT) and mean < ref - 1e-9:
+            marks[(row, column)] = COLLAPSE_MARK
+    if not marks:
+        return {}, None
+    return marks, (
+        f"{COLLAPSE_MARK} below zero-shot CLIP on the same dataset (a collapse): "
+        f"{len(marks)} cell(s)"
+    )
+
+
 # ----------------------------------------------------------------------------- paper tables
 def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table:
     """Methods × datasets at one shot count, with the average column.
@@ -331,12 +393,40 @@ def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> 
             groups[(r[ROW], r[COLUMN])].append(float(r["accuracy"]))
     cells = {k: _stats(v) for k, v in groups.items()}
     title = f"{shots}-shot accuracy (%)" if shots is not None else "accuracy (%)"
+    marks, note = collapse_marks(cells, zero_shot_accuracy(records))
     return Table(
         title,
         "method",
         _method_order(k[0] for k in cells),
         sorted({k[1] for k in cells}),
         cells,
+        marks=marks,
+        note=note,
+    )
+
+
+def ece_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table | None:
+    """Methods × datasets at one shot count (default :func:`default_shots`): expected
+    calibration error (%, 15 bins, lower is better) of the runs that recorded it (``ece``);
+    None when none did."""
+    records = [r for r in _classification(_labelled(records)) if r.get("ece") is not None]
+    if not records:
+        return None
+    if shots is None:
+        shots = default_shots(records)
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in _one_per_seed(records, ROW, COLUMN, "shots"):
+        if r.get("shots") in (shots, None):
+            groups[(r[ROW], r[COLUMN])].append(float(r["ece"]))
+    cells = {k: _stats(v) for k, v in groups.items()}
+    return Table(
+        (f"{shots}-shot " if shots is not None else "")
+        + "expected calibration error (%, 15 bins, lower is better)",
+        "method",
+        _method_order(k[0] for k in cells),
+        sorted({k[1] for k in cells}),
+        cells,
+        higher_is_better=False,
     )
 
 
@@ -358,7 +448,9 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
     The ``average`` table's cell is the mean over datasets of the per-dataset seed means (only
     for methods that have that shot count on every dataset); its std is over datasets.
     """
-    stats = summarize(_classification(records))
+    labelled = _classification(_labelled(records))
+    stats = summarize(labelled)
+    reference = zero_shot_accuracy(labelled)
     datasets = sorted({k[1] for k in stats})
     out: dict[str, Table] = {}
     for d in datasets:
@@ -368,6 +460,7 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
         if not cells:
             continue
         shots = sorted({k for (_, dd, k) in stats if dd == d and k is not None})
+        marks, note = collapse_marks(cells, reference, lambda _column, d=d: d)
         out[d] = Table(
             f"{d}: accuracy (%) by shots",
             "method",
@@ -375,6 +468,8 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
             [f"{k}-shot" for k in shots],
             cells,
             average=False,
+            marks=marks,
+            note=note,
         )
     shots = sorted({k[2] for k in stats if k[2] is not None})
     methods = _method_order(k[0] for k in stats)
@@ -800,6 +895,11 @@ def write_report(
             put(f"shots_{safe_name(name)}.md", table.markdown())
             put(f"shots_{safe_name(name)}.csv", table.csv())
             sections.append(f"## {table.title}\n\n{table.markdown()}")
+        ece = ece_table(classification, shots)
+        if ece is not None:
+            put("ece.md", ece.markdown())
+            put("ece.csv", ece.csv())
+            sections.append(f"## {ece.title}\n\n{ece.markdown()}")
         cost = cost_table(classification)
         put("cost.md", cost.markdown(with_std=False))
         put("cost.csv", cost.csv())

@@ -189,8 +189,8 @@ def register_cli(sub: Any) -> None:
         help="run a sweep: datasets × methods × shots × seeds (+ DG, episodes)",
         description="Each run appends one JSON line to --out; runs already there are "
         "skipped (a killed sweep resumes), --rerun forces them. The grid comes from a "
-        "YAML file (datasets, methods, shots, seeds, ...), from flags, or from --profile paper. "
-        "Method "
+        "YAML file (datasets, methods, shots, seeds, ...), from flags, or from --profile "
+        "paper|fast. Method "
         "options and every bundle (finite values, labels in range, the evaluation group, "
         "two classes or more) are checked before any run starts.",
         epilog="exit status: 0 when every run of the sweep is ok; 1 when any run failed "
@@ -205,9 +205,12 @@ def register_cli(sub: Any) -> None:
     p.add_argument("config", nargs="?", help="sweep YAML file (datasets, methods, shots, ...)")
     p.add_argument(
         "--profile",
-        choices=("paper",),
-        help="paper: 11 datasets × shots 1-16 × seeds 1-3 × all methods + ImageNet DG, "
-        "skipping what is missing (with the list of what and why)",
+        choices=("paper", "fast"),
+        help="the schedules: paper = every method's defaults (the papers'), fast = its `fast` "
+        "preset where it has one (an explicit preset= in a method spec wins; the preset "
+        "goes into each record's method spec). Without a YAML file also the grid: 11 "
+        "datasets × shots 1-16 × seeds 1-3 × all methods + ImageNet DG, skipping what is "
+        "missing (with the list of what and why)",
     )
     p.add_argument("--bundle", action="append", help="a feature bundle (repeatable)")
     add_classnames_flag(
