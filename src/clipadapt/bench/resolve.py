@@ -27,7 +27,7 @@ from clipadapt.bench.cells import (
     build_cell,
     checked_method,
 )
-from clipadapt.bench.spec import SweepDataset, SweepSpec
+from clipadapt.bench.spec import FAST_PRESET, SweepDataset, SweepSpec
 from clipadapt.data.bundle import FeatureBundle, load_bundle
 from clipadapt.data.classnames import (
     CLASSNAMES_KEY,
@@ -221,8 +221,10 @@ def _cannot_run(method: MethodChoice, src: BundleSource) -> str | None:
         if need in card.needs and tensor not in src.bundle.tensors
     ]
     # options can switch a need off (e.g. HeGraphAdapter's positive_nodes=templates), so a
-    # spec with options runs and says for itself what it lacks
-    if lacking and not method.params:
+    # spec with options runs and says for itself what it lacks; the fast preset (`--profile
+    # fast`) is a shorter schedule, which switches no need off
+    options = {k: v for k, v in method.params.items() if (k, v) != ("preset", FAST_PRESET)}
+    if lacking and not options:
         return f"needs `{'`, `'.join(lacking)}`, which the bundle lacks"
     return None
 

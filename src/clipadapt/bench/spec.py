@@ -323,10 +323,49 @@ def split_method_specs(text: str) -> list[str]:
     return out
 
 
+#: ``bench --profile``: ``paper`` runs every method with its defaults (the papers' schedules),
+#: ``fast`` with its ``fast`` preset where it has one (``methods/presets/<name>.yaml``).
+SCHEDULE_PROFILES = ("paper", "fast")
+FAST_PRESET = "fast"
+
+
+def profile_methods(methods: Sequence[str], profile: str | None) -> list[str]:
+    """The method specs of a schedule profile (:data:`SCHEDULE_PROFILES`).
+
+    ``fast`` puts ``preset=fast`` in front of the options of every spec whose method has a
+    ``fast`` preset (``taskres:lr=0.01`` -> ``taskres:preset=fast,lr=0.01``: an explicit option
+    still wins over the preset); a spec that names a ``preset=`` itself, and a method without a
+    fast preset, stay as typed. ``paper`` and None change nothing. The preset is part of the
+    spec, so records, the resume key and report rows keep the two profiles apart.
+
+    Raises:
+        ConfigError: an unknown profile. UnknownMethodError: an unknown method.
+    """
+    from clipadapt.methods.base import get_method_class, method_presets, parse_method_spec
+
+    if profile is not None and profile not in SCHEDULE_PROFILES:
+        raise ConfigError(
+            f"unknown profile {profile!r}; choose one of {', '.join(SCHEDULE_PROFILES)}"
+        )
+    if profile != "fast":
+        return list(methods)
+    out = []
+    for text in methods:
+        name, params = parse_method_spec(text)
+        has_fast = FAST_PRESET in method_presets(get_method_class(name).card.name)
+        if "preset" in params or not has_fast:
+            out.append(text)
+            continue
+        rest = text.partition(":")[2].strip()
+        out.append(f"{name}:preset={FAST_PRESET}" + (f",{rest}" if rest else ""))
+    return out
+
+
 def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
     """The sweep of a ``clipadapt bench`` command line: a YAML file (with ``--set``), the paper
-    profile, or flags alone; ``--bundle``, ``--dataset``, ``--episodes``, ``--methods`` ... add
-    to or replace what the file says.
+    grid (``--profile`` without a file), or flags alone; ``--bundle``, ``--dataset``,
+    ``--episodes``, ``--methods`` ... add to or replace what the file says. ``--profile`` also
+    chooses the schedules of every method (:func:`profile_methods`), with a file or without.
 
     Raises:
         ConfigError: no methods, nothing to run, or ``--set`` without a YAML file.
@@ -340,7 +379,7 @@ def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
         for key in ("bundle_dir", "data_root"):
             if getattr(args, key):
                 setattr(spec, key, str(Path(getattr(args, key)).resolve()))
-    elif args.profile == "paper":
+    elif args.profile in SCHEDULE_PROFILES:
         spec = paper_profile(args.bundle_dir, args.data_root, args.backbone or (), methods)
         if args.set:
             data = {k: v for k, v in spec.to_dict().items() if k != "base_dir"}
@@ -382,6 +421,7 @@ def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
         spec.cache_dir = str(Path(args.cache_dir).resolve())
     if not spec.methods:
         raise ConfigError("no methods: pass --methods, a YAML file with methods:, or --profile")
+    spec.methods = profile_methods(spec.methods, getattr(args, "profile", None))
     if not (spec.datasets or spec.domain_generalization or spec.episodes):
         raise ConfigError(
             "nothing to run: pass a YAML file, --bundle, --dataset, --episodes or --profile paper"

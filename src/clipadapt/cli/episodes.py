@@ -44,6 +44,7 @@ def register_cli(sub: Any) -> None:
         help="write benchmark episode files (Bongard-HOI) for clipadapt bench --episodes",
         description="Convert a reasoning benchmark's release into one image-episode JSON that "
         "`clipadapt bench --episodes FILE --backbone ...` encodes once and scores.",
+        epilog=BONGARD_HOI_EXAMPLE,
     )
     kinds = group.add_subparsers(dest="episodes_kind", metavar="KIND", required=True)
     p = kinds.add_parser(
@@ -53,8 +54,7 @@ def register_cli(sub: Any) -> None:
         "problems of 7 positive and 7 negative images sharing or lacking one human-object "
         "interaction) and write them as 2-way 6-shot episodes with one positive and one "
         "negative query each; the test split's four subsets (seen/unseen action × "
-        "seen/unseen object) become the named subsets a sweep scores with 95 %% intervals "
-        "(see docs/datasets.md).",
+        "seen/unseen object) become the named subsets a sweep scores with 95 % intervals.",
         epilog=BONGARD_HOI_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -400,33 +400,42 @@ def encode_image_files(
     *,
     batch_size: int = 256,
     normalize: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> Tensor:
     """(N, D) float32 features of image files through the encoder's clean view, in batches.
 
+    Args:
+        skipped: when given, a file that cannot be decoded is left out and appended here as
+            ``(path, reason)`` instead of raising (the rows then follow the readable files).
+
     Raises:
-        ConfigError: a file that does not exist or cannot be decoded (named).
+        ConfigError: a file that does not exist or (without ``skipped``) cannot be decoded,
+            named; no readable image at all.
     """
     from clipadapt.features.transforms import CleanView, load_rgb
 
     view = CleanView(encoder.image_size, encoder.mean, encoder.std)
 
-    def pixels(path: str | Path) -> Tensor:
+    def pixels(path: str | Path) -> Tensor | None:
         if not Path(path).is_file():
             raise ConfigError(f"image {path} does not exist")
         try:
             return view(load_rgb(str(path)))
         except Exception as error:  # corrupt, truncated, not an image, unreadable
-            raise ConfigError(
-                f"cannot read image {path} ({type(error).__name__}: {error})"
-            ) from None
+            reason = f"{type(error).__name__}: {error}"
+            if skipped is None:
+                raise ConfigError(f"cannot read image {path} ({reason})") from None
+            skipped.append((str(path), reason))
+            return None
 
     chunks = []
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
-            batch = torch.stack([pixels(p) for p in paths[start : start + batch_size]])
-            chunks.append(encoder.encode_images(batch, normalize=normalize))
+            images = [x for p in paths[start : start + batch_size] if (x := pixels(p)) is not None]
+            if images:
+                chunks.append(encoder.encode_images(torch.stack(images), normalize=normalize))
     if not chunks:
-        raise ConfigError("no images to encode")
+        raise ConfigError("no readable images to encode")
     return torch.cat(chunks)
 
 
