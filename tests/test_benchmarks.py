@@ -65,7 +65,9 @@ def test_quick_benchmark_writes_report_with_parity(tmp_path, capsys) -> None:
         assert row["reference_seconds"] > 0 and row["ours_seconds"] > 0
     assert report["extraction"]["images"] == PROFILES["quick"].extraction_images
     assert report["extraction"]["ratio"] > 0
-    assert report["sweep"]["runs"] == 2 * 3  # shots (1, 2) x three methods x one seed
+    # shots (1, 2) x four specs x one seed: the demo's path runs zeroshot twice (names only and
+    # the best text chosen on validation, its reference row), then tip_adapter and tip_adapter_f
+    assert report["sweep"]["runs"] == 2 * 4
     headings = (
         "## Training",
         "## Paper vs fast",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -388,3 +389,78 @@ def test_auto_workers_leave_the_cpu_to_torch_and_feed_an_accelerator(monkeypatch
     monkeypatch.setattr(extract.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(extract.torch, "get_num_threads", lambda: 8)
     assert extract._auto_workers(10_000, "cpu") == 4
+
+
+def test_declared_augmentation_makes_the_views_and_keys_their_cache(workspace, capsys):
+    """A dataset's ``augmentation`` in dataset.json drives its train views; the bundle records
+    it; another augmentation never reuses cached views (clean rows still come from the cache);
+    ``--aug-scale``/``--aug-flip`` override the declaration; a reused bundle is re-made when its
+    views were made with another augmentation."""
+    from clipadapt.features.pipeline import ensure_bundle
+
+    ws = workspace
+    first = _extract(ws)
+    default = load_bundle(ws["bundle"])
+    assert json.loads(default.metadata["augmentation"])["scale"] == [0.5, 1.0]
+    assert json.loads(default.metadata["augmentation"])["source"] == "default"
+
+    (ws["images"] / "dataset.json").write_text(
+        json.dumps({"augmentation": {"scale": [0.9, 1.0], "flip": False}})
+    )
+    declared = _extract(ws)
+    assert declared["encoded"]["train"] == declared["encoded"]["test"] == 0
+    assert declared["encoded"]["train_views"] == first["encoded"]["train"] > 0
+    bundle = load_bundle(ws["bundle"])
+    record = json.loads(bundle.metadata["augmentation"])
+    assert record["scale"] == [0.9, 1.0] and record["flip"] == 0.0
+    assert record["source"] == "dataset" and record["views"] == 2
+    assert torch.equal(bundle.tensors["train_features"], default.tensors["train_features"])
+    assert not torch.equal(
+        bundle.tensors["train_features_views"], default.tensors["train_features_views"]
+    )
+
+    explicit = _extract(ws, "--aug-scale", "0.5,1", "--aug-flip", "0.5")
+    assert explicit["encoded"]["train_views"] == 0  # the first extraction's views, from the cache
+    again = load_bundle(ws["bundle"])
+    assert json.loads(again.metadata["augmentation"])["source"] == "explicit"
+    assert torch.equal(
+        again.tensors["train_features_views"], default.tensors["train_features_views"]
+    )
+
+    reports = []
+    common = dict(
+        out=ws["bundle"],
+        checkpoint=ws["ckpt"],
+        device="cpu",
+        views=2,
+        progress=False,
+        reuse=True,
+        on_report=lambda b, r: reports.append(r),
+    )
+    remade, _ = ensure_bundle(str(ws["images"]), TINY_MODEL, ws["cache"], **common)
+    assert len(reports) == 1 and json.loads(remade.metadata["augmentation"])["scale"] == [0.9, 1.0]
+    reused, _ = ensure_bundle(str(ws["images"]), TINY_MODEL, ws["cache"], **common)
+    assert len(reports) == 1 and reused.metadata["augmentation"] == remade.metadata["augmentation"]
+
+    (ws["images"] / "dataset.json").write_text(json.dumps({"augmentation": {"scale": [0, 2]}}))
+    capsys.readouterr()
+    code = main(["extract", str(ws["images"]), "--backbone", TINY_MODEL, "--out", "x.safetensors"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "dataset.json" in err and "augmentation.scale" in err
+
+
+def test_view_flips_do_not_change_the_crops():
+    """The flip probability only flips: the same seed gives the same crop whatever the policy,
+    so a flip-only change to a declaration changes exactly the flipped views."""
+    from PIL import Image
+
+    from clipadapt.features.transforms import AugmentedViews
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    never = AugmentedViews(32, mean, std, views=6, scale=(0.5, 1.0), seed=3, flip=0.0)
+    always = AugmentedViews(32, mean, std, views=6, scale=(0.5, 1.0), seed=3, flip=1.0)
+    assert torch.equal(never(image, "k").flip(-1), always(image, "k"))
+    assert never.describe() != always.describe()

@@ -19,15 +19,25 @@ def test_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
         progress=False,
     )
     records = [json.loads(line) for line in files["results"].read_text().splitlines()]
-    assert {(r["method"], r["shots"]) for r in records} == {
+    assert {(r["method_spec"], r["shots"]) for r in records} == {
         ("zeroshot", 1),
         ("zeroshot", 2),
+        ("zeroshot:text=auto", 1),
+        ("zeroshot:text=auto", 2),
         ("tip_adapter", 1),
         ("tip_adapter", 2),
     }
     assert all(r["status"] == "ok" and 0 <= r["accuracy"] <= 100 for r in records)
+    # the reference row's text is chosen on validation rows and says so; the names row is kept
+    auto = [r for r in records if r["method_spec"] == "zeroshot:text=auto"]
+    assert all(r["hyperparameters"]["source"].startswith("validation search") for r in auto)
+    names = [r for r in records if r["method_spec"] == "zeroshot"]
+    assert all(r["hyperparameters"]["text"] == "names" for r in names)
     table = files["table"].read_text()
-    assert "| zeroshot |" in table and "world_count 2-shot" in table
+    assert "| zeroshot (names only) |" in table and "| zeroshot (best text, val) |" in table
+    assert "| zeroshot |" not in table and "world_count 2-shot" in table
+    picked = auto[0]["hyperparameters"]["text"]
+    assert f"the text chosen on validation, world_count: {picked} (1" in table
     assert files["plot"].stat().st_size > 5_000
     assert "[4/4] results" in capsys.readouterr().out
 

@@ -58,6 +58,12 @@ def test_method_checks(check) -> None:
     check()
 
 
+@parametrize_with_checks(["zeroshot"], params={"zeroshot": {"text": "auto"}})
+def test_zeroshot_choosing_its_text_on_validation_passes_the_checks(check) -> None:
+    # the default (text=names) searches nothing; text=auto is the demo's reference row
+    check()
+
+
 def test_every_method_is_enrolled() -> None:
     names = clipadapt.list_methods()
     assert "zeroshot" in names and "tip_adapter" in names
@@ -65,8 +71,8 @@ def test_every_method_is_enrolled() -> None:
     assert not unknown, f"FAST_PARAMS names unregistered methods: {unknown}"
 
 
-def test_suite_has_all_25_checks() -> None:
-    assert len(CHECKS) == 25
+def test_suite_has_all_26_checks() -> None:
+    assert len(CHECKS) == 26
     assert all(name.startswith("check_") for name in CHECKS)
 
 
@@ -158,6 +164,26 @@ class _Collapsed(_ClassMeans):
         return torch.zeros(features.shape[0], self.n_classes_).index_fill_(1, torch.tensor([0]), 1)
 
 
+class _WorseWithMoreShots(_ClassMeans):
+    """Mislabels every training row past the fourth of its class (as a misaligned batch would)."""
+
+    card = MethodCard(
+        name="meta_more_shots_worse",
+        summary="worse with more shots",
+        needs=("train",),
+        constraints=_TOY_CONSTRAINTS,
+    )
+
+    def _fit(self, train: TrainSet, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        labels = train.labels.clone()
+        rank = torch.zeros_like(labels)
+        for c in range(self.n_classes_):
+            rows = torch.nonzero(labels == c).flatten()
+            rank[rows] = torch.arange(len(rows))
+        labels[rank >= 4] = (labels[rank >= 4] + 1) % self.n_classes_
+        super()._fit(TrainSet(train.features, labels, None, train.name), text, val)
+
+
 class _TestPeeking(_ClassMeans):
     """Has a test argument in fit."""
 
@@ -227,6 +253,7 @@ def test_a_correct_method_passes_every_check() -> None:
         (_MutatesInput, "check_inputs_not_mutated", "modified input tensors"),
         (_NumpyRandom, "check_no_global_side_effects", "numpy_rng"),
         (_Collapsed, "check_learns_easy_problem", "< 90 %"),
+        (_WorseWithMoreShots, "check_more_shots_not_worse", "at 4 shots, .* at 16"),
         (_TestPeeking, "check_no_test_in_fit", "test-like parameters"),
         (_WrongFormula, "check_trainable_param_count", "card formula"),
         (_IgnoresViewsButDiffers, "check_views_optional", "with and without views"),
@@ -261,3 +288,21 @@ def test_fixture_is_separable_but_zero_shot_is_not_perfect() -> None:
     assert viewed.train.views.shape == (2, 20, 32)
     assert viewed.text.description_mask.sum() < viewed.text.description_mask.numel()
     assert torch.equal(make_fixture().train.features, fx.train.features), "not deterministic"
+
+
+def test_more_shots_fixture_is_separable_but_not_saturated() -> None:
+    """The problem of check_more_shots_not_worse: 4 shots leave room, 16 nearly separate it."""
+    from clipadapt.testing import checks
+
+    with _registered(_ClassMeans) as name:
+        for seed in checks.SHOTS_SEEDS:
+            fx = make_fixture(
+                shots=16, noise_scale=checks.SHOTS_NOISE, test_per_class=40, seed=seed
+            )
+            first = torch.cat([torch.nonzero(fx.train.labels == c).flatten()[:4] for c in range(5)])
+            scores = [
+                clipadapt.create_method(name).fit(rows).score(fx.test.features, fx.test.labels)
+                for rows in (fx.train.subset(first), fx.train)
+            ]
+            # nearest class mean: 94.5 / 98.0 / 95.5 % from 4 shots, 99.5 / 99.0 / 98.0 % from 16
+            assert scores[0] < 99.0 and scores[1] >= 97.5, (seed, scores)

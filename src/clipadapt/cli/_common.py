@@ -126,6 +126,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def crop_scale(text: str) -> tuple[float, float]:
+    """``LO,HI`` crop area range with ``0 < LO <= HI <= 1`` (an argparse type)."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI such as 0.9,1, got {text!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1] (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (an argparse type)."""
     try:
@@ -219,6 +241,21 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=10,
         help="augmented views per train image (default 10; 0 for none)",
+    )
+    p.add_argument(
+        "--aug-scale",
+        type=crop_scale,
+        default=None,
+        metavar="LO,HI",
+        help="crop area range of the views (default: the range the dataset declares in "
+        "dataset.json 'augmentation', else 0.5,1)",
+    )
+    p.add_argument(
+        "--aug-flip",
+        type=probability,
+        default=None,
+        metavar="P",
+        help="probability of a horizontal flip per view (default: the dataset's, else 0.5)",
     )
     p.add_argument(
         "--templates",

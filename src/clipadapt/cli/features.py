@@ -51,6 +51,8 @@ def extract_from_args(
         checkpoint=args.checkpoint,
         device=args.device,
         views=args.views,
+        aug_scale=args.aug_scale,
+        aug_flip=args.aug_flip,
         templates=args.templates,
         descriptions=args.descriptions,
         descriptions_match=args.descriptions_match,

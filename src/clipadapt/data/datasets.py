@@ -11,7 +11,7 @@ Three ways to name a dataset (:func:`load_dataset`):
   statistics (spec §1.1).
 * a *clipadapt dataset folder*: ``split.json`` in split_zhou format (paths relative to the
   folder), an optional ``dataset.json`` (``name``, ``classnames``, ``template``, ``templates``,
-  ``descriptions``) and an optional CuPL-style ``descriptions.json``.
+  ``descriptions``, ``augmentation``) and an optional CuPL-style ``descriptions.json``.
 * a plain ImageFolder tree ``root/<class>/<image>``: a deterministic, stratified train/val/test
   split is made once and saved beside the feature cache (``<cache>/splits/``, see
   :func:`split_path_for`) or where ``split_file`` says, never inside the user's image tree;
@@ -62,7 +62,57 @@ MADE_BY_KEY = "clipadapt"
 DATASET_FILENAME = "dataset.json"
 DESCRIPTIONS_FILENAME = "descriptions.json"
 DATA_ROOT_ENV = "CLIPADAPT_DATA_ROOT"
-_DATASET_JSON_KEYS = {"name", "classnames", "template", "templates", "descriptions"}
+_DATASET_JSON_KEYS = {"name", "classnames", "template", "templates", "descriptions", "augmentation"}
+
+
+def parse_augmentation(value: Any, where: str) -> dict[str, Any]:
+    """A dataset's declared train-view augmentation, checked: ``{"scale": [lo, hi], "flip": p}``.
+
+    ``scale`` is the random-resized-crop area range (``0 < lo <= hi <= 1``; ``[1, 1]`` keeps the
+    whole image), ``flip`` the probability of a horizontal flip (``0`` for none; a bool means 0.5
+    or 0). Both are optional; a missing one keeps the extractor's default. A dataset declares one
+    when the default crops (50-100 % of the image) would change what its labels mean, e.g. the
+    number or relative size of the objects.
+
+    Raises:
+        DatasetError: not an object, an unknown key or a value out of range (names ``where``).
+    """
+    if not isinstance(value, dict):
+        raise DatasetError(
+            f'{where}: \'augmentation\' must be an object like {{"scale": [0.9, 1.0], "flip": 0.5}}'
+        )
+    unknown = sorted(set(value) - {"scale", "flip"})
+    if unknown:
+        raise DatasetError(
+            f"{where}: 'augmentation' has unknown key(s) {', '.join(unknown)}; "
+            "expected 'scale' and/or 'flip'"
+        )
+    out: dict[str, Any] = {}
+    if "scale" in value:
+        scale = value["scale"]
+        ok = (
+            isinstance(scale, list)
+            and len(scale) == 2
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in scale)
+            and 0 < scale[0] <= scale[1] <= 1
+        )
+        if not ok:
+            raise DatasetError(
+                f"{where}: 'augmentation.scale' must be [lo, hi] with 0 < lo <= hi <= 1, "
+                f"got {scale!r}"
+            )
+        out["scale"] = [float(scale[0]), float(scale[1])]
+    if "flip" in value:
+        flip = value["flip"]
+        if isinstance(flip, bool):
+            flip = 0.5 if flip else 0.0
+        if not isinstance(flip, int | float) or not 0 <= flip <= 1:
+            raise DatasetError(
+                f"{where}: 'augmentation.flip' must be a probability in [0, 1] or a boolean, "
+                f"got {value['flip']!r}"
+            )
+        out["flip"] = float(flip)
+    return out
 
 
 @dataclass(frozen=True)
@@ -190,6 +240,9 @@ class ImageDataset:
         split_path: the file the splits were read from (None for folder layouts).
         metadata: extra keys of a folder's ``dataset.json`` beyond the documented ones
             (for example the world generator's ``domain_of``).
+        augmentation: the train-view augmentation the dataset declares as label-preserving
+            (``{"scale": [lo, hi], "flip": p}``, see :func:`parse_augmentation`); None: the
+            extractor's default.
     """
 
     name: str
@@ -202,6 +255,7 @@ class ImageDataset:
     missing: list[str] = field(default_factory=list)
     split_path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    augmentation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -790,6 +844,8 @@ def _read_dataset_json(root: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: 'classnames' must be a list of non-empty strings")
     if "descriptions" in data and not isinstance(data["descriptions"], str):
         raise DatasetError(f"{path}: 'descriptions' must be a file path relative to the folder")
+    if "augmentation" in data:
+        data["augmentation"] = parse_augmentation(data["augmentation"], str(path))
     try:
         if "template" in data:
             check_template(data["template"], f"{path}: 'template'")
@@ -887,6 +943,7 @@ def _load_folder(
     )
     dataset.split_path = path
     dataset.metadata = {k: v for k, v in meta.items() if k not in _DATASET_JSON_KEYS}
+    dataset.augmentation = meta.get("augmentation")
     dataset.template = meta.get("template", GENERIC_TEMPLATE)
     dataset.templates = [dataset.template]
     if meta.get("templates") is not None:

@@ -26,9 +26,68 @@ from clipadapt.data.bundle import FeatureBundle, save_bundle
 from clipadapt.data.datasets import check_fingerprint_mode
 from clipadapt.exceptions import ConfigError
 from clipadapt.features.cache import EXTRACTOR_VERSION, SplitCache, TextCache, default_cache_dir
-from clipadapt.features.transforms import AugmentedViews, CleanView, load_rgb
+from clipadapt.features.transforms import (
+    DEFAULT_AUG_FLIP,
+    DEFAULT_AUG_SCALE,
+    AugmentedViews,
+    CleanView,
+    load_rgb,
+)
 
 log = logging.getLogger(__name__)
+
+
+def resolve_augmentation(
+    dataset: Any,
+    *,
+    views: int = 10,
+    scale: tuple[float, float] | None = None,
+    flip: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The train-view augmentation an extraction uses, as the bundle records it.
+
+    Each setting comes from the caller when given, else from the augmentation the dataset
+    declares (``dataset.json`` ``augmentation``; the world datasets declare crops that keep
+    every object), else the default (crops of 50-100 % of the image, flip 0.5). ``source``
+    says where each came from (``"explicit"``, ``"dataset"``, ``"default"``).
+
+    Returns:
+        ``{"views", "scale", "ratio", "flip", "seed", "source"}`` (JSON-ready).
+    """
+    declared = getattr(dataset, "augmentation", None) or {}
+    sources = {}
+    chosen: dict[str, Any] = {}
+    for name, given, default in (
+        ("scale", scale, DEFAULT_AUG_SCALE),
+        ("flip", flip, DEFAULT_AUG_FLIP),
+    ):
+        if given is not None:
+            chosen[name], sources[name] = given, "explicit"
+        elif name in declared:
+            chosen[name], sources[name] = declared[name], "dataset"
+        else:
+            chosen[name], sources[name] = default, "default"
+    lo, hi = (float(x) for x in chosen["scale"])
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(
+            f"augmentation scale must satisfy 0 < lo <= hi <= 1, got {chosen['scale']!r}"
+        )
+    if not 0 <= float(chosen["flip"]) <= 1:
+        raise ConfigError(
+            f"augmentation flip must be a probability in [0, 1], got {chosen['flip']!r}"
+        )
+    kinds = set(sources.values())
+    return {
+        "views": int(views),
+        "scale": [lo, hi],
+        "ratio": [3 / 4, 4 / 3],
+        "flip": float(chosen["flip"]),
+        "seed": int(seed),
+        "source": kinds.pop()
+        if len(kinds) == 1
+        else ", ".join(f"{k} {v}" for k, v in sources.items()),
+    }
 
 
 class _ImageRows(Dataset):
@@ -258,7 +317,8 @@ def extraction_settings(
     backbone_key: dict[str, Any],
     *,
     views: int,
-    aug_scale: tuple[float, float],
+    aug_scale: Sequence[float],
+    aug_flip: float = DEFAULT_AUG_FLIP,
     seed: int,
     templates: Sequence[str],
     descriptions: Sequence[Sequence[str]] | None,
@@ -268,18 +328,22 @@ def extraction_settings(
 ) -> str:
     """A hash of every extraction setting that changes a bundle made from the same images
     (recorded as the bundle's ``extraction_key``; a bundle is reused only when it matches).
+    ``aug_scale`` and ``aug_flip`` are the resolved ones (:func:`resolve_augmentation`), so a
+    dataset that declares another augmentation never reuses a bundle of the old views.
 
     ``bundle_metadata`` is what the dataset asks its bundle to carry
     (``dataset.metadata["bundle_metadata"]``, e.g. the ImageNet WNIDs the domain-generalisation
-    mapping reads); it is part of the key only when there is some, so other bundles keep
-    their keys."""
+    mapping reads); it and a flip probability other than the default 0.5 are part of the key
+    only when present, so other bundles keep their keys."""
     extra = {"bundle_metadata": dict(sorted(bundle_metadata.items()))} if bundle_metadata else {}
+    if float(aug_flip) != DEFAULT_AUG_FLIP:
+        extra["aug_flip"] = float(aug_flip)
     return stable_hash(
         {
             **extra,
             "backbone": backbone_key,
             "views": views,
-            "aug_scale": list(aug_scale),
+            "aug_scale": [float(x) for x in aug_scale],
             "seed": seed,
             "templates": list(templates),
             "descriptions": None if descriptions is None else [list(d) for d in descriptions],
@@ -309,7 +373,8 @@ def extract_dataset(
     *,
     cache_dir: str | Path | None = None,
     views: int = 10,
-    aug_scale: tuple[float, float] = (0.5, 1.0),
+    aug_scale: tuple[float, float] | None = None,
+    aug_flip: float | None = None,
     seed: int = 0,
     templates: list[str] | None = None,
     descriptions: list[list[str]] | None = None,
@@ -336,7 +401,9 @@ def extract_dataset(
         out_path: the bundle file to write.
         cache_dir: feature cache root (default ``$CLIPADAPT_CACHE`` or ``~/.cache/clipadapt``).
         views: augmented views per train image (0 for none).
-        aug_scale: random-resized-crop area range of the views.
+        aug_scale: random-resized-crop area range of the views (default: the range the dataset
+            declares, else (0.5, 1); see :func:`resolve_augmentation`).
+        aug_flip: probability of a horizontal flip of a view (default: the dataset's, else 0.5).
         seed: seeds the augmented views.
         templates: prompt templates with ``{}`` (default: the dataset's).
         descriptions: per-class description sentences (CuPL-style), optional.
@@ -366,7 +433,20 @@ def extract_dataset(
     )
     bname = backbone.display_name
     clean = CleanView(encoder.image_size, encoder.mean, encoder.std)
-    aug = AugmentedViews(encoder.image_size, encoder.mean, encoder.std, views, aug_scale, seed)
+    augmentation = resolve_augmentation(
+        dataset, views=views, scale=aug_scale, flip=aug_flip, seed=seed
+    )
+    # the transform's describe() goes into the views' cache key: another crop range or flip
+    # policy encodes new views, never reuses the old ones
+    aug = AugmentedViews(
+        encoder.image_size,
+        encoder.mean,
+        encoder.std,
+        views,
+        tuple(augmentation["scale"]),
+        seed,
+        flip=augmentation["flip"],
+    )
     report = ExtractionReport(Path(out_path))
     tensors: dict[str, Tensor] = {}
     root = Path(dataset.root)
@@ -504,11 +584,13 @@ def extract_dataset(
         "templates_sha256": sha256_text(json.dumps(templates)),
         "negative_template": negative_template or "",
         "views": str(views),
+        "augmentation": json.dumps(augmentation),
         "skipped": json.dumps({k: len(v) for k, v in report.skipped.items() if v}),
         "extraction_key": extraction_settings(
             bkey,
             views=views,
-            aug_scale=aug_scale,
+            aug_scale=augmentation["scale"],
+            aug_flip=augmentation["flip"],
             seed=seed,
             templates=templates,
             descriptions=descriptions,

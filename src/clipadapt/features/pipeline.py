@@ -246,6 +246,8 @@ def ensure_bundle(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "auto",
     views: int = 10,
+    aug_scale: tuple[float, float] | None = None,
+    aug_flip: float | None = None,
     templates: str | Sequence[str] | None = None,
     descriptions: str | Path | None = None,
     descriptions_match: str = "name",
@@ -277,8 +279,9 @@ def ensure_bundle(
         out: the bundle file written (atomically).
         reuse: return the bundle already at ``out`` without encoding when it was made from
             these very files (its ``dataset_fingerprint``) with these settings and backbone
-            (its ``extraction_key``); otherwise extract again through the cache, which
-            encodes only what changed (the bench's rule).
+            (its ``extraction_key``, which covers the train views' resolved augmentation: a
+            dataset that now declares another one is re-extracted); otherwise extract again
+            through the cache, which encodes only what changed (the bench's rule).
         fingerprint: ``stat`` or ``content``: how image files are compared with the cache
             and the bundle (see :meth:`ImageDataset.files_fingerprint`).
         split_file, resplit: where the split of an ImageFolder tree lives (default: beside the
@@ -290,8 +293,9 @@ def ensure_bundle(
         text_tower: also return the backbone's text tower (for methods such as CoOp).
         on_report: called with the bundle and the extraction report after an extraction (not on
             reuse), e.g. to print what was encoded and what was skipped.
-        views, templates, descriptions, descriptions_match, negative_template, batch_size,
-        num_workers, progress: as in ``extract_dataset`` / :func:`open_dataset`.
+        views, aug_scale, aug_flip, templates, descriptions, descriptions_match,
+        negative_template, batch_size, num_workers, progress: as in ``extract_dataset`` /
+        :func:`open_dataset`.
 
     Returns:
         ``(bundle, text tower or None)``.
@@ -305,6 +309,7 @@ def ensure_bundle(
         dataset_templates,
         extract_dataset,
         extraction_settings,
+        resolve_augmentation,
     )
 
     check_fingerprint_mode(fingerprint)
@@ -338,10 +343,12 @@ def ensure_bundle(
     negative = negative_template or None
     if reuse and out.is_file():
         bundle = load_bundle(out)
+        augmentation = resolve_augmentation(loaded, views=views, scale=aug_scale, flip=aug_flip)
         wanted = extraction_settings(
             _backbone_spec(backbone, checkpoint).cache_key(),
             views=views,
-            aug_scale=(0.5, 1.0),
+            aug_scale=augmentation["scale"],
+            aug_flip=augmentation["flip"],
             seed=0,
             templates=dataset_templates(loaded, chosen),
             descriptions=texts,
@@ -371,6 +378,8 @@ def ensure_bundle(
         out,
         cache_dir=cache_dir,
         views=views,
+        aug_scale=aug_scale,
+        aug_flip=aug_flip,
         templates=chosen,
         descriptions=texts,
         negative_template=negative,

@@ -53,6 +53,12 @@ class CleanView:
         return _to_tensor(image, self.mean, self.std)
 
 
+#: The augmentation of train views when neither the caller nor the dataset chooses one:
+#: Tip-Adapter's random-resized crops of 50-100 % of the image, flipped with probability 0.5.
+DEFAULT_AUG_SCALE: tuple[float, float] = (0.5, 1.0)
+DEFAULT_AUG_FLIP = 0.5
+
+
 class AugmentedViews:
     """``views`` random-resized crops (scale range, ratio 3/4-4/3) + horizontal flips.
 
@@ -61,6 +67,7 @@ class AugmentedViews:
         views: number of views per image.
         scale: crop area range (Tip-Adapter: (0.5, 1); CoOp-style: (0.08, 1)).
         seed: extraction seed; each (image key, view) gets its own generator from it.
+        flip: probability of a horizontal flip (0 for none).
     """
 
     def __init__(
@@ -69,11 +76,12 @@ class AugmentedViews:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         views: int = 10,
-        scale: tuple[float, float] = (0.5, 1.0),
+        scale: tuple[float, float] = DEFAULT_AUG_SCALE,
         seed: int = 0,
+        flip: float = DEFAULT_AUG_FLIP,
     ) -> None:
         self.size, self.mean, self.std = size, mean, std
-        self.views, self.scale, self.seed = views, scale, seed
+        self.views, self.scale, self.seed, self.flip = views, tuple(scale), seed, float(flip)
 
     def describe(self) -> dict:
         return {
@@ -85,7 +93,8 @@ class AugmentedViews:
             "scale": list(self.scale),
             "seed": self.seed,
             "ratio": [3 / 4, 4 / 3],
-            "flip": 0.5,
+            # the flip probability is part of the cache key: a changed policy never reuses views
+            "flip": self.flip,
         }
 
     def _rng(self, key: str, view: int) -> np.random.Generator:
@@ -131,7 +140,8 @@ class AugmentedViews:
                 [self.size, self.size],
                 interpolation=InterpolationMode.BICUBIC,
             )
-            if rng.uniform() < 0.5:
+            # drawn even when flips are off, so the crops do not depend on the flip policy
+            if rng.uniform() < self.flip:
                 crop = TF.hflip(crop)
             out.append(_to_tensor(crop, self.mean, self.std))
         return torch.stack(out)

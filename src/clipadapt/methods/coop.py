@@ -38,6 +38,7 @@ _NEEDS_TOWER = (
     "check_fp16_input",
     "check_input_validation",
     "check_learns_easy_problem",
+    "check_more_shots_not_worse",
     "check_deterministic_with_seed",
     "check_fit_idempotent",
     "check_no_global_side_effects",

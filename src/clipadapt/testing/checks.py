@@ -802,6 +802,40 @@ def check_learns_easy_problem(subject: _Subject) -> None:
         assert acc >= 90.0, f"test accuracy {acc:.1f} % < 90 % on the separable fixture"
 
 
+#: ``check_more_shots_not_worse``'s problem: rows about twice as noisy as the default fixture's,
+#: so 4 shots per class do not saturate it while it stays separable (a nearest class mean scores
+#: 94.5-98.0 % from 4 shots and 98.0-99.5 % from 16 on the three draws; asserted in
+#: ``tests/test_method_checks.py``); 40 test rows per class; a drop of at most 1 pt (2 of 200
+#: test rows) is tolerated, for single-row flips near 100 %.
+SHOTS_NOISE = 0.25
+SHOTS_SEEDS = (4, 5, 6)
+SHOTS_TOLERANCE = 1.0
+
+
+def check_more_shots_not_worse(subject: _Subject) -> None:
+    """On a separable problem, 16 shots per class score no lower than 4 shots per class.
+
+    The 4-shot rows are the first 4 per class of the 16-shot rows, and both fits see the same
+    validation rows (4 per class, as the protocol's ``min(K, 4)``) and are scored on the same
+    test rows, so only the number of training rows differs.
+    """
+    drops = []
+    for seed in SHOTS_SEEDS:
+        fx = subject.fixture(shots=16, noise_scale=SHOTS_NOISE, test_per_class=40, seed=seed)
+        first = torch.cat(
+            [torch.nonzero(fx.train.labels == c).flatten()[:4] for c in range(fx.num_classes)]
+        )
+        four = CheckFixture(fx.bundle, 4, fx.train.subset(first), fx.val, fx.test, fx.text)
+        acc4 = _accuracy(subject.fit(four), fx.test)
+        acc16 = _accuracy(subject.fit(fx), fx.test)
+        if acc16 < acc4 - SHOTS_TOLERANCE:
+            drops.append(f"fixture seed {seed}: {acc4:.1f} % at 4 shots, {acc16:.1f} % at 16")
+    assert not drops, (
+        "more shots made the method worse on a separable problem (validation choice, schedule "
+        "or overfitting?): " + "; ".join(drops)
+    )
+
+
 # ---------------------------------------------------------------------------------- reproducibility
 
 
@@ -1061,7 +1095,8 @@ def check_tiny_budget(subject: _Subject) -> None:
 
 # ---------------------------------------------------------------------------------- runners
 
-#: Every check, in the order of ``style.md`` §7.
+#: Every check, in the order of ``style.md`` §7, with ``check_more_shots_not_worse`` (issue 18)
+#: after the easy-problem check.
 CHECKS: dict[str, Callable[[_Subject], None]] = {
     fn.__name__: fn
     for fn in (
@@ -1078,6 +1113,7 @@ CHECKS: dict[str, Callable[[_Subject], None]] = {
         check_fp16_input,
         check_input_validation,
         check_learns_easy_problem,
+        check_more_shots_not_worse,
         check_deterministic_with_seed,
         check_fit_idempotent,
         check_no_global_side_effects,

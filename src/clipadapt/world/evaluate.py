@@ -112,6 +112,25 @@ def _relation_scenes(rng: Any, n: int) -> tuple[list[Any], list[str]]:
     return scenes, labels
 
 
+def _bigger_scenes(rng: Any, n: int) -> tuple[list[Any], list[str]]:
+    """Two-object scenes, one large and one small, in two different colours, labelled with
+    whether the object whose colour name sorts first is the ``larger`` or the ``smaller``."""
+    from clipadapt.world.generator import BACKGROUNDS, Scene, place, random_object
+
+    scenes, labels = [], []
+    while len(scenes) < n:
+        corners = place(rng, ["large", "small"])
+        if corners is None:
+            continue
+        big = random_object(rng, "large", *corners[0])
+        small = random_object(rng, "small", *corners[1])
+        if big.colour == small.colour:
+            continue
+        scenes.append(Scene(rng.choice(BACKGROUNDS), rng.randrange(8), (big, small)))
+        labels.append("larger" if big.colour < small.colour else "smaller")
+    return scenes, labels
+
+
 @torch.no_grad()
 def attribute_probes(
     model: torch.nn.Module, n_images: int = 6000, seed: int = 5
@@ -119,11 +138,13 @@ def attribute_probes(
     """What the image features carry: a linear probe per attribute on generated scenes.
 
     ``n_images`` one-object scenes for the object attributes and the background, and half as
-    many scenes for each of two scene attributes: the object count (1-4 objects) and the
+    many scenes for each of three scene attributes: the object count (1-4 objects), the
     relation between two objects of different colours (of the object whose colour name sorts
     first to the other; the shapes vary freely, so only a binding of colour and position
-    tells it). In each set the first two thirds train and the rest are scored. Each attribute
-    gets a 16-shot probe and one on every training image (orientation: striped objects only).
+    tells it), and ``bigger``, the size relation of a large and a small object of two colours
+    (is the object whose colour name sorts first the larger one; only a binding of colour and
+    size tells it). In each set the first two thirds train and the rest are scored. Each
+    attribute gets a 16-shot probe and one on every training image (orientation: striped objects only).
     The better of two weight decays on the scored part is reported: an upper bound meant for
     diagnosis (does the tower carry the attribute at all?), never a method comparison, and
     these scenes are not any dataset's test split.
@@ -148,6 +169,8 @@ def attribute_probes(
     singles = [sample_scene(rng, 1) for _ in range(n_images)]
     counted = [sample_scene(rng, rng.randint(1, 4)) for _ in range(n_images // 2)]
     pairs, relations = _relation_scenes(rng, n_images // 2)
+    # drawn last, so the probes above see the same scenes as before this one existed
+    sized, bigger = _bigger_scenes(rng, n_images // 2)
     single_feats = encode(singles)
     objects = [sc.objects[0] for sc in singles]
     groups: dict[str, tuple[Tensor, list[Any]]] = {
@@ -163,6 +186,7 @@ def attribute_probes(
         ),
         "count": (encode(counted), [len(sc.objects) for sc in counted]),
         "relation": (encode(pairs), relations),
+        "bigger": (encode(sized), bigger),
     }
     out = {}
     for name, (feats, vals) in groups.items():

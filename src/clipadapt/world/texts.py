@@ -162,6 +162,23 @@ def describe_relation(first: str, rel: str, second: str) -> list[str]:
     ]
 
 
+def bigger_classname(large: str, small: str) -> str:
+    """``"a large red shape and a small blue shape"``: a ``world_bigger`` class."""
+    return f"a large {large} shape and a small {small} shape"
+
+
+def describe_bigger(large: str, small: str) -> list[str]:
+    """Sentences saying that the ``large``-coloured object is the larger of the two, in the
+    size words the captions use, naming the large one first in some and last in others."""
+    return [
+        f"{bigger_classname(large, small)}.",
+        f"a big {large} object next to a tiny {small} object.",
+        f"a small {small} shape next to a huge {large} shape.",
+        f"the {large} shape is large and the {small} shape is small.",
+        f"a little {small} object with a big {large} object.",
+    ]
+
+
 # Kind descriptions: the colour is named in most sentences, the habitat (background) in two and
 # the size in one, as the species descriptions dwell on the salient trait; the shape and the
 # pattern are free (a kind comes in every shape and pattern).
@@ -243,6 +260,9 @@ def world_vocabulary() -> list[str]:
         for other in SHAPES:
             for rel in _INVERSE:
                 texts += describe_relation(shape, rel, other)
+    for large in COLOURS:
+        for small in COLOURS:
+            texts += [bigger_classname(large, small), *describe_bigger(large, small)]
     for count in range(1, len(NUMBERS) + 1):
         for alike in (True, False):
             texts += describe_count(count, alike)
