@@ -669,3 +669,17 @@ def test_records_carry_their_provenance(tmp_path, capsys):
         "rule": "last epoch (no selection)",
         "epoch": 2,
     }
+
+
+def test_indistinguishable_names_with_descriptions_do_not_ask_for_a_rename():
+    """Invented names with descriptions (the embedded world): the warning says the descriptions
+    separate the classes instead of blaming the tokenizer."""
+    from clipadapt.features.extract import text_warnings
+
+    groups = [["velk", "quoxil"]]
+    plain = text_warnings(groups)[0]
+    described = text_warnings(groups, has_descriptions=True)[0]
+    assert "rename them" in plain and "tokenizer" in plain
+    assert "rename" not in described and "tokenizer" not in described
+    assert "description features can" in described
+    assert text_warnings([]) == []

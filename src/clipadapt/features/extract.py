@@ -296,8 +296,12 @@ def near_identical_classes(
     return groups
 
 
-def text_warnings(groups: list[list[str]]) -> list[str]:
-    """The extraction warning for :func:`near_identical_classes` groups (empty: none)."""
+def text_warnings(groups: list[list[str]], has_descriptions: bool = False) -> list[str]:
+    """The extraction warning for :func:`near_identical_classes` groups (empty: none).
+
+    With ``has_descriptions`` the classes can still be told apart by their descriptions, so
+    the warning says so instead of asking for a rename (invented class names, as in the
+    embedded world, are the usual case)."""
     if not groups:
         return []
     shown = "; ".join(
@@ -305,11 +309,17 @@ def text_warnings(groups: list[list[str]]) -> list[str]:
     )
     more = f" (and {len(groups) - 5} more group(s))" if len(groups) > 5 else ""
     count = sum(len(g) for g in groups)
+    head = f"{count} class name(s) map to (near-)identical text embeddings: {shown}{more}. "
+    if has_descriptions:
+        return [
+            head + "Zero-shot from the names alone cannot tell these classes apart; the "
+            "bundle's description features can (zeroshot text=auto chooses the text on "
+            "validation)"
+        ]
     return [
-        f"{count} class name(s) map to (near-)identical text embeddings: {shown}{more}. "
-        "Zero-shot cannot tell these classes apart (the backbone's tokenizer probably does not "
-        "know these words); rename them (dataset.json `classnames`) or add descriptions "
-        "(--descriptions)"
+        head + "Zero-shot cannot tell these classes apart (the backbone's tokenizer probably "
+        "does not know these words); rename them (dataset.json `classnames`) or add "
+        "descriptions (--descriptions)"
     ]
 
 
@@ -539,7 +549,10 @@ def extract_dataset(
     per_prompt = text_cache.get(flat, encoder.encode_text).view(len(classnames), len(templates), -1)
     per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     tensors["text_features"] = per_prompt.mean(dim=1).to(torch.float16)
-    report.warnings += text_warnings(near_identical_classes(tensors["text_features"], classnames))
+    report.warnings += text_warnings(
+        near_identical_classes(tensors["text_features"], classnames),
+        has_descriptions=descriptions is not None,
+    )
     if len(classnames) < 2:
         report.warnings.append(
             f"{dataset.name} has {len(classnames)} class(es) ({', '.join(classnames)}): an "
