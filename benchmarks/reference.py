@@ -23,13 +23,16 @@ run the same configuration and consume the same random numbers:
 
 - the options' defaults, read from the registered method (``get_params``);
 - ``clipadapt.engine.train``: ``TrainConfig`` and ``_lr_at`` (the learning-rate schedule),
-  ``sample_view_rows`` (the per-epoch view draw of Tip-Adapter-F and NODE-Adapter) and
+  ``sample_view_rows`` (the per-epoch view draw of Tip-Adapter-F, NODE-Adapter and
+  HeGraphAdapter) and
   ``_STEP_LIMIT`` (the step cap of :func:`~clipadapt.engine.train.limit_steps`);
 - the test-time searches, which are not the training being compared and would dominate the
   reference's time if written naively at ImageNet size: ``engine.search.search_blend`` with
   ``tip_grid`` / ``cache_logits`` (Tip-Adapter-F's α/β grid search) and
   ``engine.search.search_logit_blend``
-  (HeGraphAdapter's fusion-weight search). NODE-Adapter's search of the initial blend is
+  (HeGraphAdapter's fusion-weight search) and ``engine.search.coordinate_search`` (the order in
+  which HeGraphAdapter's meta-path search visits its points; every point is scored here by
+  running the whole graph again). NODE-Adapter's search of the initial blend is
   written out here (the untrained flow is a linear ODE; its end point is solved in closed
   form on a 2-dimensional copy, the same function as a full untrained solve on a fixed grid).
 
@@ -56,7 +59,7 @@ from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
 from clipadapt.engine import train as engine_train
-from clipadapt.engine.search import search_blend, search_logit_blend
+from clipadapt.engine.search import coordinate_search, search_blend, search_logit_blend
 from clipadapt.engine.train import TrainConfig, _lr_at, sample_view_rows
 from clipadapt.methods.base import create_method
 from clipadapt.methods.tip_adapter import cache_logits, tip_grid
@@ -585,6 +588,8 @@ class ReferenceNodeAdapter:
 # ---------------------------------------------------------------------------------- HeGraphAdapter
 
 _HEGRAPH_EDGES = ("pn", "vn", "pp", "vp", "np", "vv")
+# the meta-path weights, in the order the prediction-time search visits them
+_HEGRAPH_WEIGHTS = ("beta_pn", "beta_vn", "alpha_pp", "alpha_vp", "alpha_np_test", "gamma")
 _HEGRAPH_BLOCKS = {
     "five_blocks_bias": {"pn": "n", "vn": "n", "pp": "pp", "vp": "vp", "np": "np", "vv": "v"},
     "three_W": {"pn": "n", "vn": "n", "pp": "p", "vp": "p", "np": "p", "vv": "v"},
@@ -642,6 +647,10 @@ class ReferenceHeGraphAdapter:
             mask = text.description_mask.to(text.description_features.dtype)
             positive = normalize_rows((text.description_features * mask[..., None]).sum(dim=1))
         negative = text.negative_features
+        if p["negatives"] == "descriptions":
+            mask = text.description_mask.to(text.negative_description_features.dtype)
+            negated = text.negative_description_features * mask[..., None]
+            negative = normalize_rows(negated.sum(dim=1))
         views = train.views if p["use_views"] and train.views is not None else train.features[None]
         mean_view = views.mean(dim=0)
         visual = []
@@ -677,7 +686,7 @@ class ReferenceHeGraphAdapter:
         return out
 
     def _propagate(
-        self, train: TrainSet, text: TextFeatures, alpha_np: float
+        self, train: TrainSet, text: TextFeatures, weights: dict[str, float], alpha_np: float
     ) -> tuple[Tensor, Tensor | None]:
         """Negatives, then positives (from the updated negatives), then the visual bias."""
         p = self.params
@@ -692,7 +701,7 @@ class ReferenceHeGraphAdapter:
         negative = nodes["n"]
         updates = [
             w * message(e, nodes["n"], nodes[e[0]])
-            for e, w in (("pn", p["beta_pn"]), ("vn", p["beta_vn"]))
+            for e, w in (("pn", weights["beta_pn"]), ("vn", weights["beta_vn"]))
             if e in edges
         ]
         if updates:
@@ -700,7 +709,7 @@ class ReferenceHeGraphAdapter:
         positive = nodes["p"]
         updates = [
             w * message(e, nodes["p"], nodes[e[0]])
-            for e, w in (("pp", p["alpha_pp"]), ("vp", p["alpha_vp"]))
+            for e, w in (("pp", weights["alpha_pp"]), ("vp", weights["alpha_vp"]))
             if e in edges
         ]
         if "np" in edges:
@@ -710,7 +719,7 @@ class ReferenceHeGraphAdapter:
         bias = message("vv", nodes["v"], nodes["v"]) if "vv" in edges else None
         return positive, bias
 
-    def _keys(self, train: TrainSet, bias: Tensor | None) -> Tensor:
+    def _keys(self, train: TrainSet, bias: Tensor | None, gamma: float) -> Tensor:
         """The cache keys, shifted by their class's visual bias and re-normalised."""
         if self.params["use_views"] and train.views is not None:
             keys = normalize_rows(train.views.mean(dim=0))
@@ -718,7 +727,7 @@ class ReferenceHeGraphAdapter:
             keys = train.features
         if bias is None:
             return keys
-        return normalize_rows(keys + float(self.params["gamma"]) * bias[train.labels])
+        return normalize_rows(keys + gamma * bias[train.labels])
 
     def _two_logits(
         self, features: Tensor, positive: Tensor, keys: Tensor
@@ -752,15 +761,21 @@ class ReferenceHeGraphAdapter:
                 self.blocks_[n].weight.copy_(values.to(device))
         self.values_ = F.one_hot(train.labels, num_classes).float()
         epochs, lr = int(p["epochs"]), float(p["lr"])
-        queries = (
-            train.views if p["use_views"] and train.views is not None else train.features[None]
-        )
+        views = train.views if p["use_views"] else None
         labels = train.labels
+        weights = {k: float(p[k]) for k in _HEGRAPH_WEIGHTS}
+        epoch_rows: dict[int, Tensor] = {}
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
-            positive, bias_v = self._propagate(train, text, float(p["alpha_np_train"]))
-            keys = self._keys(train, bias_v)
-            batch = queries[epoch % queries.shape[0]][index]
+            positive, bias_v = self._propagate(train, text, weights, float(p["alpha_np_train"]))
+            keys = self._keys(train, bias_v, weights["gamma"])
+            if epoch not in epoch_rows:  # the data loader's augmentation draw of this epoch
+                epoch_rows.clear()
+                if views is not None and p["view_sampling"] == "cycle":
+                    epoch_rows[epoch] = views[epoch % views.shape[0]]
+                else:
+                    epoch_rows[epoch] = sample_view_rows(train.features, views, epoch, p["seed"])
+            batch = epoch_rows[epoch][index]
             z_text, z_vis = self._two_logits(batch, positive, keys)
             loss = F.cross_entropy(z_text.float(), labels[index])
             if z_vis is not None:
@@ -783,23 +798,51 @@ class ReferenceHeGraphAdapter:
         self.steps_, _, _ = _run_training(
             params, optimizer, batch_loss, len(train), config, None, amp=True
         )
-        with torch.no_grad():
-            positive, bias_v = self._propagate(train, text, float(p["alpha_np_test"]))
-            self.text_weights_ = normalize_rows(positive)
-            self.keys_ = self._keys(train, bias_v)
-        self.fusion_weight_ = 0.0 if p["classifier"] == "text" else float(p["fusion_weight"])
-        self.best_params_: dict[str, Any] = {"epochs": epochs, "lr": lr}
-        if p["classifier"] != "text" and p["search_fusion"] and val is not None and len(val) > 0:
+        # prediction: the meta-path weights and the fusion weight, chosen on ``val`` by running
+        # the whole graph again for every candidate point
+        fuse = p["classifier"] != "text"
+        grid = [float(w) for w in p["fusion_grid"]] if p["search_fusion"] else []
+        grid = grid or [float(p["fusion_weight"])]
+        names = [n for n in _HEGRAPH_WEIGHTS if self._searched(n)] if p["search_metapaths"] else []
+
+        def predictor(point: dict[str, float]) -> tuple[Tensor, Tensor]:
+            chosen = {**weights, **point}
             with torch.no_grad():
-                z_text, z_vis = self._two_logits(val.features, self.text_weights_, self.keys_)
+                positive, bias_v = self._propagate(train, text, chosen, chosen["alpha_np_test"])
+                return normalize_rows(positive), self._keys(train, bias_v, chosen["gamma"])
+
+        def fused_accuracy(point: dict[str, float], rows: ValidationSet) -> tuple[float, float]:
+            text_weights, keys = predictor(point)
+            with torch.no_grad():
+                z_text, z_vis = self._two_logits(rows.features, text_weights, keys)
+                if z_vis is None:
+                    return _accuracy(z_text, rows.labels), 0.0
                 if p["fusion"] == "prob":
                     z_text, z_vis = z_text.softmax(dim=-1), z_vis.softmax(dim=-1)
-                grid = [float(w) for w in p["fusion_grid"]]
-                _, j, acc = search_logit_blend(z_text, [z_vis], grid, val)
-            self.fusion_weight_ = grid[j]
-            self.best_params_["val_accuracy"] = acc
-        self.best_params_["fusion_weight"] = self.fusion_weight_
+                _, j, acc = search_logit_blend(z_text, [z_vis], grid, rows)
+            return acc, grid[j]
+
+        point: dict[str, float] = {}
+        self.fusion_weight_ = float(p["fusion_weight"]) if fuse else 0.0
+        self.best_params_: dict[str, Any] = {"epochs": epochs, "lr": lr}
+        self.best_params_.update({n: weights[n] for n in names})
+        searching = bool(names) or (fuse and p["search_fusion"])
+        if searching and val is not None and len(val) > 0:
+            if names:
+                start = {n: weights[n] for n in names}
+                point, _ = coordinate_search(lambda q, rows: fused_accuracy(q, rows)[0], start, val)
+            acc, self.fusion_weight_ = fused_accuracy(point, val)
+            self.best_params_.update(point, val_accuracy=acc)
+        self.text_weights_, self.keys_ = predictor(point)
+        if fuse:
+            self.best_params_["fusion_weight"] = self.fusion_weight_
         return self
+
+    def _searched(self, name: str) -> bool:
+        edges = set(self._edges())
+        needs = {"beta_pn": {"pn", "np"}, "beta_vn": {"vn", "np"}, "alpha_pp": {"pp"}}
+        needs.update(alpha_vp={"vp"}, alpha_np_test={"np"}, gamma={"vv"})
+        return needs[name] <= edges
 
     def logits(self, features: Tensor, batch_size: int = 8192) -> Tensor:
         """(N, C) fused logits of the text and cache classifiers, rows normalised first."""

@@ -71,6 +71,7 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _searched(best: dict) -> dict:
     keys = ("alpha", "beta", "blend_init", "gamma_init", "fusion_weight", "val_accuracy")
+    keys += ("beta_pn", "beta_vn", "alpha_pp", "alpha_vp", "alpha_np_test", "gamma")
     return {k: best[k] for k in keys if k in best}
 
 

@@ -24,8 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from clipadapt._progress import progress as progress_report
 from clipadapt.bench.cells import BundleSource, Cell, Grid
 from clipadapt.bench.execute import DEFAULT_SETTINGS, CellSettings, LocalExecutor, RayExecutor
 from clipadapt.bench.resolve import ResolvedSweep, resolve_sweep
@@ -89,7 +88,7 @@ def run_cells(
         )
     written: set[str] = set() if rerun else set(done)
     records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(todo), desc="bench", unit="cell", disable=not progress)
+    bar = progress_report(len(todo), "bench", "cell", enabled=progress)
     try:
         for cell_records in executor.map(todo, settings, bundles, text_tower):
             for record in cell_records:

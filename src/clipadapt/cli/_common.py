@@ -105,7 +105,11 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers (default: automatic)"
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="print no progress (a bar on a terminal, lines otherwise)",
+    )
 
 
 def print_result(result: Any) -> None:

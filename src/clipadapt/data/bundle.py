@@ -4,7 +4,8 @@ Format (see ``docs/bundle-format.md``): tensor groups ``<group>_features`` (N, D
 ``<group>_labels`` (N,) and optional ``<group>_features_views`` (V, N, D), for groups such as
 ``train``, ``val``, ``test`` or pre-drawn ``train_{k}shot``; ``text_features`` (C, D), optional
 ``text_features_all`` (C, P, D), ``negative_text_features`` (C, D), ``description_features``
-(C, Q, D) + ``description_mask`` (C, Q). String metadata: ``classnames`` (JSON list),
+(C, Q, D) + ``description_mask`` (C, Q), ``negative_description_features`` (C, Q, D, their negated
+forms, same mask). String metadata: ``classnames`` (JSON list),
 ``backbone``, ``source``. Every feature row is L2-normalised when read.
 """
 
@@ -165,6 +166,7 @@ class FeatureBundle:
                 negative_features=self.tensors.get("negative_text_features"),
                 description_features=self.tensors.get("description_features"),
                 description_mask=self.tensors.get("description_mask"),
+                negative_description_features=self.tensors.get("negative_description_features"),
                 text_encoder=text_encoder,
             )
         except BundleError as error:

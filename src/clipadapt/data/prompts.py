@@ -195,6 +195,34 @@ def negative_prompts(
     return [format_prompt(template, name) for name in classnames]
 
 
+def negate_description(sentence: str, classname: str) -> str:
+    """The negated form of one class description (HeGraphAdapter's negative text, spec §2.1).
+
+    The first " of a "/" of an " becomes " of no ", else the first " of " becomes " of no "; a
+    sentence with neither gets the negative prompt in front: "a photo of no {class}, {sentence}".
+
+    Example:
+        >>> negate_description("a photo of a velk, which looks like a diamond.", "velk")
+        'a photo of no velk, which looks like a diamond.'
+        >>> negate_description("a velk is always purple.", "velk")
+        'a photo of no velk, a velk is always purple.'
+    """
+    for pattern in (" of a ", " of an ", " of "):
+        if pattern in sentence:
+            return sentence.replace(pattern, " of no ", 1)
+    return f"a photo of no {classname.replace('_', ' ')}, {sentence}"
+
+
+def negative_descriptions(
+    descriptions: Sequence[Sequence[str]], classnames: Sequence[str]
+) -> list[list[str]]:
+    """Every class's descriptions negated with :func:`negate_description` (same shape)."""
+    return [
+        [negate_description(s, name) for s in sentences]
+        for sentences, name in zip(descriptions, classnames, strict=True)
+    ]
+
+
 def normalize_classname(name: str) -> str:
     """The key descriptions are matched on: lower case, '_' as space, whitespace collapsed."""
     return " ".join(name.replace("_", " ").lower().split())

@@ -144,6 +144,11 @@ _HOW_TO_TEXT = {
         "description_features",
         "re-run `clipadapt extract --descriptions FILE.json` with a CuPL-style description file",
     ),
+    "negative_description_features": (
+        "negative_description_features",
+        "re-run `clipadapt extract --descriptions FILE.json` (it encodes the negated descriptions "
+        "with the negative prompt on, the default)",
+    ),
     "prompt_features": (
         "text_features_all",
         "re-run `clipadapt extract` with a template ensemble (e.g. --templates imagenet7)",
@@ -154,6 +159,15 @@ _HOW_TO_TEXT = {
         "(a feature bundle alone has no text tower)",
     ),
 }
+
+
+def _masked_rows(q: Tensor, mask: Tensor, what: str) -> Tensor:
+    """Padded (C, Q, D) sentence embeddings as float32, normalised, zero where ``mask`` is False."""
+    q = torch.where(mask[..., None], q.float(), torch.zeros((), dtype=torch.float32))
+    if not torch.isfinite(q).all():
+        raise BundleError(f"{what}_features: contains NaN or Inf")
+    norms = q.norm(dim=-1, keepdim=True)
+    return torch.where(norms > 0, q / norms.clamp_min(1e-12), q)
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,8 @@ class TextFeatures:
         negative_features: optional (C, D) embeddings of the negative prompt.
         description_features: optional (C, Q, D) description embeddings, padded.
         description_mask: (C, Q) bool, True where a description exists.
+        negative_description_features: optional (C, Q, D) embeddings of the negated descriptions
+            (:func:`~clipadapt.data.prompts.negative_descriptions`), same padding and mask.
         text_encoder: optional callable object with ``encode_tokens``/``tokenize`` (CoOp).
     """
 
@@ -176,6 +192,7 @@ class TextFeatures:
     negative_features: Tensor | None = None
     description_features: Tensor | None = None
     description_mask: Tensor | None = None
+    negative_description_features: Tensor | None = None
     text_encoder: object | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -219,13 +236,22 @@ class TextFeatures:
             if not mask.any(dim=1).all():
                 empty = [self.classnames[i] for i in torch.nonzero(~mask.any(1)).flatten().tolist()]
                 raise BundleError(f"description_mask: no description for class(es) {empty[:5]}")
-            q = torch.where(mask[..., None], q.float(), torch.zeros((), dtype=torch.float32))
-            if not torch.isfinite(q).all():
-                raise BundleError("description_features: contains NaN or Inf")
-            norms = q.norm(dim=-1, keepdim=True)
-            q = torch.where(norms > 0, q / norms.clamp_min(1e-12), q)
-            object.__setattr__(self, "description_features", q)
+            object.__setattr__(self, "description_features", _masked_rows(q, mask, "description"))
             object.__setattr__(self, "description_mask", mask)
+        if self.negative_description_features is not None:
+            q = self.negative_description_features
+            if self.description_features is None:
+                raise BundleError(
+                    "negative_description_features: given without description_features, whose "
+                    "mask it shares; add the descriptions or drop the negated ones"
+                )
+            if tuple(q.shape) != tuple(self.description_features.shape):
+                raise BundleError(
+                    "negative_description_features: expected the shape of description_features "
+                    f"{tuple(self.description_features.shape)}, got {tuple(q.shape)}"
+                )
+            negated = _masked_rows(q, self.description_mask, "negative_description")
+            object.__setattr__(self, "negative_description_features", negated)
 
     @property
     def num_classes(self) -> int:
@@ -254,4 +280,5 @@ class TextFeatures:
             negative_features=move(self.negative_features),
             description_features=move(self.description_features),
             description_mask=move(self.description_mask),
+            negative_description_features=move(self.negative_description_features),
         )

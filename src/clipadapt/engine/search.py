@@ -2,8 +2,9 @@
 
 Every function here takes a :class:`~clipadapt.data.sets.ValidationSet` and refuses anything
 else, so evaluation rows cannot be searched on by construction. Every method's search goes
-through one of them: :func:`grid_search` (any score), or a vectorised equivalent for the
-blend ``base + w * extra`` that several methods tune (:func:`search_blend`,
+through one of them: :func:`grid_search` (any score; :func:`coordinate_search` runs it one
+coordinate at a time, coarse to fine, around a starting point), or a vectorised equivalent for
+the blend ``base + w * extra`` that several methods tune (:func:`search_blend`,
 :func:`search_logit_blend`). All visit the grid in the same order and keep the first best point.
 """
 
@@ -66,6 +67,68 @@ def grid_search(
     if best is None:
         raise ValueError("grid_search: the grid is empty")
     return best
+
+
+#: Coarse then fine multiplicative steps of :func:`coordinate_search`.
+COARSE_TO_FINE = ((0.5, 2.0), (0.75, 1.25))
+
+
+def coordinate_values(
+    start: float, factors: Sequence[Sequence[float]] = COARSE_TO_FINE
+) -> list[float]:
+    """Every value :func:`coordinate_search` can give a coordinate that starts at ``start``."""
+    reach = {1.0}
+    for steps in factors:
+        reach |= {r * f for r in reach for f in steps}
+    return sorted(start * r for r in reach)
+
+
+def coordinate_search(
+    score: Callable[[dict[str, Any], ValidationSet], float],
+    start: Mapping[str, float],
+    val: ValidationSet,
+    factors: Sequence[Sequence[float]] = COARSE_TO_FINE,
+) -> tuple[dict[str, float], float]:
+    """Coarse-to-fine search of positive weights around ``start``, one coordinate at a time.
+
+    Each pass of ``factors`` (coarse first) visits the names of ``start`` in order and runs
+    :func:`grid_search` over ``[current, current * f for f in factors[pass]]`` with the other
+    values held, so the current value wins ties and a point is only left for a strictly better
+    one. A value of 0 stays 0. Each distinct point is scored once: at most
+    ``1 + len(start) * sum(len(f) for f in factors)`` scores.
+
+    Args:
+        score: maps (point, val) to a validation score (higher is better).
+        start: the starting point {name: value}.
+        val: validation rows.
+        factors: the multiplicative steps of each pass.
+
+    Returns:
+        (best point, best score).
+    """
+    val = require_validation(val, "coordinate_search")
+    seen: dict[tuple[float, ...], float] = {}
+
+    def cached(point: dict[str, Any], rows: ValidationSet) -> float:
+        key = tuple(float(point[n]) for n in start)
+        if key not in seen:
+            seen[key] = score(point, rows)
+        return seen[key]
+
+    best = {name: float(value) for name, value in start.items()}
+    best_score = cached(best, val)
+    for steps in factors:
+        for name in start:
+            current = best[name]
+            candidates = list(dict.fromkeys([current, *(current * f for f in steps)]))
+            held = dict(best)
+            found, best_score = grid_search(
+                lambda point, rows, held=held: cached({**held, **point}, rows),
+                {name: candidates},
+                val,
+            )
+            best = {**held, **found}
+    return best, best_score
 
 
 def search_logit_blend(

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from clipadapt._progress import progress as progress_report
 from clipadapt.data.bundle import FeatureBundle, save_bundle
 from clipadapt.features.cache import SplitCache, TextCache, default_cache_dir
 from clipadapt.features.transforms import AugmentedViews, CleanView, load_rgb
@@ -131,7 +131,7 @@ def extract_split(
             ]
             offset += n
         loader = DataLoader(rows, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
-        bar = tqdm(total=encoded, desc=description, unit="img", disable=not progress, leave=False)
+        bar = progress_report(encoded, description, "img", enabled=progress, leave=False)
         shard_iter = iter(missing)
         current = next(shard_iter)
         remaining = len(cache.shard_range(current))
@@ -208,7 +208,8 @@ def extract_dataset(
     Train rows get a clean view (``train_features``) and ``views`` augmented views
     (``train_features_views``); val and test get the clean view. Text: the class prompts of
     ``templates`` (mean of normalised prompt embeddings as ``text_features``, all of them as
-    ``text_features_all``), the negative prompt and optional descriptions.
+    ``text_features_all``), the negative prompt and optional descriptions (with their negated
+    forms, :func:`~clipadapt.data.prompts.negative_descriptions`, when a negative prompt is set).
 
     Args:
         dataset: an :class:`~clipadapt.data.datasets.ImageDataset`.
@@ -220,9 +221,10 @@ def extract_dataset(
         seed: seeds the augmented views.
         templates: prompt templates with ``{}`` (default: the dataset's).
         descriptions: per-class description sentences (CuPL-style), optional.
-        negative_template: prompt of the negative text features (None: skip them).
+        negative_template: prompt of the negative text features (None: skip them, and the
+            negated descriptions).
     """
-    from clipadapt.data.prompts import class_prompts, negative_prompts
+    from clipadapt.data.prompts import class_prompts, negative_descriptions, negative_prompts
 
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     backbone = encoder.backbone
@@ -331,6 +333,14 @@ def extract_dataset(
         padded[mask] = encoded
         tensors["description_features"] = padded.to(torch.float16)
         tensors["description_mask"] = mask
+        if negative_template:
+            # the negated description set (HeGraphAdapter's `negatives=descriptions`), padded
+            # like the descriptions and sharing their mask
+            negated = negative_descriptions(descriptions, classnames)
+            flat_neg = [s for d in negated for s in d]
+            padded_neg = torch.zeros(len(classnames), width, dim)
+            padded_neg[mask] = text_cache.get(flat_neg, encoder.encode_text)
+            tensors["negative_description_features"] = padded_neg.to(torch.float16)
     metadata = {
         "classnames": json.dumps(classnames),
         "backbone": bname,

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from clipadapt.data.sets import TrainSet, normalize_rows
-from clipadapt.exceptions import ConfigError
+from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
+from clipadapt.engine.search import search_logit_blend
+from clipadapt.exceptions import ConfigError, MissingTensorError
 
 ALL_EDGES = ("pn", "vn", "pp", "vp", "np", "vv")
 """The six relation types, named source→target: p→n, v→n, p→p, v→p, n→p, v→v."""
@@ -327,6 +328,42 @@ def relation_matrices(
     return {name: builders[name]() for name in edges}
 
 
+def _masked_mean(sentences: Tensor, mask: Tensor) -> Tensor:
+    """(C, D) normalised mean of each class's padded (C, Q, D) sentence embeddings."""
+    return normalize_rows((sentences * mask.to(sentences.dtype)[..., None]).sum(dim=1))
+
+
+def positive_text_nodes(text: TextFeatures, kind: str) -> Tensor:
+    """HeGraphAdapter's positive text nodes: ``"descriptions"`` (their mean) or ``"templates"``."""
+    if kind == "templates":
+        return text.class_features
+    try:
+        descriptions = text.require("description_features", "hegraph_adapter")
+    except MissingTensorError as error:
+        raise MissingTensorError(
+            f"{error}; or run the documented ablation without descriptions explicitly with "
+            "positive_nodes=templates (e.g. --method hegraph_adapter:positive_nodes=templates)"
+        ) from None
+    return _masked_mean(descriptions, text.description_mask)
+
+
+def negative_text_nodes(text: TextFeatures, kind: str) -> Tensor:
+    """HeGraphAdapter's negative text nodes: the negative prompt (``"template"``) or the mean of
+    the negated descriptions (``"descriptions"``, spec §2.1)."""
+    attribute, other = "negative_features", "negatives=descriptions"
+    if kind == "descriptions":
+        attribute, other = "negative_description_features", "negatives=template"
+    try:
+        negative = text.require(attribute, "hegraph_adapter")
+    except MissingTensorError as error:
+        raise MissingTensorError(
+            f"{error}; or use {other}, or run the documented ablation without negative nodes "
+            "explicitly with negative_nodes=false (e.g. --method "
+            "hegraph_adapter:negative_nodes=false)"
+        ) from None
+    return negative if kind == "template" else _masked_mean(negative, text.description_mask)
+
+
 class HeteroGraph(nn.Module):
     """The trainable projections of the heterogeneous GCN (one :class:`GCNBlock` per key)."""
 
@@ -357,3 +394,96 @@ class GraphInputs:
     np_self: Tensor | None
     keys: Tensor  # (N, D) cache keys
     key_labels: Tensor  # (N,)
+
+
+#: HeGraphAdapter's prediction-time meta-path weights, in the order a search visits them, and
+#: the relation each one scales (β_pn and β_vn act at prediction time only through n→p).
+METAPATH_WEIGHTS = {
+    "beta_pn": ("pn", "np"),
+    "beta_vn": ("vn", "np"),
+    "alpha_pp": ("pp",),
+    "alpha_vp": ("vp",),
+    "alpha_np_test": ("np",),
+    "gamma": ("vv",),
+}
+
+
+class TrainedGraph:
+    """A trained heterogeneous graph's prediction-time outputs as functions of its meta-path weights.
+
+    Once the projections are fixed, the messages of the relations whose two ends are frozen
+    (p→n, v→n, p→p, v→p, v→v) no longer depend on any weight, and the n→p input
+    ``c ⊙ X^p + Â (X^n + β_pn M^{p→n} + β_vn M^{v→n})`` is linear in (β_pn, β_vn). Both are
+    computed once here, so another set of weights costs one (C, D) x (D, D) projection (n→p).
+
+    Args:
+        inputs: the frozen graph inputs of the fit.
+        message: ``message(edge, aggregated)`` applies the trained block of ``edge``.
+    """
+
+    @torch.no_grad()
+    def __init__(self, inputs: GraphInputs, message: Callable[[str, Tensor], Tensor]) -> None:
+        self.positive_base = inputs.positive
+        self.message = message
+        self.messages = {e: message(e, h) for e, h in inputs.frozen.items()}
+        self.np_terms: list[Tensor] = []
+        if inputs.np_adjacency is not None:
+            base = aggregate(inputs.np_adjacency, inputs.np_self, inputs.positive, inputs.negative)
+            self.np_terms = [base] + [
+                inputs.np_adjacency @ self.messages[e]
+                if e in self.messages
+                else torch.zeros_like(base)
+                for e in ("pn", "vn")
+            ]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """(C, D) the visual bias M^v (None without the v→v relation)."""
+        return self.messages.get("vv")
+
+    @torch.no_grad()
+    def positive(self, weights: Mapping[str, float]) -> Tensor:
+        """(C, D) the updated positive nodes X^p' (not normalised) for these weights."""
+        out = self.positive_base
+        for edge, name in (("pp", "alpha_pp"), ("vp", "alpha_vp")):
+            if edge in self.messages:
+                out = out + weights[name] * self.messages[edge]
+        if self.np_terms:
+            base, from_pn, from_vn = self.np_terms
+            aggregated = base + weights["beta_pn"] * from_pn + weights["beta_vn"] * from_vn
+            out = out + weights["alpha_np_test"] * self.message("np", aggregated)
+        return out
+
+    def scorer(
+        self,
+        defaults: Mapping[str, float],
+        logit_scale: float,
+        vis_logits: Callable[[float, Tensor], Tensor] | None,
+        fusion: str,
+        fusion_grid: list[float],
+    ) -> Callable[[Mapping[str, float], ValidationSet], tuple[float, float]]:
+        """``score(weights, rows) -> (accuracy %, fusion weight)`` of the fused prediction.
+
+        The text classifier ``τ f norm(X^p')ᵀ`` with these weights (``defaults`` for those not
+        given), fused (``"prob"``: the softmaxes, ``"logit"``: the logits) with the cache logits
+        ``vis_logits(γ, features)`` (None: text only) at the first best weight of
+        ``fusion_grid``. The cache logits are computed once per γ.
+        """
+        cached: dict[tuple[float, int], Tensor] = {}
+
+        @torch.no_grad()
+        def score(point: Mapping[str, float], rows: ValidationSet) -> tuple[float, float]:
+            weights = {**defaults, **point}
+            z_text = logit_scale * rows.features @ normalize_rows(self.positive(weights)).T
+            if vis_logits is None:
+                return 100.0 * float((z_text.argmax(1) == rows.labels).float().mean()), 0.0
+            key = (float(weights["gamma"]), rows.features.data_ptr())
+            if key not in cached:
+                cached[key] = vis_logits(key[0], rows.features)
+            z_vis = cached[key]
+            if fusion == "prob":
+                z_text, z_vis = z_text.softmax(dim=-1), z_vis.softmax(dim=-1)
+            _, j, accuracy = search_logit_blend(z_text, [z_vis], fusion_grid, rows)
+            return accuracy, fusion_grid[j]
+
+        return score

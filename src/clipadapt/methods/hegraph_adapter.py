@@ -7,6 +7,7 @@ Heterogeneous Graph Adapter", arXiv:2410.07854. Implementation spec: specs/hegra
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,21 +15,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.search import search_logit_blend
-from clipadapt.engine.train import OptimizerParams, ViewSampler, train_loop
-from clipadapt.exceptions import MissingTensorError
+from clipadapt.engine.search import coordinate_search, coordinate_values
+from clipadapt.engine.train import VIEW_MODES, OptimizerParams, ViewSampler, train_loop
 from clipadapt.methods._graph import (
     ALL_EDGES,
     BLOCK_LAYOUTS,
+    METAPATH_WEIGHTS,
     NEGATIVE_EDGES,
     VISUAL_EDGES,
     BiasedCache,
     GraphInputs,
     HeteroGraph,
+    TrainedGraph,
     aggregate,
     block_param_count,
     class_means,
+    negative_text_nodes,
     normalize_relation,
+    positive_text_nodes,
     relation_matrices,
     train_view_features,
 )
@@ -66,20 +70,26 @@ class HeGraphAdapter(OptimizerParams, Adapter):
 
     Test time uses ``α_np = 0.1`` (the paper's test value) and fuses the two classifiers as
     ``log((softmax(Z_text) + w softmax(Z_vis)) / (1 + w))`` (``fusion="prob"``) or
-    ``Z_text + w Z_vis`` (``fusion="logit"``). ``w`` is chosen on validation data over
-    ``fusion_grid`` when ``search_fusion`` and validation rows are given, else ``fusion_weight``
-    is used and ``best_params_['source']`` records that.
+    ``Z_text + w Z_vis`` (``fusion="logit"``). The paper sets the meta-path weights per dataset;
+    here, with validation rows, the prediction-time weights (β_pn, β_vn, α_pp, α_vp, α_np, γ)
+    are searched around the defaults after training (``search_metapaths``, coarse to fine, one
+    weight at a time, :func:`~clipadapt.engine.search.coordinate_search`), each point scored
+    with its best ``w`` over ``fusion_grid`` (``search_fusion``). ``best_params_`` records the
+    chosen point and its source (the defaults without validation rows).
 
-    Ablations (paper §4.3): ``negative_nodes=False`` drops the negative nodes and their three
-    relations, ``visual_nodes=False`` drops the visual nodes, their relations and the visual
-    bias, ``edges`` keeps a subset of relations, ``classifier="text"`` is HeGraphAdapter(T),
-    ``positive_nodes="templates"`` uses ``text_features`` (the prompt or prompt-ensemble
-    embedding) instead of descriptions. (T-P) is ``edges=[pp, vp]``; (T-N) is
-    ``edges=[pn, vn, np]``. A bundle without ``negative_text_features`` or
-    ``description_features`` fails with the tensor's name unless one of these is asked for.
+    Variants (paper §4.3, presets in ``methods/presets/hegraph_adapter.yaml``): ``T`` is
+    ``classifier="text"`` (HeGraphAdapter(T), the paper's domain-generalisation method), ``T-P``
+    adds ``edges=[pp, vp]`` and ``T-N`` ``edges=[pn, vn, np]`` to it. Ablations:
+    ``negative_nodes=False`` drops the negative nodes and their three relations,
+    ``visual_nodes=False`` drops the visual nodes, their relations and the visual bias,
+    ``positive_nodes="templates"`` uses ``text_features`` instead of descriptions. A bundle
+    without the tensors a configuration reads fails naming the tensor and the switch.
 
     Args:
         positive_nodes: "descriptions" (masked mean of ``description_features``) or "templates".
+        negatives: negative nodes from the negative prompt (``"template"``, "a photo of no
+            {class}.") or from the negated description set, averaged (``"descriptions"``,
+            ``negative_description_features``); the template scored higher on validation.
         negative_nodes, visual_nodes: keep these node types.
         edges: relation types to use (subset of pn, vn, pp, vp, np, vv).
         beta_pn, beta_vn: weights of p→n and v→n into the negatives (0.5, 0.5; inferred).
@@ -97,14 +107,17 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         fusion: "prob" or "logit" test-time combination (inferred).
         fusion_weight: w used without validation search.
         search_fusion, fusion_grid: search w on validation data over this grid.
+        search_metapaths: search the prediction-time meta-path weights on validation data.
         epochs, lr: the paper's schedule, 30 epochs at lr 1e-3. The paper trains EuroSAT, DTD
             and FGVCAircraft for 100 epochs (FGVCAircraft at lr 1e-2): those are the presets
             ``eurosat``, ``dtd`` and ``fgvc_aircraft`` in ``methods/presets/hegraph_adapter.yaml``
             (``--method hegraph_adapter:preset=eurosat``), named explicitly per dataset.
         batch_size, weight_decay: 32, 0.01 (inferred, CoOp family).
         warmup_epochs, warmup_lr: constant-lr warmup (1 epoch at 1e-5; inferred).
-        use_views: visual nodes and cache keys from the mean of stored augmented views, and one
-            view per epoch as training queries.
+        use_views: visual nodes and cache keys from the mean of stored augmented views, and
+            augmented views as training queries.
+        view_sampling: "random" (one stored view drawn per row and epoch, the shared
+            :class:`~clipadapt.engine.train.ViewSampler`) or "cycle" (view ``epoch % V``).
         seed: initialisation and shuffling seed.
     """
 
@@ -117,12 +130,18 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         arxiv="2410.07854",
         needs=("train", "text", "negative_features", "description_features"),
         trainable=True,
-        searched={"fusion_weight": "fusion_grid (default 0, .1, .25, .5, 1, 2, 4, 10)"},
+        searched={
+            "fusion_weight": "fusion_grid (default 0, .1, .25, .5, 1, 2, 4, 10)",
+            **dict.fromkeys(
+                METAPATH_WEIGHTS, "its value x (1, 1/2, 2), then x (1, 3/4, 5/4), one at a time"
+            ),
+        },
         uses_views=True,
         max_tiny_seconds=30,
         param_formula="5 * (D * D + C * D)",
         constraints={
             "positive_nodes": one_of(("descriptions", "templates")),
+            "negatives": one_of(("template", "descriptions")),
             "negative_nodes": flag(),
             "visual_nodes": flag(),
             "edges": list_of(one_of(ALL_EDGES)),
@@ -137,6 +156,8 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             "fusion": one_of(("prob", "logit")),
             "fusion_weight": non_negative(),
             "search_fusion": flag(),
+            "search_metapaths": flag(),
+            "view_sampling": one_of(VIEW_MODES),
             "fusion_grid": list_of(non_negative()),
             **common("logit_scale", "epochs", "lr", "batch_size", "weight_decay"),
             **common("warmup_epochs", "warmup_lr", "use_views", "seed"),
@@ -146,6 +167,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
     def __init__(
         self,
         positive_nodes: str = "descriptions",
+        negatives: str = "template",
         negative_nodes: bool = True,
         visual_nodes: bool = True,
         edges: tuple[str, ...] = ALL_EDGES,
@@ -168,6 +190,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         fusion_weight: float = 1.0,
         search_fusion: bool = True,
         fusion_grid: tuple[float, ...] = DEFAULT_FUSION_GRID,
+        search_metapaths: bool = True,
         epochs: int = 30,
         lr: float = 1e-3,
         batch_size: int = 32,
@@ -175,6 +198,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
         use_views: bool = True,
+        view_sampling: str = "random",
         seed: int = 1,
     ) -> None:
         self._init_params(locals())
@@ -212,10 +236,24 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             super()._check_needs(text, val)
 
     def search_space(self) -> dict[str, list[float]]:
-        """``{"fusion_weight": fusion_grid}`` (empty for the text-only classifier)."""
-        if self.classifier == "text" or not self.search_fusion:
-            return {}
-        return {"fusion_weight": [float(w) for w in self.fusion_grid]}
+        """The values a validation search can choose: ``fusion_weight`` over ``fusion_grid``
+        (not for the text-only classifier) and every searched meta-path weight over the values
+        :func:`~clipadapt.engine.search.coordinate_search` reaches from its default."""
+        space: dict[str, list[float]] = {}
+        if self.classifier != "text" and self.search_fusion:
+            space["fusion_weight"] = [float(w) for w in self.fusion_grid]
+        for name in self._searched_weights() if self.search_metapaths else []:
+            space[name] = coordinate_values(float(getattr(self, name)))
+        return space
+
+    def _searched_weights(self) -> list[str]:
+        """Meta-path weights that change the predictions of this configuration."""
+        edges = set(self.active_edges())  # without v→v for the text classifier: no γ
+        return [name for name, needs in METAPATH_WEIGHTS.items() if set(needs) <= edges]
+
+    def _default_weights(self) -> dict[str, float]:
+        """The meta-path weights as set (training uses them with ``alpha_np_train``)."""
+        return {name: float(getattr(self, name)) for name in METAPATH_WEIGHTS}
 
     def _block_names(self) -> list[str]:
         mapping = BLOCK_LAYOUTS[self.block_layout]
@@ -239,32 +277,12 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         return len(blocks) * block_param_count(dim, num_classes, bias)
 
     # ------------------------------------------------------------------ nodes
-    def _positive(self, text: TextFeatures) -> Tensor:
-        if self.positive_nodes == "templates":
-            return text.class_features
-        try:
-            descriptions = text.require("description_features", self.card.name)
-        except MissingTensorError as error:
-            raise MissingTensorError(
-                f"{error}; or run the documented ablation without descriptions explicitly with "
-                "positive_nodes=templates (e.g. --method hegraph_adapter:positive_nodes=templates)"
-            ) from None
-        mask = text.description_mask.to(descriptions.dtype)
-        return normalize_rows((descriptions * mask[..., None]).sum(dim=1))
-
-    def _negative(self, text: TextFeatures) -> Tensor:
-        try:
-            return text.require("negative_features", self.card.name)
-        except MissingTensorError as error:
-            raise MissingTensorError(
-                f"{error}; or run the documented ablation without negative nodes explicitly with "
-                "negative_nodes=false (e.g. --method hegraph_adapter:negative_nodes=false)"
-            ) from None
-
     def _graph_inputs(self, train: TrainSet, text: TextFeatures) -> GraphInputs:
         edges = self.active_edges()
-        positive = self._positive(text)
-        negative = self._negative(text) if set(edges) & NEGATIVE_EDGES else None
+        positive = positive_text_nodes(text, self.positive_nodes)
+        negative = None
+        if set(edges) & NEGATIVE_EDGES:
+            negative = negative_text_nodes(text, self.negatives)
         visual = None
         if set(edges) & VISUAL_EDGES:
             visual = class_means(
@@ -295,31 +313,34 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         )
 
     # ------------------------------------------------------------------ the graph
-    def _propagate(self, inputs: GraphInputs, alpha_np: float) -> tuple[Tensor, Tensor | None]:
+    def _message(self, edge: str, aggregated: Tensor) -> Tensor:
+        return self.graph_.blocks[BLOCK_LAYOUTS[self.block_layout][edge]](aggregated)
+
+    def _propagate(
+        self, inputs: GraphInputs, weights: Mapping[str, float], alpha_np: float
+    ) -> tuple[Tensor, Tensor | None]:
         """One pass of the hierarchical aggregation: negatives → positives → visual bias.
+
+        Args:
+            weights: β_pn, β_vn, α_pp, α_vp by option name (the set or the chosen values).
+            alpha_np: the weight of n→p (``alpha_np_train`` in training).
 
         Returns:
             (updated positive nodes X^p' (C, D), visual bias M^v (C, D) or None).
         """
-        blocks = self.graph_.blocks
-        mapping = BLOCK_LAYOUTS[self.block_layout]
-        frozen = inputs.frozen
-
-        def message(edge: str, aggregated: Tensor) -> Tensor:
-            return blocks[mapping[edge]](aggregated)
-
+        message, frozen = self._message, inputs.frozen
         negative = inputs.negative
         if "pn" in frozen or "vn" in frozen:
             updates = [
-                w * message(e, frozen[e])
-                for e, w in (("pn", self.beta_pn), ("vn", self.beta_vn))
+                weights[w] * message(e, frozen[e])
+                for e, w in (("pn", "beta_pn"), ("vn", "beta_vn"))
                 if e in frozen
             ]
             negative = negative + sum(updates)
         positive = inputs.positive
         updates = [
-            w * message(e, frozen[e])
-            for e, w in (("pp", self.alpha_pp), ("vp", self.alpha_vp))
+            weights[w] * message(e, frozen[e])
+            for e, w in (("pp", "alpha_pp"), ("vp", "alpha_vp"))
             if e in frozen
         ]
         if inputs.np_adjacency is not None:
@@ -330,10 +351,10 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         bias = message("vv", frozen["vv"]) if "vv" in frozen else None
         return positive, bias
 
-    def _biased_keys(self, inputs: GraphInputs, bias: Tensor | None) -> Tensor:
+    def _biased_keys(self, inputs: GraphInputs, bias: Tensor | None, gamma: float) -> Tensor:
         if bias is None:
             return inputs.keys
-        return normalize_rows(inputs.keys + self.gamma * bias[inputs.key_labels])
+        return normalize_rows(inputs.keys + gamma * bias[inputs.key_labels])
 
     def _classifier_logits(
         self, features: Tensor, text_weights: Tensor, keys: Tensor, key_labels: Tensor
@@ -359,17 +380,13 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         self.graph_.to(device)
         self.graph_.reset_parameters(self._generator("cpu"))
         labels = train.labels
-        # Every row of an epoch from view `epoch % V`, as the code this was built from did. Issue
-        # 23 moves HeGraphAdapter to the shared per-row random draw; until then "cycle" keeps
-        # its results unchanged.
-        sampler = ViewSampler(
-            train.features, train.views if self.use_views else None, self.seed, mode="cycle"
-        )
-
+        views = train.views if self.use_views else None
+        sampler = ViewSampler(train.features, views, self.seed, mode=self.view_sampling)
         cache = BiasedCache(inputs.keys, inputs.key_labels, num_classes)
+        weights = self._default_weights()
 
         def batch_loss(index: Tensor, epoch: int) -> Tensor:
-            positive, bias = self._propagate(inputs, self.alpha_np_train)
+            positive, bias = self._propagate(inputs, weights, self.alpha_np_train)
             batch = sampler(epoch).index_select(0, index)
             target = labels.index_select(0, index)
             z_text = self.logit_scale * batch @ normalize_rows(positive).T
@@ -391,44 +408,62 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             what="hegraph_adapter training",
         )
         self.train_loss_ = [float(v) for v in history.loss]
-        with torch.no_grad():
-            positive, bias = self._propagate(inputs, self.alpha_np_test)
-            self.text_weights_ = normalize_rows(positive).detach()
-            self.cache_keys_ = self._biased_keys(inputs, bias).detach().clone()
         self.cache_labels_ = inputs.key_labels.clone()
-        self._choose_fusion(val)
+        graph = TrainedGraph(inputs, self._message)
+        self._choose_prediction(graph, cache, val)
+        point = self.metapath_weights_
+        with torch.no_grad():
+            self.text_weights_ = normalize_rows(graph.positive(point)).detach()
+            self.cache_keys_ = self._biased_keys(inputs, graph.bias, point["gamma"]).clone()
         self.best_params_.update(
             {"epochs": self.epochs, "lr": self.lr, "edges": list(self.active_edges())}
         )
 
-    def _choose_fusion(self, val: ValidationSet | None) -> None:
-        if self.classifier == "text":
-            self.fusion_weight_ = 0.0
-            self._record_fixed({"fusion_weight": 0.0}, "text classifier only (nothing to fuse)")
-            return
+    def _choose_prediction(
+        self, graph: TrainedGraph, cache: BiasedCache, val: ValidationSet | None
+    ) -> None:
+        """Choose the prediction-time meta-path weights and fusion weight on validation rows.
+
+        Each point of the meta-path search is scored with its best fusion weight; everything
+        that does not depend on the weights (the trained messages, the cache logits of each γ)
+        is computed once. Sets ``metapath_weights_`` and ``fusion_weight_``.
+        """
+        defaults = self._default_weights()
+        names = self._searched_weights() if self.search_metapaths else []
+        fuse = self.classifier != "text"
+        grid = [float(w) for w in self.fusion_grid] if self.search_fusion else []
+
+        def vis_logits(gamma: float, features: Tensor) -> Tensor:
+            affinity = cache.affinity(features, graph.bias, gamma)
+            return self.cache_scale * cache_logits(
+                affinity, cache.key_labels, self.n_classes_, self.cache_beta
+            )
+
+        fusion_grid = grid or [float(self.fusion_weight)]
+        fused = graph.scorer(
+            defaults, self.logit_scale, vis_logits if fuse else None, self.fusion, fusion_grid
+        )
 
         def search(val: ValidationSet) -> tuple[dict[str, float], float]:
-            base, extra = self._fusion_terms(val.features)
-            grid = self.search_space()["fusion_weight"]
-            _, j, acc = search_logit_blend(base, [extra], grid, val)
-            return {"fusion_weight": grid[j]}, acc
+            point: dict[str, float] = {}
+            if names:
+                start = {name: defaults[name] for name in names}
+                point, _ = coordinate_search(lambda p, rows: fused(p, rows)[0], start, val)
+            acc, weight = fused(point, val)
+            return {**point, **({"fusion_weight": weight} if fuse else {})}, acc
 
-        chosen = self._choose(
-            val,
-            search,
-            {"fusion_weight": float(self.fusion_weight)},
-            disabled=None if self.search_fusion else "search disabled",
-        )
-        self.fusion_weight_ = float(chosen["fusion_weight"])
-
-    def _fusion_terms(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(base, extra) whose ``base + w * extra`` has the fused prediction's argmax."""
-        z_text, z_vis = self._classifier_logits(
-            features, self.text_weights_, self.cache_keys_, self.cache_labels_
-        )
-        if self.fusion == "prob":
-            return z_text.softmax(dim=-1), z_vis.softmax(dim=-1)
-        return z_text, z_vis
+        fixed = {name: defaults[name] for name in names}
+        if fuse:
+            fixed["fusion_weight"] = float(self.fusion_weight)
+        if names or (fuse and self.search_fusion):
+            chosen = self._choose(val, search, fixed)
+        elif fuse:
+            chosen = self._choose(val, search, fixed, disabled="search disabled")
+        else:
+            chosen = fixed
+            self._record_fixed(fixed, "text classifier only, meta-path search off")
+        self.metapath_weights_ = {**defaults, **{n: float(chosen[n]) for n in names}}
+        self.fusion_weight_ = float(chosen.get("fusion_weight", 0.0))
 
     # ------------------------------------------------------------------ predict
     def _logits(self, features: Tensor) -> Tensor:
@@ -441,8 +476,10 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             raise RuntimeError(
                 "hegraph_adapter: gradient logits need the graph inputs of a fit in this process"
             )
-        positive, bias = self._propagate(inputs, self.alpha_np_test)
-        return self._fused(features, normalize_rows(positive), self._biased_keys(inputs, bias))
+        point = self.metapath_weights_
+        positive, bias = self._propagate(inputs, point, point["alpha_np_test"])
+        keys = self._biased_keys(inputs, bias, point["gamma"])
+        return self._fused(features, normalize_rows(positive), keys)
 
     def _fused(self, features: Tensor, text_weights: Tensor, keys: Tensor) -> Tensor:
         z_text, z_vis = self._classifier_logits(features, text_weights, keys, self.cache_labels_)

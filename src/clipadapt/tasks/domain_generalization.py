@@ -37,12 +37,15 @@ from torch import Tensor
 
 from clipadapt.data.bundle import FeatureBundle
 from clipadapt.exceptions import ConfigError
-from clipadapt.methods.base import Adapter
+from clipadapt.methods.base import Adapter, method_presets
 from clipadapt.tasks.classification import RunResult, SplitChoice, evaluate
 
 TASK = "domain_generalization"
 #: Classes in ImageNet-1k, the size a source must have for the ``imagenet_classes`` mapping.
 IMAGENET_NUM_CLASSES = 1000
+#: The preset a method's paper evaluates domain generalisation with (HeGraphAdapter: its text
+#: classifier only, (T)); :func:`evaluate_dg` applies it unless told not to.
+PAPER_VARIANT_PRESET = "domain_generalization"
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +209,15 @@ def evaluate_dg(
     target_eval_set: str = "test",
     text_encoder: object | None = None,
     device: str | torch.device = "cpu",
+    paper_variant: bool = True,
 ) -> list[dict[str, Any]]:
     """Fit a clone of ``method`` on ``source`` (one few-shot draw); score it on the source and
     each target (``method`` itself is left unfitted, as by ``evaluate``).
+
+    A method whose paper evaluates domain generalisation with another variant than its default
+    has a ``domain_generalization`` preset (HeGraphAdapter: ``classifier=text``, the paper's
+    HeGraphAdapter(T)); with ``paper_variant`` it is applied on top of ``method``'s options and
+    named in every record's ``variant``.
 
     Args:
         method: the adapter to run.
@@ -217,16 +226,22 @@ def evaluate_dg(
         shots, seed, choice: the source run, as in :func:`clipadapt.tasks.classification.evaluate`.
         target_eval_set: the group scored on every target (default ``test``).
         text_encoder, device: as in ``evaluate``.
+        paper_variant: apply the method's ``domain_generalization`` preset (False: run
+            ``method`` exactly as given).
 
     Returns:
         One record per dataset (source first): the source's :class:`RunResult` fields with
         ``task`` = "domain_generalization", ``role`` ("source"/"target"), ``source`` (the source
-        dataset's name), ``dataset`` and ``accuracy`` of that dataset, and ``n_classes``; a
-        target's record also names the ``class_mapping`` rule that mapped its classes.
+        dataset's name), ``dataset`` and ``accuracy`` of that dataset, ``n_classes`` and
+        ``variant`` (the preset applied, or None); a target's record also names the
+        ``class_mapping`` rule that mapped its classes.
     """
     choice = choice or SplitChoice()
     # fail before fitting
     mappings = [class_mapping(source.classnames, t, source.metadata) for t in targets]
+    variant = method_presets(method.card.name).get(PAPER_VARIANT_PRESET) if paper_variant else None
+    if variant:
+        method = method.clone().set_params(**variant)
     result: RunResult = evaluate(
         method,
         source,
@@ -236,7 +251,12 @@ def evaluate_dg(
         text_encoder=text_encoder,
         device=device,
     )
-    base = {**result.to_dict(), "task": TASK, "source": source.name}
+    base = {
+        **result.to_dict(),
+        "task": TASK,
+        "source": source.name,
+        "variant": f"preset {PAPER_VARIANT_PRESET}: {variant}" if variant else None,
+    }
     records = [{**base, "role": "source", "n_classes": source.num_classes}]
     for target, (index, rule) in zip(targets, mappings, strict=True):
         rows = target.group(target_eval_set, "eval")
