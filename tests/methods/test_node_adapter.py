@@ -567,3 +567,26 @@ def test_activation_estimate_matches_saved_tensors(classes: int, shots: int, gai
         candidates=classes if gain else 0,
     )
     assert 0.75 < estimate / total < 1.5, (estimate, total)
+
+
+def test_staged_search_keeps_stage_one_on_ties_and_records_only_what_it_searched() -> None:
+    from clipadapt.methods._node_support import staged_search
+
+    calls: list[dict] = []
+
+    def score(point: dict, _val: object) -> tuple[float, float]:
+        calls.append(dict(point))
+        # η = 3 ties stage 1 on accuracy and loss: stage 1 must win; η = 10 at λ 0.2 is better
+        better = point["gradient_gain"] == 10.0 and point["blend_init"] == 0.2
+        return (2.0 if better else 1.0, 0.0)
+
+    space = {"blend_init": [0.5, 0.2], "gamma_init": [1.0, 0.5], "gradient_gain": [0.0, 3.0]}
+    fx = make_fixture(num_classes=4, dim=8, shots=2)
+    point, best = staged_search(score, space, fx.val)
+    assert point == {"blend_init": 0.5, "gamma_init": 1.0, "gradient_gain": 0.0}
+    # stage 2 runs every λ at stage 1's γ only: 4 + 2 points instead of 8
+    assert len(calls) == 6 and all(c["gamma_init"] == 1.0 for c in calls[4:])
+    point, best = staged_search(score, {**space, "gradient_gain": [0.0, 3.0, 10.0]}, fx.val)
+    assert point == {"blend_init": 0.2, "gamma_init": 1.0, "gradient_gain": 10.0} and best[0] == 2.0
+    no_ode = NodeAdapter(**{**FAST, "t_end": 0.0}).fit(fx.train, fx.text, fx.val)
+    assert "gradient_gain" not in no_ode.best_params_ and "blend_init" in no_ode.best_params_

@@ -40,7 +40,7 @@ from clipadapt.engine.ode import (
     solver_names,
     solver_options,
 )
-from clipadapt.engine.search import accuracy, grid_search
+from clipadapt.engine.search import accuracy
 from clipadapt.engine.train import OptimizerParams, TrainHistory, ViewSampler, train_loop
 from clipadapt.exceptions import ConfigError, NotFittedError, TrainingError
 from clipadapt.methods._node import (
@@ -59,10 +59,10 @@ from clipadapt.methods._node import (
     untrained_endpoint,
 )
 from clipadapt.methods._node_support import (
-    EVALUATIONS_PER_STEP,
     SupportLossGradient,
-    activation_bytes,
+    backprop_estimate,
     nearest_classes,
+    staged_search,
 )
 from clipadapt.methods.base import Adapter, MethodCard, register_method
 from clipadapt.methods.constraints import (
@@ -390,32 +390,23 @@ class NodeAdapter(OptimizerParams, Adapter):
 
     def _choose_backprop(self, classes: int, shots: int, dim: int, batch_rows: int) -> None:
         """Estimate the activations of direct back-propagation, choose the path, record both."""
-        per_step = EVALUATIONS_PER_STEP.get(self.solver)
-        given = self.solver_options or {}
-        steps = None
-        if per_step is not None and "grid_constructor" not in given:
-            step_size = given.get("step_size")
-            steps = int(self.steps) if step_size is None else math.ceil(self.t_end / step_size)
-        estimate = None
-        if steps is not None and self.dynamics == "metanode":
-            gain_on = self._init_values()["gradient_gain"] > 0
-            candidates = 0
-            if gain_on:
-                candidates = classes if not self.gradient_classes else self.gradient_classes + 1
-                candidates = min(candidates, classes)
-            estimate = activation_bytes(
-                classes=classes + batch_rows,
-                shots=shots,
-                dim=dim,
-                hidden=self.hidden,
-                attention_width=self.heads * self.head_dim,
-                evaluations=steps * per_step,
-                candidates=candidates,
-            )
-        elif steps is not None:  # the MLP dynamics: a few hidden-wide tensors per class
-            estimate = 4 * steps * per_step * (classes + batch_rows) * (4 * self.hidden + 6 * dim)
-        budget = float(self.memory_budget_gb) * 2**30
-        self._auto_adjoint = estimate is None or estimate > budget
+        gain_on = self._init_values()["gradient_gain"] > 0
+        estimate = backprop_estimate(
+            solver=self.solver,
+            solver_options=self.solver_options,
+            steps=int(self.steps),
+            t_end=float(self.t_end),
+            metanode=self.dynamics == "metanode",
+            classes=classes + batch_rows,
+            shots=shots,
+            dim=dim,
+            hidden=self.hidden,
+            attention_width=self.heads * self.head_dim,
+            candidates=min(classes, self.gradient_classes + 1 if self.gradient_classes else classes)
+            if gain_on
+            else 0,
+        )
+        self._auto_adjoint = estimate is None or estimate > float(self.memory_budget_gb) * 2**30
         self.best_params_["adjoint"] = self._adjoint_path()
         if estimate is not None:
             self.best_params_["activation_gib"] = float(f"{estimate / 2**30:.4g}")
@@ -477,22 +468,8 @@ class NodeAdapter(OptimizerParams, Adapter):
             return accuracy(logits, val.labels), -float(F.cross_entropy(logits, val.labels))
 
         def search(val: ValidationSet) -> tuple[dict[str, float], float]:
-            space = self.search_space()
-            gains = [g for g in space.pop("gradient_gain", []) if g > 0]
-            # stage 1: (λ, γ) with f_θ alone (closed form)
-            point, best = grid_search(score, {**space, "gradient_gain": [0.0]}, val)
-            if gains:
-                # stage 2: each η > 0 with every λ and the chosen γ; stage 1's point wins ties
-                stage2 = {k: v for k, v in space.items() if k != "gamma_init"}
-                fixed = {k: point[k] for k in ("gamma_init",) if k in point}
-
-                def score2(p2: dict[str, Any], val: ValidationSet) -> tuple[float, float]:
-                    return score({**fixed, **p2}, val)
-
-                point2, best2 = grid_search(score2, {"gradient_gain": gains, **stage2}, val)
-                if best2 > best:
-                    point, best = {**fixed, **point2}, best2
-            return {k: float(v) for k, v in point.items()}, best[0]
+            point, best = staged_search(score, self.search_space(), val)
+            return point, best[0]
 
         disabled = None
         if not self.search_space():
