@@ -25,6 +25,19 @@ TINY_CONFIG = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_root(tmp_path_factory: pytest.TempPathFactory):
+    """Every test writes features and the splits of ImageFolder trees under a cache root of its
+    session, never into the user's ~/.cache (tests that check the root rule set their own)."""
+    previous = os.environ.get("CLIPADAPT_CACHE")
+    os.environ["CLIPADAPT_CACHE"] = str(tmp_path_factory.mktemp("clipadapt-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CLIPADAPT_CACHE", None)
+    else:
+        os.environ["CLIPADAPT_CACHE"] = previous
+
+
 def real_data(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test when the data is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -293,24 +292,28 @@ def test_imagefolder_split_is_deterministic_and_saved(tmp_path):
     second = _tree(tmp_path / "two", sizes)
     a = load_dataset(first)
     load_dataset(second)
-    assert (first / "split.json").read_text() == (second / "split.json").read_text()
+    saved_at = ds_module.split_path_for(first)
+    # the split is kept beside the cache, never written into the user's image tree
+    assert not (first / "split.json").exists() and not (second / "split.json").exists()
+    assert saved_at.read_text() == ds_module.split_path_for(second).read_text()
     assert a.sizes() == {"train": 10, "val": 4, "test": 6}  # per class round-half-up
     assert a.classnames == ["cat", "dog", "sea_lion"] and a.name == "one"
-    assert a.split_path == first / "split.json"
+    assert a.split_path == saved_at
     assert a.fingerprint() == load_dataset(second).fingerprint()  # independent of location
     _touch(first / "cat" / "img_999.jpg")
-    (first / "split.json").unlink()
-    assert load_dataset(first).fingerprint() != a.fingerprint()
+    with pytest.raises(DatasetError, match="no longer matches the folder: 1 image.*--resplit"):
+        load_dataset(first)
+    assert load_dataset(first, resplit=True).fingerprint() != a.fingerprint()
     (first / "cat" / "img_999.jpg").unlink()
-    (first / "split.json").unlink()
-    assert load_dataset(first).fingerprint() == a.fingerprint()
+    assert load_dataset(first, resplit=True).fingerprint() == a.fingerprint()
     other = make_imagefolder_split(first, seed=1)
-    assert other != json.loads((first / "split.json").read_text())
+    saved = json.loads(saved_at.read_text())
+    assert other != {k: saved[k] for k in ("train", "val", "test")}
     # the saved split is reused: a new seed does not change an existing split
     again = load_dataset(first, split_seed=7)
     assert [i.path for i in again.split("test")] == [i.path for i in a.split("test")]
-    saved = json.loads((first / "split.json").read_text())
-    assert set(saved) == {"train", "val", "test"}
+    assert set(saved) == {"train", "val", "test", "clipadapt"}
+    assert saved["clipadapt"]["made_by"] == "make_imagefolder_split"
     assert saved["train"][0] == ["cat/" + Path(saved["train"][0][0]).name, 0, "cat"]
 
 
@@ -353,7 +356,7 @@ def test_imagefolder_split_per_class_and_extensions(tmp_path):
     assert any(rel == "mixed/nested/deep.png" for rows in split.values() for rel, _, _ in rows)
 
 
-def test_split_file_argument_and_read_only_folder(tmp_path, monkeypatch, caplog):
+def test_split_file_argument_and_cache_location(tmp_path, monkeypatch):
     root = _tree(tmp_path / "tree", {"a": 4, "b": 4})
     target = tmp_path / "splits" / "mine.json"
     ds = load_dataset(root, split_file=target)
@@ -361,14 +364,19 @@ def test_split_file_argument_and_read_only_folder(tmp_path, monkeypatch, caplog)
     assert ds.split_path == target
     assert load_dataset(root, split_file=target).sizes() == ds.sizes()
 
-    monkeypatch.setattr(ds_module, "_is_writable", lambda folder: False)
+    # without split_file: under the cache root (a read-only tree works the same way, since
+    # nothing is written into it), or under split_dir when given
     monkeypatch.setenv("CLIPADAPT_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="clipadapt.data.datasets"):
+    root.chmod(0o555)
+    try:
         ro = load_dataset(root)
+    finally:
+        root.chmod(0o755)
     assert ro.split_path.parent == tmp_path / "cache" / "splits"
     assert not (root / "split.json").exists()
-    assert any(str(ro.split_path) in r.getMessage() for r in caplog.records)
     assert load_dataset(root).split_path == ro.split_path  # found again on the next load
+    mine = load_dataset(root, split_dir=tmp_path / "elsewhere")
+    assert mine.split_path.parent == tmp_path / "elsewhere"
 
 
 def test_one_cache_root_for_features_and_splits(tmp_path, monkeypatch):

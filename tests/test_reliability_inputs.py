@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -247,6 +248,49 @@ def _disk_full_on_cache_write(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> list
     monkeypatch.setattr(cache, "atomic_write_bytes", full)
     assert real is not full
     return ctx.extract(ctx.images)
+
+
+def _bench_bundle(ctx: Ctx, *extra: str, **edits: Any) -> list[str]:
+    bundle = ctx.bundle("sweep", **edits)
+    return [
+        "bench",
+        "--bundle",
+        str(bundle),
+        "--methods",
+        "zeroshot",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--out",
+        str(ctx.tmp / "r.jsonl"),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _no_cuda(ctx: Ctx) -> list[str]:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    return _bench_bundle(ctx, "--device", "cuda")
+
+
+def _negative_views(ctx: Ctx) -> list[str]:
+    argv = ctx.extract(ctx.images)
+    argv[argv.index("--views") + 1] = "-1"
+    return argv
+
+
+def _adapter_on(ctx: Ctx, bundle: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--adapter", str(ctx.adapter), "--bundle", str(bundle), *extra]
+
+
+def _extracted_then(ctx: Ctx, change: Callable[[Path], Any]) -> list[str]:
+    """Extract the image folder once, change the folder, and extract it again."""
+    argv = ctx.extract(ctx.images)
+    assert main(argv) == 0
+    change(ctx.images)
+    return argv
 
 
 @dataclass(frozen=True)
@@ -509,6 +553,7 @@ CLI_CASES: list[CliCase] = [
                     test_labels=torch.zeros(0, dtype=torch.long),
                 )
             ),
+            "--other-bundle",  # not the bundle it was fitted on: on purpose here
         ],
         ("empty set",),
     ),
@@ -638,6 +683,90 @@ CLI_CASES: list[CliCase] = [
         lambda c: c.fit(_torch_pickle_payload(c, "feats.safetensors")),
         ("feats.safetensors", "not a readable safetensors"),
     ),
+    # ---------------------------------------------------------------- numbers you can trust
+    CliCase(
+        "bench_yaml_shots_not_a_number",
+        lambda c: _sweep(c, "bundle_dir: .\ndatasets: [alpha]\nmethods: [zeroshot]\nshots: four\n"),
+        ("shots must be a list of positive integers", "'four'"),
+    ),
+    CliCase(
+        "extract_negative_views",
+        _negative_views,
+        ("--views", "expected an integer >= 0", "-1"),
+    ),
+    CliCase(
+        "device_cuda_without_a_gpu",
+        _no_cuda,
+        ("--device cuda", "CUDA is not available", "--device cpu"),
+    ),
+    CliCase(
+        "bench_option_out_of_range_before_any_run",
+        lambda c: (
+            _bench_bundle(c)[:4] + ["tip_adapter:search_steps_beta=-5"] + _bench_bundle(c)[5:]
+        ),
+        ("search_steps_beta=-5", "not allowed", "positive int"),
+    ),
+    CliCase(
+        "bench_bundle_nan_features",
+        lambda c: _bench_bundle(
+            c, train_features=torch.randn(18, 8).index_fill_(0, torch.tensor([2]), np.nan)
+        ),
+        ("sweep.safetensors", "NaN or Inf", "no run was started"),
+    ),
+    CliCase(
+        "bench_bundle_without_test_group",
+        lambda c: _bench_bundle(c, test_features=None, test_labels=None),
+        ("no evaluation group 'test'", "eval_set", "no run was started"),
+    ),
+    CliCase(
+        "bench_bundle_labels_out_of_range",
+        lambda c: _bench_bundle(c, test_labels=torch.tensor([0, 1, 2, 7, 0] * 3)),
+        ("test_labels", "label 7", "out of range for 3 classes", "no run was started"),
+    ),
+    CliCase(
+        "evaluate_adapter_of_other_classes",
+        lambda c: _adapter_on(
+            c, c.bundle("birds", metadata={"classnames": json.dumps(["crow", "wren", "owl"])})
+        ),
+        ("fitted on 3 classes (cat, dog, owl)", "(crow, wren, owl)", "differ at label 0"),
+    ),
+    CliCase(
+        "evaluate_adapter_on_another_bundle",
+        lambda c: _adapter_on(c, (c.adapter, c.bundle("other", text_features=torch.eye(3, 8)))[1]),
+        ("other.safetensors", "fingerprint", "--other-bundle"),
+    ),
+    CliCase(
+        "fit_one_class",
+        lambda c: c.fit(
+            c.bundle(
+                "single",
+                metadata={"classnames": json.dumps(["cat"])},
+                **{
+                    f"{g}_labels": torch.zeros(n, dtype=torch.long)
+                    for g, n in (("train", 18), ("val", 9), ("test", 15))
+                },
+                text_features=torch.randn(1, 8),
+            )
+        ),
+        ("1 class(es) (cat)", "100 %", "at least 2 classes"),
+    ),
+    CliCase(
+        "split_no_longer_matches_the_folder",
+        lambda c: _extracted_then(
+            c,
+            lambda root: shutil.copy(
+                next((root / "red_square").iterdir()), root / "red_square" / "new.png"
+            ),
+        ),
+        ("no longer matches the folder", "1 image(s) added", "red_square/new.png", "--resplit"),
+    ),
+    CliCase(
+        "split_image_removed",
+        lambda c: _extracted_then(
+            c, lambda root: sorted((root / "green_disc").iterdir())[0].unlink()
+        ),
+        ("no longer matches the folder", "1 image(s) removed", "--resplit"),
+    ),
     # ---------------------------------------------------------------- numerical health
     CliCase(
         "nan_loss_names_learning_rate",
@@ -679,7 +808,10 @@ def test_disk_full_leaves_nothing_half_written(ctx: Ctx, capsys, monkeypatch) ->
     argv = _disk_full_on_cache_write(ctx, monkeypatch)
     code, _, err = _run(argv, capsys)
     assert code == 2 and "disk full" in err
-    leftovers = [p for p in (ctx.tmp / "cache").rglob("*") if p.is_file()]
+    # the split of the image folder was saved (whole) before encoding began
+    (split,) = (ctx.tmp / "cache" / "splits").iterdir()
+    assert set(json.loads(split.read_text())) == {"train", "val", "test", "clipadapt"}
+    leftovers = [p for p in (ctx.tmp / "cache").rglob("*") if p.is_file() and p != split]
     # no shard, no temporary file; at most a manifest that records no shard
     assert all(p.name == "manifest.json" for p in leftovers), leftovers
     for manifest in leftovers:
@@ -1169,7 +1301,12 @@ def test_table_sizes() -> None:
 # ------------------------------------------------------------------------------ end to end
 
 
-SUBPROCESS_CASES = ["unknown_method", "bundle_nan_features", "yaml_syntax_error"]
+SUBPROCESS_CASES = [
+    "unknown_method",
+    "bundle_nan_features",
+    "yaml_syntax_error",
+    "bench_bundle_nan_features",
+]
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from clipadapt.bench.results import run_id
+from clipadapt.bench.results import RUN_KEY_VERSION, legacy_run_id, run_id
 from clipadapt.methods.base import create_method, get_method_class, parse_method_spec
 from clipadapt.tasks.classification import SplitChoice
 
@@ -29,12 +29,13 @@ EPISODES = "episodes"
 
 
 class MethodChoice(NamedTuple):
-    """A method spec as typed (``tip_adapter:search_steps_beta=20``), its registry name and
-    its options."""
+    """A method spec as typed (``tip_adapter:search_steps_beta=20``), its registry name, its
+    options, and every hyperparameter it resolves to (defaults and preset filled in)."""
 
     spec: str
     name: str
     params: dict[str, Any]
+    resolved: dict[str, Any] = {}
 
 
 def checked_method(spec: str) -> MethodChoice:
@@ -45,8 +46,19 @@ def checked_method(spec: str) -> MethodChoice:
     """
     name, params = parse_method_spec(spec)
     name = get_method_class(name).card.name
-    create_method(name, **params)
-    return MethodChoice(spec, name, params)
+    method = create_method(name, **params)
+    resolved = method.get_params()
+    if params.get("preset") is not None:
+        resolved["preset"] = params["preset"]
+    return MethodChoice(spec, name, params, json_safe(resolved))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON would read it back (tuples become lists), so a cell's key is the same
+    before and after a record's round trip through the results file."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,11 @@ class Cell:
         seed: draw and method seed.
         train_set, val_set, eval_set: the bundle groups chosen (None: the defaults).
         bundle_fingerprint: content hash of the (source) bundle.
+        dataset_fingerprint: the image files' fingerprint the bundle records (None for
+            bundles made elsewhere).
+        method_params: every hyperparameter the spec resolves to (defaults and preset).
+        target_fingerprints: DG: each target bundle's content hash, in ``targets`` order.
+        episodes_fingerprint: content hash of the feature-episode file.
         bundles: bundle files (or in-memory keys) to load, the (source) bundle first.
         targets, target_eval_set: DG targets (dataset names) and the group scored on them.
         episodes_file: the feature-episode file of an episode cell.
@@ -88,21 +105,37 @@ class Cell:
     targets: tuple[str, ...] = ()
     target_eval_set: str | None = None
     episodes_file: str | None = None
+    dataset_fingerprint: str | None = None
+    method_params: dict[str, Any] = field(default_factory=dict)
+    target_fingerprints: tuple[str, ...] = ()
+    episodes_fingerprint: str | None = None
     backbone_record: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     run_id: str = field(init=False)
     outputs: tuple[str, ...] = field(init=False)
+    legacy_outputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         key = self.describe()
         if self.task == DOMAIN_GENERALIZATION:
+            scored = zip(
+                (self.dataset, *self.targets),
+                (self.bundle_fingerprint, *self.target_fingerprints),
+                strict=False,
+            )
             outputs = tuple(
-                run_id({**key, "dataset": name, "source": self.dataset})
+                run_id({**key, "dataset": name, "source": self.dataset, "scored_on": fp})
+                for name, fp in scored
+            )
+            legacy = tuple(
+                legacy_run_id({**key, "dataset": name, "source": self.dataset})
                 for name in (self.dataset, *self.targets)
             )
         else:
             outputs = (run_id(key),)
+            legacy = (legacy_run_id(key),)
         object.__setattr__(self, "outputs", outputs)
         object.__setattr__(self, "run_id", outputs[0])
+        object.__setattr__(self, "legacy_outputs", legacy)
 
     @property
     def choice(self) -> SplitChoice:
@@ -128,15 +161,20 @@ class Cell:
             "val_set": self.val_set,
             "eval_set": self.eval_set,
         }
+        out["method_params"] = self.method_params
         if self.task != EPISODES:
             out["bundle_fingerprint"] = self.bundle_fingerprint
+            out["dataset_fingerprint"] = self.dataset_fingerprint
         if self.task == DOMAIN_GENERALIZATION:
             out["targets"] = list(self.targets)
             out["target_eval_set"] = self.target_eval_set
+            out["target_fingerprints"] = list(self.target_fingerprints)
         if self.task == EPISODES:
             out["episodes_file"] = self.episodes_file
+            out["episodes_fingerprint"] = self.episodes_fingerprint
         if "run_id" in vars(self):
             out["run_id"] = self.run_id
+            out["key_version"] = RUN_KEY_VERSION
         return out
 
 
@@ -150,6 +188,7 @@ class BundleSource:
     choice: SplitChoice = SplitChoice()
     fingerprint: str = ""
     backbone_record: dict[str, Any] | None = None
+    dataset_fingerprint: str | None = None
 
     @classmethod
     def of(
@@ -177,6 +216,7 @@ class BundleSource:
             choice or SplitChoice(),
             fingerprint,
             bundle_backbone_record(bundle),
+            bundle.metadata.get("dataset_fingerprint"),
         )
 
 
@@ -205,6 +245,7 @@ def build_cell(
         "method": method.name,
         "method_spec": method.spec,
         "params": method.params,
+        "method_params": method.resolved,
         "shots": shots,
         "seed": seed,
     }
@@ -212,7 +253,13 @@ def build_cell(
         if episodes is None:
             raise ValueError("an episodes cell needs episodes=(name, file)")
         name, file = episodes
-        return Cell(dataset=name, backbone="episodes", episodes_file=file, **common)
+        return Cell(
+            dataset=name,
+            backbone="episodes",
+            episodes_file=file,
+            episodes_fingerprint=episodes_fingerprint(file),
+            **common,
+        )
     if source is None:
         raise ValueError(f"a {task} cell needs its source bundle")
     dg = task == DOMAIN_GENERALIZATION
@@ -227,8 +274,20 @@ def build_cell(
         targets=tuple(t.name for t in targets),
         target_eval_set=target_eval_set if dg else None,
         backbone_record=source.backbone_record,
+        dataset_fingerprint=source.dataset_fingerprint,
+        target_fingerprints=tuple(t.fingerprint for t in targets),
         **common,
     )
+
+
+def episodes_fingerprint(path: str) -> str | None:
+    """The first 16 hex digits of a feature-episode file's sha256 (its metadata holds no
+    paths, so this is a content hash); None when the file is not there."""
+    from pathlib import Path
+
+    from clipadapt._utils import sha256_file
+
+    return sha256_file(path)[:16] if Path(path).is_file() else None
 
 
 @dataclass

@@ -64,10 +64,21 @@ def _versions() -> dict[str, str]:
     }
 
 
-def ok_record(cell: Cell, result: Mapping[str, Any], device: str) -> Record:
-    """A finished run: the cell's fields, the result's, ``status: ok``, versions and device."""
+def ok_record(cell: Cell, result: Mapping[str, Any], device: str, output: int = 0) -> Record:
+    """A finished run: the cell's fields, the result's, ``status: ok``, versions and device.
+
+    ``output`` is which of the cell's runs this is (DG: 0 the source, then each target): it
+    picks the run id and the version-1 run id the record stands in for.
+    """
     record = {**cell.describe(), **result, "status": "ok", "time": time.time()}
-    record.update(versions=_versions(), device=device, method_spec=cell.method_spec)
+    record.update(
+        versions=_versions(),
+        device=device,
+        method_spec=cell.method_spec,
+        method_params=cell.method_params,
+        run_id=cell.outputs[output],
+        legacy_run_id=cell.legacy_outputs[output],
+    )
     return record
 
 
@@ -75,6 +86,17 @@ def error_record(cell: Cell, error: BaseException) -> Record:
     """A run that failed with a user-facing error: the cell's fields, ``status: error`` and the
     message (the only builder of error records)."""
     return {**cell.describe(), "status": "error", "error": str(error), "time": time.time()}
+
+
+def bundle_record(bundle: FeatureBundle) -> Record:
+    """What a record says about the bundle a run used beyond its fingerprint: the hash of its
+    class names (the names are stored once per sweep) and where its class text came from."""
+    from clipadapt.features.pipeline import classnames_hash, text_provenance
+
+    return {
+        "classnames_sha256": classnames_hash(bundle.classnames),
+        "text": text_provenance(bundle),
+    }
 
 
 # ----------------------------------------------------------------------------- task table
@@ -120,19 +142,20 @@ def _classification(ctx: _Context) -> list[Record]:
     from clipadapt.tasks.classification import evaluate
 
     cell, device = ctx.cell, ctx.settings.device
+    bundle = ctx.bundle(cell.bundles[0])
     result = evaluate(
-        ctx.method(),
-        ctx.bundle(cell.bundles[0]),
-        cell.shots,
-        cell.seed,
-        cell.choice,
-        ctx.text_tower(),
-        device,
+        ctx.method(), bundle, cell.shots, cell.seed, cell.choice, ctx.text_tower(), device
     )
-    return [ok_record(cell, result.to_dict(), device)]
+    record = {
+        **result.to_dict(),
+        **bundle_record(bundle),
+        "eval_bundle_fingerprint": cell.bundle_fingerprint,
+    }
+    return [ok_record(cell, record, device)]
 
 
 def _domain_generalization(ctx: _Context) -> list[Record]:
+    from clipadapt.tasks.classification import absent_classes
     from clipadapt.tasks.domain_generalization import evaluate_dg
 
     cell, device = ctx.cell, ctx.settings.device
@@ -148,10 +171,26 @@ def _domain_generalization(ctx: _Context) -> list[Record]:
         text_encoder=ctx.text_tower(),
         device=device,
     )
-    return [
-        {**ok_record(cell, result, device), "run_id": rid}
-        for rid, result in zip(cell.outputs, results, strict=True)
-    ]
+    bundles = [source, *targets]
+    scored_on = [cell.bundle_fingerprint, *cell.target_fingerprints]
+    records = []
+    for i, result in enumerate(results):
+        extra = {**bundle_record(bundles[i]), "eval_bundle_fingerprint": scored_on[i]}
+        if i > 0:  # a target: its own absent classes, not the source's
+            target = bundles[i]
+            rows = target.group(cell.target_eval_set or "test", "eval")
+            absent = absent_classes(target.classnames, None, rows)
+            extra["absent_classes"] = absent
+            extra["warnings"] = (
+                [
+                    f"{len(absent['eval'])} class(es) have no row in {rows.name} of {target.name}: "
+                    "the accuracy is over the other classes only"
+                ]
+                if absent
+                else []
+            )
+        records.append(ok_record(cell, {**result, **extra}, device, output=i))
+    return records
 
 
 def _episodes(ctx: _Context) -> list[Record]:

@@ -7,6 +7,13 @@ deviation over seeds (``statistics.pstdev``; shown when there are 2+ seeds), the
 column is the unweighted mean of the row's cells (only when the row has every column), and the
 best mean of each column is in bold.
 
+Nothing that differs is merged (:func:`label_records`): a row is one *method spec* (the method
+with every hyperparameter it resolved to, labelled by the spec as typed, e.g.
+``hegraph_adapter:edges=[pn]``), a column one *dataset as scored* (its name, backbone and bundle
+fingerprint; a name shared by different bundles or backbones gets one column each, labelled with
+the backbone and a short fingerprint). Within a cell only seeds are averaged (one line per seed,
+the newest); :func:`merge_notes` says what was merged and what was kept apart.
+
 :func:`write_report` writes everything into one folder and returns the paths it wrote.
 """
 
@@ -22,24 +29,162 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipadapt._utils import safe_name, stable_hash
 from clipadapt.bench.results import latest_ok
+
+ROW = "_row"
+COLUMN = "_column"
 
 
 def _classification(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("task", "classification") == "classification"]
 
 
+def spec_key(record: dict[str, Any]) -> tuple[Any, str]:
+    """What makes a row: the method and every hyperparameter it resolved to (``method_params``;
+    older records: their ``params`` without the run seed, which ``evaluate`` sets per run)."""
+    params = record.get("method_params")
+    if params is None:
+        params = {k: v for k, v in (record.get("params") or {}).items() if k != "seed"}
+    return record.get("method"), stable_hash(params)
+
+
+def data_key(record: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What makes a column: the dataset scored, its backbone and the fingerprint of the bundle
+    (or episode file) it was scored on."""
+    fingerprint = (
+        record.get("eval_bundle_fingerprint")
+        or record.get("bundle_fingerprint")
+        or record.get("episodes_fingerprint")
+        or record.get("dataset_fingerprint")
+    )
+    return record.get("dataset"), record.get("backbone"), fingerprint
+
+
+def label_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``status: ok`` records (newest line per run id), each with a row and a column label.
+
+    Rows: one per :func:`spec_key`, labelled by the shortest spec typed for it; two specs that
+    share a label but resolve differently get a ``[params <hash>]`` suffix. Columns: one per
+    :func:`data_key`, labelled by the dataset name, plus the backbone and/or a short bundle
+    fingerprint where one name stands for several.
+    """
+    kept = latest_ok(records)
+    spec_labels: dict[tuple[Any, str], str] = {}
+    for r in kept:
+        key = spec_key(r)
+        label = str(r.get("method_spec") or r.get("method"))
+        if key not in spec_labels or len(label) < len(spec_labels[key]):
+            spec_labels[key] = label
+    by_label: dict[str, list[tuple[Any, str]]] = defaultdict(list)
+    for key, label in spec_labels.items():
+        by_label[label].append(key)
+    for label, keys in by_label.items():
+        if len(keys) > 1:
+            for key in keys:
+                spec_labels[key] = f"{label} [params {key[1][:6]}]"
+    data_labels: dict[tuple[Any, Any, Any], str] = {}
+    by_name: dict[Any, set[tuple[Any, Any, Any]]] = defaultdict(set)
+    for r in kept:
+        by_name[r.get("dataset")].add(data_key(r))
+    for name, keys in by_name.items():
+        backbones = {k[1] for k in keys}
+        prints = {k[2] for k in keys}
+        for key in keys:
+            extra = []
+            if len(backbones) > 1:
+                extra.append(str(key[1]))
+            if len(prints) > 1:
+                extra.append(str(key[2])[:6] if key[2] else "no fingerprint")
+            data_labels[key] = f"{name} ({', '.join(extra)})" if extra else str(name)
+    return [{**r, ROW: spec_labels[spec_key(r)], COLUMN: data_labels[data_key(r)]} for r in kept]
+
+
+def _one_per_seed(records: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+    """One record per (``keys``..., seed): the newest, so a seed never counts twice."""
+    newest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        key = (*(r.get(k) for k in keys), r.get("seed"))
+        if key not in newest or float(r.get("time") or 0) >= float(newest[key].get("time") or 0):
+            newest[key] = r
+    return list(newest.values())
+
+
+def _labelled(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    records = list(records)
+    if records and all(ROW in r for r in records):
+        return records
+    return label_records(records)
+
+
 def summarize(
     records: Iterable[dict[str, Any]],
 ) -> dict[tuple[str, str, Any], tuple[float, float, int]]:
-    """{(method, dataset, shots): (mean accuracy, std over seeds, number of seeds)}."""
+    """{(row, column, shots): (mean accuracy, std over seeds, number of seeds)}, rows and
+    columns as labelled by :func:`label_records`."""
     groups: dict[tuple[str, str, Any], list[float]] = defaultdict(list)
-    for r in latest_ok(records):
-        groups[(r["method"], r["dataset"], r.get("shots"))].append(float(r["accuracy"]))
+    labelled = _one_per_seed(_labelled(records), ROW, COLUMN, "shots", "task")
+    for r in labelled:
+        groups[(r[ROW], r[COLUMN], r.get("shots"))].append(float(r["accuracy"]))
     return {
         k: (statistics.fmean(v), statistics.pstdev(v) if len(v) > 1 else 0.0, len(v))
         for k, v in groups.items()
     }
+
+
+def merge_notes(records: Iterable[dict[str, Any]]) -> list[str]:
+    """What the tables merged and what they kept apart, in words.
+
+    One line per kind: how many result lines became how many table cells (seeds averaged),
+    lines of one seed that were left out (an older duplicate), result files that share a cell,
+    and every method name or dataset name that stands for several rows or columns (different
+    specs, bundles or backbones) with their labels.
+    """
+    labelled = label_records(records)
+    if not labelled:
+        return []
+    notes = []
+    cells: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in labelled:
+        cells[(r.get("task"), r[ROW], r[COLUMN], r.get("shots"), r.get("role"))].append(r)
+    kept = _one_per_seed(labelled, "task", ROW, COLUMN, "shots", "role")
+    notes.append(
+        f"merged: {len(kept)} result line(s) into {len(cells)} table cell(s), each the mean "
+        "over seeds of one method spec on one dataset (one bundle and backbone) at one shot count"
+    )
+    if len(kept) < len(labelled):
+        notes.append(
+            f"left out: {len(labelled) - len(kept)} older line(s) of a seed that has a newer "
+            "line in the same cell"
+        )
+    files = {
+        key: sorted({str(r["_file"]) for r in rs if r.get("_file")}) for key, rs in cells.items()
+    }
+    shared = [(key, f) for key, f in files.items() if len(f) > 1]
+    if shared:
+        example = shared[0]
+        notes.append(
+            f"merged across files: {len(shared)} cell(s) hold runs of several results files "
+            f"(e.g. {example[0][1]} on {example[0][2]}: {', '.join(example[1])})"
+        )
+    rows: dict[Any, set[str]] = defaultdict(set)
+    columns: dict[Any, set[str]] = defaultdict(set)
+    for r in labelled:
+        rows[r.get("method")].add(r[ROW])
+        columns[r.get("dataset")].add(r[COLUMN])
+    for method, labels in sorted(rows.items(), key=lambda x: str(x[0])):
+        if len(labels) > 1:
+            notes.append(
+                f"kept apart: {method} ran with {len(labels)} different specs, one row each: "
+                + "; ".join(sorted(labels))
+            )
+    for dataset, labels in sorted(columns.items(), key=lambda x: str(x[0])):
+        if len(labels) > 1:
+            notes.append(
+                f"kept apart: {dataset} names {len(labels)} different bundles or backbones, "
+                "one column each: " + "; ".join(sorted(labels))
+            )
+    return notes
 
 
 # ----------------------------------------------------------------------------- generic table
@@ -166,13 +311,13 @@ def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> 
 
     Datasets with a fixed train group (shots None) are included as they are.
     """
-    records = _classification(latest_ok(records))
+    records = _classification(_labelled(records))
     if shots is None:
         shots = default_shots(records)
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in records:
+    for r in _one_per_seed(records, ROW, COLUMN, "shots"):
         if r.get("shots") in (shots, None):
-            groups[(r["method"], r["dataset"])].append(float(r["accuracy"]))
+            groups[(r[ROW], r[COLUMN])].append(float(r["accuracy"]))
     cells = {k: _stats(v) for k, v in groups.items()}
     title = f"{shots}-shot accuracy (%)" if shots is not None else "accuracy (%)"
     return Table(
@@ -189,7 +334,7 @@ def default_shots(records: Iterable[dict[str, Any]]) -> int | None:
     per: dict[str, set[int]] = defaultdict(set)
     for r in _classification(records):
         if r.get("shots") is not None:
-            per[r["dataset"]].add(int(r["shots"]))
+            per[r.get(COLUMN, r["dataset"])].add(int(r["shots"]))
     if not per:
         return None
     common = set.intersection(*per.values())
@@ -243,10 +388,10 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
 def cost_table(records: Iterable[dict[str, Any]]) -> Table:
     """Methods × (fit seconds, predict seconds, trainable parameters), means over all runs."""
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in _classification(latest_ok(records)):
+    for r in _classification(_labelled(records)):
         for key in ("fit_seconds", "predict_seconds", "trainable_params"):
             if r.get(key) is not None:
-                groups[r["method"]][key].append(float(r[key]))
+                groups[r[ROW]][key].append(float(r[key]))
     columns = {"fit_seconds": "fit s", "predict_seconds": "predict s", "trainable_params": "params"}
     cells = {}
     for m, values in groups.items():
@@ -268,15 +413,15 @@ def cost_table(records: Iterable[dict[str, Any]]) -> Table:
 
 def dg_table(records: Iterable[dict[str, Any]]) -> Table | None:
     """Domain generalisation: methods × (source, targets...), ``average`` over the targets."""
-    dg = [r for r in latest_ok(records) if r.get("task") == "domain_generalization"]
+    dg = [r for r in _labelled(records) if r.get("task") == "domain_generalization"]
     if not dg:
         return None
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     sources, targets = [], []
-    for r in dg:
-        label = r["dataset"]
+    for r in _one_per_seed(dg, ROW, COLUMN, "shots", "role"):
+        label = r[COLUMN]
         (sources if r.get("role") == "source" else targets).append(label)
-        groups[(r["method"], label)].append(float(r["accuracy"]))
+        groups[(r[ROW], label)].append(float(r["accuracy"]))
     cells = {k: _stats(v) for k, v in groups.items()}
     src = sorted(set(sources))
     tgt = sorted(set(targets) - set(src))
@@ -294,14 +439,15 @@ def dg_table(records: Iterable[dict[str, Any]]) -> Table | None:
 def episodes_table(records: Iterable[dict[str, Any]]) -> str | None:
     """Reasoning episodes: methods × episode sets, ``mean ± 95 % CI`` (over episodes, seed 1's
     interval when several seeds ran: the CI is about episodes, not seeds)."""
-    eps = [r for r in latest_ok(records) if r.get("task") == "episodes"]
+    eps = [r for r in _labelled(records) if r.get("task") == "episodes"]
     if not eps:
         return None
-    sets = sorted({r["dataset"] for r in eps})
-    methods = _method_order(r["method"] for r in eps)
+    eps = _one_per_seed(eps, ROW, COLUMN)
+    sets = sorted({r[COLUMN] for r in eps})
+    methods = _method_order(r[ROW] for r in eps)
     by = defaultdict(list)
     for r in eps:
-        by[(r["method"], r["dataset"])].append(r)
+        by[(r[ROW], r[COLUMN])].append(r)
     lines = ["| method | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
     for m in methods:
         cells = []
@@ -448,16 +594,21 @@ def compare_published(
     """
     published = load_published() if published is None else published
     ours: dict[tuple, list[float]] = defaultdict(list)
-    for r in latest_ok(records):
+    labelled = _labelled(records)
+    for r in _one_per_seed(labelled, ROW, COLUMN, "shots", "task", "role"):
         key = (
             r.get("task", "classification"),
             r["method"],
             r["dataset"],
-            canonical_backbone(r.get("backbone")) or str(r.get("backbone")),
+            (
+                canonical_backbone(r.get("backbone")) or str(r.get("backbone")),
+                r[ROW],
+                r[COLUMN],
+            ),
         )
         ours[key + (r.get("shots"),)].append(float(r["accuracy"]))
         ours[key + ("any",)].append(float(r["accuracy"]))
-    ran = {k[:3]: set() for k in ours}
+    ran: dict[tuple, set] = {k[:3]: set() for k in ours}
     for k in ours:
         ran[k[:3]].add(k[3])
     lines = [
@@ -472,13 +623,16 @@ def compare_published(
         task = e.get("task", "classification")
         theirs = float(e["accuracy"])
         their_bb = canonical_backbone(e.get("backbone")) or e.get("backbone")
-        for bb in sorted(ran[(task, e["method"], e["dataset"])]):
+        for ident in sorted(ran[(task, e["method"], e["dataset"])]):
+            bb, row, column = ident
             shots = e.get("shots") if e.get("shots") is not None else "any"
-            mine = ours.get((task, e["method"], e["dataset"], bb, shots))
+            mine = ours.get((task, e["method"], e["dataset"], ident, shots))
             if not mine:
                 continue  # only numbers we can put ours beside
             mean = statistics.fmean(mine)
             ours_text = f"{mean:.2f} (n={len(mine)})"
+            if row != e["method"] or column != e["dataset"]:
+                ours_text += f" [{row} on {column}]"
             delta = f"{mean - theirs:+.2f}" if bb == their_bb else "–"
             lines.append(
                 f"| {task} | {e['method']} | {e['dataset']} | {e.get('shots') or 'zero-shot'} | "
@@ -518,7 +672,8 @@ def write_report(
         written[name] = path
         return path
 
-    classification = _classification(latest_ok(records))
+    labelled = label_records(records)
+    classification = _classification(labelled)
     if classification:
         main = paper_table(classification, shots)
         put("table.md", main.markdown())
@@ -529,8 +684,8 @@ def write_report(
             put(f"table_{k}shot.md", table.markdown())
             put(f"table_{k}shot.csv", table.csv())
         for name, table in shots_tables(classification).items():
-            put(f"shots_{name}.md", table.markdown())
-            put(f"shots_{name}.csv", table.csv())
+            put(f"shots_{safe_name(name)}.md", table.markdown())
+            put(f"shots_{safe_name(name)}.csv", table.csv())
             sections.append(f"## {table.title}\n\n{table.markdown()}")
         cost = cost_table(classification)
         put("cost.md", cost.markdown(with_std=False))
@@ -540,18 +695,22 @@ def write_report(
             plot = plot_accuracy_vs_shots(classification, out / "accuracy_vs_shots.png")
             written["accuracy_vs_shots.png"] = plot
             sections.append("![accuracy vs shots](accuracy_vs_shots.png)\n")
-    dg = dg_table(records)
+    dg = dg_table(labelled)
     if dg is not None:
         put("dg.md", dg.markdown())
         put("dg.csv", dg.csv())
         sections.append(f"## {dg.title}\n\n{dg.markdown()}")
-    episodes = episodes_table(records)
+    episodes = episodes_table(labelled)
     if episodes is not None:
         put("episodes.md", episodes)
         sections.append(f"## reasoning episodes: accuracy (%) ± 95 % CI\n\n{episodes}")
     if compare == "published":
-        text = compare_published(records)
+        text = compare_published(labelled)
         put("published.md", text)
         sections.append(f"## ours vs published\n\n{text}")
+    notes = merge_notes(records)
+    if notes:
+        put("merged.md", "".join(f"- {n}\n" for n in notes))
+        sections.append("## what was merged\n\n" + "".join(f"- {n}\n" for n in notes))
     put("report.md", "\n".join(sections))
     return written

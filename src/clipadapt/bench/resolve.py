@@ -4,15 +4,17 @@ Every dataset is found as a bundle (``bundle:`` or ``<bundle_dir>/<name>.safeten
 extracted once per backbone through :func:`clipadapt.features.pipeline.ensure_bundle`; image
 episodes are encoded through the same pipeline. Whatever is missing (no bundle, no text features
 for a text method, no backbone record for a method that needs the text tower, no such shots, a
-DG source or target) is skipped with the reason, never an error; a bad method spec is an error
-before any work.
+DG source or target) is skipped with the reason, never an error. What would make runs fail is
+found here, before any run: a bad method spec raises at once; a bundle that cannot be read, holds
+NaN/Inf or out-of-range labels, lacks the evaluation group or has fewer than two classes is
+listed in :attr:`ResolvedSweep.errors` (the runner then refuses to start).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipadapt.bench.cells import (
@@ -34,11 +36,25 @@ from clipadapt.methods.base import get_method_class
 
 @dataclass
 class ResolvedSweep:
-    """The cells of a sweep and what was skipped (``[(what, why)]``)."""
+    """The cells of a sweep and what was skipped (``[(what, why)]``).
+
+    Attributes:
+        cells: the cells to run.
+        skipped: ``[(what, why)]`` left out because something is missing.
+        bundles: dataset name -> its (first) bundle file.
+        errors: ``[(what, why)]`` inputs that would make runs fail (bad bundles); a sweep with
+            errors does not start.
+        warnings: ``[(what, why)]`` things to know about the inputs (e.g. class names whose
+            text embeddings cannot be told apart).
+        classnames: class-name hash -> the names, once per sweep (records carry the hash).
+    """
 
     cells: list[Cell]
     skipped: list[tuple[str, str]]
     bundles: dict[str, Path]
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    classnames: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _find_bundle(spec: SweepSpec, ds: SweepDataset) -> Path | None:
@@ -51,21 +67,85 @@ def _find_bundle(spec: SweepSpec, ds: SweepDataset) -> Path | None:
     return None
 
 
-def _extract(spec: SweepSpec, ds: SweepDataset, backbone: str, progress: bool) -> Path:
-    """Encode an image dataset once per backbone (the feature cache makes reruns free)."""
-    from clipadapt._utils import safe_name
+def _extract(
+    spec: SweepSpec,
+    ds: SweepDataset,
+    backbone: str,
+    progress: bool,
+    options: ResolveOptions,
+) -> Path:
+    """Encode an image dataset once per backbone (the feature cache makes reruns free).
+
+    The bundle file is named after the dataset and where it is (two folders called ``imgs``
+    get two bundles), and it is reused only while it was made from the same files with the
+    same settings (:func:`~clipadapt.features.pipeline.ensure_bundle`).
+    """
+    from clipadapt._utils import safe_name, stable_hash
     from clipadapt.features.pipeline import ensure_bundle
 
     root = spec.path(spec.data_root) if spec.data_root else None
     images = ds.images or ds.name
     where = spec.path(images) if (ds.images and spec.path(images).exists()) else images
+    identity = str(Path(where).resolve()) if isinstance(where, Path) else f"{root}:{where}"
     cache = spec.path(spec.cache_dir) if spec.cache_dir else None
     base = cache if cache is not None else Path(spec.base_dir) / "bench-features"
-    out = base / "bundles" / safe_name(backbone) / f"{safe_name(ds.name)}.safetensors"
+    name = f"{safe_name(ds.name)}-{stable_hash(identity, 8)}.safetensors"
+    out = base / "bundles" / safe_name(backbone) / name
     ensure_bundle(
-        str(where), backbone, cache, out=out, data_root=root, progress=progress, reuse=True
+        str(where),
+        backbone,
+        cache,
+        out=out,
+        data_root=root,
+        progress=progress,
+        reuse=True,
+        fingerprint=options.fingerprint,
+        resplit=options.resplit,
     )
     return out
+
+
+@dataclass(frozen=True)
+class ResolveOptions:
+    """How image datasets are read: ``fingerprint`` (``stat`` or ``content``) and ``resplit``
+    (make new splits of ImageFolder trees)."""
+
+    fingerprint: str = "stat"
+    resplit: bool = False
+
+
+def bundle_problem(src: BundleSource, trains: bool = True) -> str | None:
+    """Why no run can use this bundle (None: it is fine): unreadable values (NaN/Inf), labels
+    out of range, no evaluation group, no rows to train on (only when ``trains``: a bundle
+    that is only a domain-generalisation target is scored, never fitted), fewer than two
+    classes."""
+    bundle, choice = src.bundle, src.choice
+    try:
+        bundle.check()
+    except ClipadaptError as error:
+        return str(error)
+    groups = bundle.groups()
+    eval_set = choice.eval_set or "test"
+    if eval_set not in groups:
+        return (
+            f"{bundle.where}: no evaluation group {eval_set!r} (groups: "
+            f"{', '.join(groups) or 'none'}); set eval_set: (or --eval-set) to one of them"
+        )
+    for role, group in (("train", choice.train_set), ("val", choice.val_set)):
+        if group not in (None, "none") and group not in groups:
+            return (
+                f"{bundle.where}: no {role} group {group!r} (groups: {', '.join(groups)}); "
+                f"fix {role}_set:"
+            )
+    if trains and choice.train_set is None and "train" not in groups and not bundle.shot_groups():
+        return f"{bundle.where}: no `train` group and no `train_{{K}}shot` group to fit on"
+    if bundle.num_classes < 2:
+        return (
+            f"{bundle.where}: {bundle.num_classes} class(es) "
+            f"({', '.join(bundle.classnames)}): an accuracy over one class is 100 % by "
+            "construction; a classifier needs at least 2 classes"
+        )
+    return None
 
 
 def _shots_for(src: BundleSource, shots: Sequence[int]) -> list[int | None]:
@@ -86,25 +166,54 @@ _NO_TOWER = (
 )
 
 
+#: card need -> the bundle tensor that provides it (the text-derived ones)
+_NEED_TENSORS = {
+    "prompt_features": "text_features_all",
+    "negative_features": "negative_text_features",
+    "description_features": "description_features",
+}
+
+
 def _cannot_run(method: MethodChoice, src: BundleSource) -> str | None:
     """Why ``method`` cannot run on the bundle at all (None: it can)."""
-    if not src.bundle.has_text() and get_method_class(method.name).card.needs_text:
+    card = get_method_class(method.name).card
+    if not src.bundle.has_text() and card.needs_text:
         return "needs `text_features`, which the bundle lacks"
     if needs_text_tower(method.name) and src.backbone_record is None:
         return _NO_TOWER
+    lacking = [
+        tensor
+        for need, tensor in _NEED_TENSORS.items()
+        if need in card.needs and tensor not in src.bundle.tensors
+    ]
+    # options can switch a need off (e.g. HeGraphAdapter's positive_nodes=templates), so a
+    # spec with options runs and says for itself what it lacks
+    if lacking and not method.params:
+        return f"needs `{'`, `'.join(lacking)}`, which the bundle lacks"
     return None
 
 
-def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
+def resolve_sweep(
+    spec: SweepSpec, progress: bool = True, options: ResolveOptions | None = None
+) -> ResolvedSweep:
     """Find or extract every dataset's bundle and list the cells; missing data is skipped.
+
+    Each bundle is checked once (:func:`bundle_problem`); what is wrong with one goes to
+    ``errors``, and no cell is made on it.
 
     Raises:
         ConfigError: an unknown method or bad method options (checked before any work).
     """
+    from clipadapt.features.pipeline import classnames_hash
+
+    options = options or ResolveOptions()
     methods = [checked_method(spec_str) for spec_str in spec.methods]
     if not methods:
         raise ConfigError("no methods given (methods: [...] or --methods)")
     skipped: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    warnings: list[tuple[str, str]] = []
+    classnames: dict[str, list[str]] = {}
     sources: dict[str, list[BundleSource]] = {}
     loaded: dict[Path, FeatureBundle] = {}
 
@@ -115,6 +224,8 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
 
     wanted = list(spec.datasets)
     have = {d.name for d in wanted}
+    # bundles that some run fits on; the rest are only domain-generalisation targets
+    fitted = have | {dg.source for dg in spec.domain_generalization}
     for dg in spec.domain_generalization:
         wanted += [SweepDataset(n) for n in (dg.source, *dg.targets) if n not in have]
         have |= {dg.source, *dg.targets}
@@ -135,7 +246,7 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
                 continue
             for backbone in spec.backbones:
                 try:
-                    paths.append(_extract(spec, ds, backbone, progress))
+                    paths.append(_extract(spec, ds, backbone, progress, options))
                 except (ClipadaptError, OSError) as error:
                     skipped.append((f"{ds.name} ({backbone})", f"cannot extract: {error}"))
         else:
@@ -147,9 +258,17 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
             try:
                 bundle = load(path)
             except ClipadaptError as error:
-                skipped.append((ds.name, str(error)))
+                errors.append((ds.name, str(error)))
                 continue
-            mine.append(BundleSource.of(bundle, name=ds.name, key=str(path), choice=ds.choice))
+            src = BundleSource.of(bundle, name=ds.name, key=str(path), choice=ds.choice)
+            problem = bundle_problem(src, trains=ds.name in fitted)
+            if problem is not None:
+                errors.append((ds.name, problem))
+                continue
+            for warning in _recorded_warnings(bundle):
+                warnings.append((ds.name, warning))
+            classnames[classnames_hash(bundle.classnames)] = list(bundle.classnames)
+            mine.append(src)
             sources.setdefault(ds.name, []).append(mine[-1])
 
     cells: list[Cell] = []
@@ -231,4 +350,16 @@ def resolve_sweep(spec: SweepSpec, progress: bool = True) -> ResolvedSweep:
                 cells.append(
                     build_cell(EPISODES, method, None, seed, episodes=(ep.name, str(path)))
                 )
-    return ResolvedSweep(cells, skipped, {n: Path(s[0].key) for n, s in sources.items() if s})
+    bundles = {n: Path(s[0].key) for n, s in sources.items() if s}
+    return ResolvedSweep(cells, skipped, bundles, errors, warnings, classnames)
+
+
+def _recorded_warnings(bundle: FeatureBundle) -> list[str]:
+    """The warnings its extraction recorded in a bundle (``warnings`` metadata)."""
+    import json
+
+    try:
+        found = json.loads(bundle.metadata.get("warnings") or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [str(w) for w in found] if isinstance(found, list) else []

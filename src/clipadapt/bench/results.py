@@ -13,7 +13,32 @@ from clipadapt._utils import stable_hash
 
 log = logging.getLogger(__name__)
 
+#: Version 2 of the resume key: it adds what changes a result beyond what was asked by name.
+RUN_KEY_VERSION = 2
+
 RUN_KEY_FIELDS = (
+    "task",
+    "dataset",
+    "backbone",
+    "method",
+    "method_params",
+    "shots",
+    "seed",
+    "train_set",
+    "val_set",
+    "eval_set",
+    "dataset_fingerprint",
+    "bundle_fingerprint",
+    "episodes_fingerprint",
+)
+"""What a run id hashes: the task, dataset and backbone names, the method with every
+hyperparameter it resolves to (options, preset and defaults), shots, seed, the train / val /
+eval groups, the image files' fingerprint, the bundle's content hash and the episode file's
+content hash. A domain-generalisation run adds its source and the content hash of the bundle it
+is scored on."""
+
+#: The fields of the version-1 key (clipadapt 0.1.0): no fingerprints, options as typed.
+LEGACY_RUN_KEY_FIELDS = (
     "task",
     "dataset",
     "backbone",
@@ -28,15 +53,32 @@ RUN_KEY_FIELDS = (
 
 
 def run_id(cell: dict[str, Any]) -> str:
-    """A stable id of a grid cell (what was asked, not what came out).
+    """A stable id of a grid cell (what was asked and what it was asked of, not what came out).
 
-    Domain-generalisation runs add their ``source`` dataset to the key (other runs' ids are
-    unchanged, so older results files keep resuming).
+    See :data:`RUN_KEY_FIELDS`. Results written with the version-1 key (no ``key_version`` in
+    the record) are never resumed by it: the runs go again and :func:`latest_ok` prefers the new
+    lines.
     """
-    key = {k: cell.get(k) for k in RUN_KEY_FIELDS}
+    key: dict[str, Any] = {k: cell.get(k) for k in RUN_KEY_FIELDS}
+    key["key_version"] = RUN_KEY_VERSION
+    if cell.get("task") == "domain_generalization":
+        key["source"] = cell.get("source")
+        key["scored_on"] = cell.get("scored_on")
+    return stable_hash(key)
+
+
+def legacy_run_id(cell: dict[str, Any]) -> str:
+    """The version-1 run id of the same cell (what clipadapt 0.1.0 wrote), so a new line can
+    stand in for an old line of the same run in tables."""
+    key = {k: cell.get(k) for k in LEGACY_RUN_KEY_FIELDS}
     if cell.get("source") is not None and cell.get("task") == "domain_generalization":
         key["source"] = cell["source"]
     return stable_hash(key)
+
+
+def is_legacy(record: dict[str, Any]) -> bool:
+    """True for a record written with the version-1 resume key."""
+    return "run_id" in record and record.get("key_version") is None
 
 
 def append_result(path: str | Path, record: dict[str, Any]) -> None:
@@ -112,7 +154,12 @@ def finished_ids(path: str | Path) -> set[str]:
 
 def latest_ok(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``status: ok`` records, keeping only the last line of each run id (a ``--rerun``
-    appends a new line for the same run; tables use the newest)."""
+    appends a new line for the same run; tables use the newest).
+
+    A line written with the version-1 key is dropped when a newer line of the same run exists
+    (its ``legacy_run_id``): resuming an old file runs such cells again, and the tables then
+    count the new line only.
+    """
     keep: dict[str, dict[str, Any]] = {}
     anonymous: list[dict[str, Any]] = []
     for record in records:
@@ -123,4 +170,14 @@ def latest_ok(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             keep[record["run_id"]] = record
         else:
             anonymous.append(record)
-    return [*anonymous, *keep.values()]
+    superseded = {r["legacy_run_id"] for r in keep.values() if r.get("legacy_run_id")}
+    kept = [r for r in keep.values() if not (is_legacy(r) and r["run_id"] in superseded)]
+    return [*anonymous, *kept]
+
+
+def legacy_ids(path: str | Path) -> set[str]:
+    """The run ids of ``status: ok`` lines of ``path`` written with the version-1 key (never
+    resumed by the current key)."""
+    return {
+        r["run_id"] for r in read_results(path) if r.get("status", "ok") == "ok" and is_legacy(r)
+    }

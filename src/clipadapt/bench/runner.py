@@ -27,10 +27,11 @@ from typing import Any
 from clipadapt._progress import progress as progress_report
 from clipadapt.bench.cells import BundleSource, Cell, Grid
 from clipadapt.bench.execute import DEFAULT_SETTINGS, CellSettings, LocalExecutor, RayExecutor
-from clipadapt.bench.resolve import ResolvedSweep, resolve_sweep
-from clipadapt.bench.results import append_result, finished_ids
+from clipadapt.bench.resolve import ResolvedSweep, ResolveOptions, resolve_sweep
+from clipadapt.bench.results import append_result, finished_ids, legacy_ids
 from clipadapt.bench.spec import SweepSpec, load_sweep
 from clipadapt.data.bundle import FeatureBundle
+from clipadapt.exceptions import BundleError
 
 __all__ = [
     "Cell",
@@ -38,8 +39,11 @@ __all__ = [
     "Grid",
     "LocalExecutor",
     "RayExecutor",
+    "ResolveOptions",
     "ResolvedSweep",
     "SweepSpec",
+    "check_inputs",
+    "write_sweep_file",
     "load_sweep",
     "resolve_sweep",
     "run_cells",
@@ -79,6 +83,9 @@ def run_cells(
     Returns:
         The records of this call's runs (ok and error).
     """
+    from clipadapt.encoders.clip import select_device
+
+    select_device(settings.device)  # a device this machine lacks fails here, before any run
     executor = executor or LocalExecutor()
     done = set() if (rerun or out is None) else finished_ids(out)
     todo = [c for c in cells if not set(c.outputs) <= done]
@@ -86,6 +93,17 @@ def run_cells(
         log.info(
             "%d of %d cells already in %s; skipping them", len(cells) - len(todo), len(cells), out
         )
+    if out is not None and not rerun:
+        legacy = legacy_ids(out)
+        again = [c for c in todo if set(c.legacy_outputs) & legacy]
+        if again:
+            log.warning(
+                "%d cell(s) of this sweep have lines in %s written by an older clipadapt, whose "
+                "resume key did not cover the bundle, dataset and episode-file fingerprints; "
+                "they are not resumed and run again (the old lines stay; tables use the new ones)",
+                len(again),
+                out,
+            )
     written: set[str] = set() if rerun else set(done)
     records: list[dict[str, Any]] = []
     bar = progress_report(len(todo), "bench", "cell", enabled=progress)
@@ -107,6 +125,41 @@ def run_cells(
     finally:
         bar.close()
     return records
+
+
+def write_sweep_file(spec: SweepSpec, resolved: ResolvedSweep, out: str | Path) -> Path:
+    """Save the resolved sweep beside the results (``<out>.sweep.json``): the spec, the cell
+    count, what was skipped, the input warnings and each class-name list once (records carry
+    only the hash of their class names)."""
+    from clipadapt._utils import atomic_write_json
+
+    out = Path(out)
+    path = out.with_name(out.name + ".sweep.json")
+    atomic_write_json(
+        path,
+        {
+            "spec": spec.to_dict(),
+            "cells": len(resolved.cells),
+            "skipped": resolved.skipped,
+            "warnings": resolved.warnings,
+            "classnames": resolved.classnames,
+        },
+    )
+    return path
+
+
+def check_inputs(resolved: ResolvedSweep) -> None:
+    """Refuse a sweep whose inputs would make runs fail, before any run.
+
+    Raises:
+        BundleError: naming the first problem (and how many more there are).
+    """
+    if not resolved.errors:
+        return
+    what, why = resolved.errors[0]
+    more = len(resolved.errors) - 1
+    tail = f" (and {more} more problem(s); `clipadapt bench --dry-run` lists them)" if more else ""
+    raise BundleError(f"{what}: {why}{tail}; no run was started")
 
 
 def run_grid(
@@ -150,21 +203,21 @@ def run_sweep(
     settings: CellSettings = DEFAULT_SETTINGS,
     rerun: bool = False,
     progress: bool = True,
+    options: ResolveOptions | None = None,
 ) -> tuple[list[dict[str, Any]], ResolvedSweep]:
-    """Resolve ``spec``, save it beside ``out`` (``<out>.sweep.json``) and run its cells.
+    """Resolve ``spec``, check its inputs, save it beside ``out`` (``<out>.sweep.json``, with
+    the class names of its bundles) and run its cells.
 
     Returns:
         (records written by this call, the resolved sweep with its skipped list).
-    """
-    from clipadapt._utils import atomic_write_json
 
-    resolved = resolve_sweep(spec, progress=progress)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out.with_name(out.name + ".sweep.json"),
-        {"spec": spec.to_dict(), "cells": len(resolved.cells), "skipped": resolved.skipped},
-    )
+    Raises:
+        BundleError: a bundle of the sweep cannot be used (:func:`check_inputs`); nothing ran.
+        ConfigError: bad method options or a device this machine lacks; nothing ran.
+    """
+    resolved = resolve_sweep(spec, progress=progress, options=options)
+    check_inputs(resolved)
+    write_sweep_file(spec, resolved, out)
     records = run_cells(
         resolved.cells, out, executor=executor, settings=settings, rerun=rerun, progress=progress
     )

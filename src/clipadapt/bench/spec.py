@@ -125,6 +125,23 @@ def _as_list(value: Any, what: str) -> list[Any]:
     raise ConfigError(f"{what} must be a list, got {type(value).__name__}")
 
 
+def _int_list(value: Any, what: str, *, positive: bool = False) -> list[int]:
+    """A YAML list of integers (``shots: [1, 4]``), or one integer; anything else is an error
+    naming the key and the value."""
+    items = _as_list(value, what)
+    out = []
+    for item in items:
+        # YAML reads `four` as a string and `1.5` as a float: neither is a count
+        if isinstance(item, bool) or not isinstance(item, int):
+            kind = "positive integers" if positive else "integers"
+            where = f" in {value!r}" if isinstance(value, list) else ""
+            raise ConfigError(f"{what} must be a list of {kind}, got {item!r}{where}")
+        out.append(item)
+    if positive and any(v < 1 for v in out):
+        raise ConfigError(f"{what} must be positive, got {out}")
+    return out
+
+
 def sweep_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> SweepSpec:
     """Build a :class:`SweepSpec` from a parsed YAML mapping (unknown keys are an error)."""
     known = {f.name for f in dataclasses.fields(SweepSpec)} - {"base_dir"}
@@ -148,19 +165,24 @@ def sweep_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> SweepSp
             raise ConfigError(f"a dataset entry must be a name or a mapping, got {item!r}")
     dg = []
     for item in _as_list(data.get("domain_generalization"), "domain_generalization"):
+        if not isinstance(item, dict):
+            raise ConfigError(
+                f"a domain_generalization entry is a mapping (source:, targets:), got {item!r}"
+            )
         item = dict(item)
         item["targets"] = [str(t) for t in _as_list(item.get("targets"), "targets")]
-        item["shots"] = [int(s) for s in _as_list(item.get("shots", [16]), "shots")]
+        item["shots"] = _int_list(item.get("shots", [16]), "shots", positive=True)
         dg.append(_build(DGSpec, item, "domain_generalization"))
-    episodes = [
-        _build(EpisodesSpec, dict(e), "episodes")
-        for e in _as_list(data.get("episodes"), "episodes")
-    ]
+    episodes = []
+    for e in _as_list(data.get("episodes"), "episodes"):
+        if not isinstance(e, dict):
+            raise ConfigError(f"an episodes entry is a mapping (name:, file:), got {e!r}")
+        episodes.append(_build(EpisodesSpec, dict(e), "episodes"))
     spec = SweepSpec(
         datasets=datasets,
         methods=[str(m) for m in _as_list(data.get("methods"), "methods")],
-        shots=[int(s) for s in _as_list(data.get("shots", [1, 2, 4, 8, 16]), "shots")],
-        seeds=[int(s) for s in _as_list(data.get("seeds", [1, 2, 3]), "seeds")],
+        shots=_int_list(data.get("shots", [1, 2, 4, 8, 16]), "shots", positive=True),
+        seeds=_int_list(data.get("seeds", [1, 2, 3]), "seeds"),
         backbones=[str(b) for b in _as_list(data.get("backbones"), "backbones")],
         domain_generalization=dg,
         episodes=episodes,
@@ -169,8 +191,6 @@ def sweep_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> SweepSp
         cache_dir=data.get("cache_dir"),
         base_dir=str(base_dir),
     )
-    if any(s < 1 for s in spec.shots):
-        raise ConfigError(f"shots must be positive, got {spec.shots}")
     return spec
 
 
@@ -301,8 +321,9 @@ def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
     elif args.profile == "paper":
         spec = paper_profile(args.bundle_dir, args.data_root, args.backbone or (), methods)
         if args.set:
-            for key, value in parse_overrides(args.set).items():
-                setattr(spec, key, value)
+            data = {k: v for k, v in spec.to_dict().items() if k != "base_dir"}
+            data.update(parse_overrides(args.set))
+            spec = sweep_from_dict(data, base_dir=spec.base_dir)
     else:
         spec = SweepSpec(bundle_dir=args.bundle_dir, data_root=args.data_root)
         if args.set:

@@ -30,6 +30,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def shots_list(text: str) -> list[int]:
     """Comma-separated positive shots (an argparse type)."""
     values = int_list(text)
@@ -84,7 +95,10 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
         "else ~/.cache/clipadapt)",
     )
     p.add_argument(
-        "--views", type=int, default=10, help="augmented views per train image (default 10)"
+        "--views",
+        type=non_negative_int,
+        default=10,
+        help="augmented views per train image (default 10; 0 for none)",
     )
     p.add_argument(
         "--templates",
@@ -103,12 +117,38 @@ def add_extract_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers (default: automatic)"
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="DataLoader workers (default: automatic)",
     )
+    add_dataset_flags(p)
     p.add_argument(
         "--no-progress",
         action="store_true",
         help="print no progress (a bar on a terminal, lines otherwise)",
+    )
+
+
+def add_dataset_flags(p: argparse.ArgumentParser) -> None:
+    """Where an ImageFolder tree's split lives and how its files are compared with the cache."""
+    p.add_argument(
+        "--split-file",
+        help="split of an ImageFolder tree: read from (or made and saved to) this file "
+        "(default: beside the feature cache, <cache>/splits/; never inside the image folder)",
+    )
+    p.add_argument(
+        "--resplit",
+        action="store_true",
+        help="make a new split of an ImageFolder tree as it is now (after images or classes "
+        "were added or removed; results on the old split are not comparable)",
+    )
+    p.add_argument(
+        "--fingerprint",
+        choices=("stat", "content"),
+        default="stat",
+        help="how image files are compared with the cache: stat (size and modification "
+        "time, default) or content (sha256 of every file; slower, for the suspicious)",
     )
 
 

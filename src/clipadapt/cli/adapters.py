@@ -23,7 +23,7 @@ from clipadapt.cli._common import (
     split_choice,
     write_json,
 )
-from clipadapt.exceptions import ConfigError
+from clipadapt.exceptions import ClipadaptError, ConfigError
 
 
 def fit_and_save(
@@ -65,6 +65,71 @@ def adapter_provenance(adapter_dir: Path, method: Any) -> dict[str, Any]:
     return {}
 
 
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_adapter_on_bundle(
+    adapter_dir: Path,
+    method: Any,
+    provenance: dict[str, Any],
+    bundle: Any,
+    *,
+    other_bundle: bool = False,
+) -> None:
+    """Refuse to score an adapter on features it was not fitted for.
+
+    The class names must equal the bundle's, in label order (else a score compares labels of
+    one dataset with predictions of another); the bundle must be the one it was fitted on
+    (its fingerprint) unless ``other_bundle`` (e.g. a domain-shifted copy with the same classes).
+    Adapters saved without provenance are checked by their class count.
+
+    Raises:
+        ConfigError: naming both sides and the fix.
+    """
+    fitted_names = provenance.get("classnames")
+    where = provenance.get("bundle") or "its bundle"
+    if fitted_names is None:
+        if method.n_classes_ != bundle.num_classes:
+            raise ConfigError(
+                f"adapter {adapter_dir} predicts {method.n_classes_} classes but "
+                f"{bundle.where} has {bundle.num_classes} ({_names(bundle.classnames)}); "
+                "score it on the features it was fitted on"
+            )
+        return
+    fitted_names = list(fitted_names)
+    if fitted_names != list(bundle.classnames):
+        first = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(fitted_names, bundle.classnames, strict=False))
+                if a != b
+            ),
+            min(len(fitted_names), bundle.num_classes),
+        )
+        raise ConfigError(
+            f"adapter {adapter_dir} was fitted on {len(fitted_names)} classes "
+            f"({_names(fitted_names)}) but {bundle.where} has {bundle.num_classes} "
+            f"({_names(bundle.classnames)}); they first differ at label {first}; score the "
+            f"adapter on a bundle of the classes it was fitted on ({where})"
+        )
+    recorded = provenance.get("bundle_fingerprint")
+    if recorded and not other_bundle and recorded not in bundle.fingerprints():
+        raise ConfigError(
+            f"adapter {adapter_dir} was fitted on {where} (bundle fingerprint {recorded}), "
+            f"but {bundle.where} has fingerprint {bundle.fingerprint()}: other features with "
+            "the same class names (another extraction, backbone or version of the images); "
+            "pass --other-bundle to score it there on purpose (e.g. a domain-shifted test set)"
+        )
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """One ``warning:`` line per warning of a run (on stdout, beside its result)."""
+    for warning in warnings:
+        print(f"warning: {warning}")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from clipadapt.data.bundle import load_bundle
 
@@ -73,6 +138,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         bundle, args.method, args.shots, args.seed, split_choice(args), Path(args.out)
     )
     print_result(result)
+    print_warnings(result.warnings)
     print(f"saved adapter: {args.out}")
     write_json(args.json, result.to_dict())
     return 0
@@ -81,24 +147,45 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from clipadapt.data.bundle import load_bundle
     from clipadapt.methods.base import load
+    from clipadapt.tasks.classification import absent_classes
 
     method = load(args.adapter)
     bundle = load_bundle(args.bundle)
+    provenance = adapter_provenance(Path(args.adapter), method)
+    check_adapter_on_bundle(
+        Path(args.adapter), method, provenance, bundle, other_bundle=args.other_bundle
+    )
+    if bundle.num_classes < 2:
+        raise ConfigError(
+            f"{bundle.where} has {bundle.num_classes} class(es): an accuracy over one class is "
+            "100 % by construction, so it is refused"
+        )
     rows = bundle.group(args.eval_set, "eval")
     started = time.perf_counter()
     accuracy = method.score(rows.features, rows.labels)
+    absent = absent_classes(bundle.classnames, None, rows)
+    warnings = []
+    if absent:
+        warnings.append(
+            f"{len(absent['eval'])} class(es) have no row in {args.eval_set} "
+            f"({_names(absent['eval'], 5)}): the accuracy is over the other classes only"
+        )
     out = {
         "method": method.card.name,
         "bundle": str(args.bundle),
+        "bundle_fingerprint": bundle.fingerprint(),
         "eval_set": args.eval_set,
         "rows": len(rows),
         "accuracy": accuracy,
         "predict_seconds": time.perf_counter() - started,
-        "fitted_on": adapter_provenance(Path(args.adapter), method) or None,
+        "absent_classes": absent,
+        "warnings": warnings,
+        "fitted_on": provenance or None,
     }
     print(
         f"{method.card.name}: accuracy {accuracy:.2f}% on {args.eval_set} of {args.bundle} ({len(rows)} rows)"
     )
+    print_warnings(warnings)
     write_json(args.json, out)
     return 0
 
@@ -118,6 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bundle, args.method, args.shots, args.seed, SplitChoice(), out / "adapter", text_encoder
     )
     print_result(result)
+    print_warnings(result.warnings)
     atomic_write_json(out / "result.json", result.to_dict())
     write_json(args.json, result.to_dict())
     return 0
@@ -130,10 +218,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     adapter_dir = Path(args.adapter)
     method = load(adapter_dir)
     provenance = adapter_provenance(adapter_dir, method)
-    classnames = provenance.get("classnames") or [f"class_{i}" for i in range(method.n_classes_)]
+    classnames = provenance.get("classnames")
+    if classnames is not None and len(classnames) != method.n_classes_:
+        raise ConfigError(
+            f"adapter {adapter_dir} records {len(classnames)} class names but predicts "
+            f"{method.n_classes_} classes; its config.json is inconsistent: fit it again"
+        )
+    if classnames is None:
+        print(
+            f"warning: {adapter_dir} records no class names (saved by an older clipadapt "
+            "without run.json); classes are shown by index"
+        )
+        classnames = [f"class_{i}" for i in range(method.n_classes_)]
     backbone = args.backbone or provenance.get("backbone_spec")
     if not backbone:
         raise ConfigError("no backbone known: pass --backbone (and --checkpoint)")
+    if args.backbone and not args.other_backbone:
+        check_backbone(adapter_dir, provenance, args.backbone, args.checkpoint)
     encoder = load_encoder(backbone, checkpoint=args.checkpoint, device=args.device)
     names = list(args.images)
     features = encode_image_files(encoder, names)
@@ -149,6 +250,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
         output.append({"image": path, "top": entries})
     write_json(args.json, output)
     return 0
+
+
+def check_backbone(
+    adapter_dir: Path, provenance: dict[str, Any], backbone: str, checkpoint: str | None
+) -> None:
+    """Refuse a ``--backbone`` that is not the one the adapter's features came from (its
+    features would be another model's, and the predictions meaningless).
+
+    Raises:
+        ConfigError: naming both backbones and the fix.
+    """
+    from clipadapt._utils import stable_hash
+    from clipadapt.encoders.clip import backbone_from_record, resolve_backbone
+
+    record = provenance.get("backbone_spec")
+    recorded = provenance.get("backbone_key")
+    if recorded is None and isinstance(record, dict):
+        try:
+            recorded = stable_hash(backbone_from_record(record).cache_key())
+        except ClipadaptError:
+            recorded = None  # its checkpoint is gone: nothing to compare with
+    if recorded is None:
+        return
+    given = resolve_backbone(backbone, checkpoint)
+    if stable_hash(given.cache_key()) != recorded:
+        raise ConfigError(
+            f"adapter {adapter_dir} was fitted on features of {provenance.get('backbone')}, "
+            f"but --backbone gives {given.display_name}: its predictions would be meaningless; "
+            "leave --backbone out (the adapter's own is used) or pass --other-backbone"
+        )
 
 
 def register_cli(sub: Any) -> None:
@@ -167,6 +298,12 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--adapter", required=True)
     p.add_argument("--bundle", required=True)
     p.add_argument("--eval-set", default="test")
+    p.add_argument(
+        "--other-bundle",
+        action="store_true",
+        help="score on a bundle other than the one the adapter was fitted on (same classes, "
+        "e.g. a domain-shifted test set); without it such a bundle is refused",
+    )
     p.add_argument("--json")
     p.set_defaults(handler=cmd_evaluate)
 
@@ -186,5 +323,11 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--adapter", required=True)
     p.add_argument("--top", type=positive_int, default=5)
     add_backbone_flags(p)
+    p.add_argument(
+        "--other-backbone",
+        action="store_true",
+        help="encode the images with --backbone even when the adapter was fitted on another "
+        "backbone's features (refused without it)",
+    )
     p.add_argument("--json")
     p.set_defaults(handler=cmd_predict)

@@ -10,13 +10,23 @@ from clipadapt.cli._common import add_backbone_flags, add_extract_flags, write_j
 
 
 def print_extraction(bundle: Any, report: Any) -> None:
-    """What an extraction encoded (0 = cache hit), kept and skipped, and where the bundle is."""
+    """What an extraction encoded (0 = cache hit), re-encoded because files changed, kept and
+    skipped, its warnings, and where the bundle is."""
     encoded = ", ".join(f"{k} {v}" for k, v in report.encoded.items())
     kept = ", ".join(f"{k} {v}" for k, v in report.kept.items())
     print(
         f"extracted {bundle.name} with {bundle.backbone}: rows {kept}; "
         f"encoded now: {encoded} (0 = cache hit)"
     )
+    if report.changed:
+        changed = ", ".join(f"{k} {v}" for k, v in report.changed.items())
+        print(
+            f"note: image files changed since they were cached (size or modification time, or "
+            f"content with --fingerprint content): the cache shards holding them were encoded "
+            f"again ({changed} image(s), counted in 'encoded now')"
+        )
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     if report.num_skipped:
         print(f"warning: {report.num_skipped} unreadable image(s) skipped:")
         for split, items in report.skipped.items():
@@ -50,6 +60,9 @@ def extract_from_args(
         progress=not args.no_progress,
         text_tower=text_tower,
         on_report=on_report or print_extraction,
+        fingerprint=args.fingerprint,
+        split_file=args.split_file,
+        resplit=args.resplit,
     )
 
 

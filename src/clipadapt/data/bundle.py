@@ -11,6 +11,7 @@ forms, same mask). String metadata: ``classnames`` (JSON list),
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from clipadapt._utils import atomic_path, sha256_file, stable_hash
+from clipadapt._utils import atomic_path, sha256_file
 from clipadapt.data.sets import (
     EvaluationSet,
     LabeledFeatures,
@@ -37,6 +38,10 @@ _ROLES: dict[str, type[LabeledFeatures]] = {
     "eval": EvaluationSet,
 }
 _SHOT_GROUP = re.compile(r"^train_(\d+)shot$")
+#: Metadata that says where files were when the bundle was made (the checkpoint's path in the
+#: backbone record): left out of :meth:`FeatureBundle.fingerprint`, which covers what changes
+#: results, not where a file sits.
+LOCATION_METADATA = frozenset({"backbone_spec"})
 
 
 class FeatureBundle:
@@ -107,15 +112,34 @@ class FeatureBundle:
         return group in self.groups()
 
     def fingerprint(self) -> str:
-        """A content hash identifying the bundle (file hash when read from disk)."""
+        """A 16-hex-digit content hash of the bundle: every tensor's name, dtype, shape and bytes,
+        and the metadata except where files sat when it was made (:data:`LOCATION_METADATA`).
+
+        The same features give the same fingerprint wherever the bundle (or the checkpoint that
+        made it) is stored; a changed row, label, class name or template changes it. The
+        backbone enters through its content key (``backbone_key``: the checkpoint's sha256),
+        not through its path.
+        """
+        digest = hashlib.sha256()
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].detach().cpu().contiguous()
+            digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        kept = {k: v for k, v in self.metadata.items() if k not in LOCATION_METADATA}
+        digest.update(json.dumps(kept, sort_keys=True).encode("utf-8"))
+        return digest.hexdigest()[:16]
+
+    def file_fingerprint(self) -> str | None:
+        """The fingerprint that adapters and results saved by clipadapt 0.1.0 recorded: the first
+        16 hex digits of the file's sha256 (it changed with the checkpoint's path in the
+        metadata). Used only to recognise those; :meth:`fingerprint` is the one to record."""
         if self.path is not None and self.path.is_file():
             return sha256_file(self.path)[:16]
-        return stable_hash(
-            {
-                k: [list(v.shape), str(v.dtype), float(v.float().sum())]
-                for k, v in self.tensors.items()
-            }
-        )
+        return None
+
+    def fingerprints(self) -> set[str]:
+        """Every fingerprint this bundle is known by (the content hash and the old file hash)."""
+        return {f for f in (self.fingerprint(), self.file_fingerprint()) if f}
 
     # ------------------------------------------------------------------ access
     def tensor(self, name: str) -> Tensor:
@@ -174,6 +198,18 @@ class FeatureBundle:
 
     def has_text(self) -> bool:
         return "text_features" in self.tensors
+
+    def check(self) -> None:
+        """Read every labelled group and the text side once, as a run would: finite values,
+        labels in ``[0, C)``, views that match their rows.
+
+        Raises:
+            BundleError: the first problem found, naming the tensor.
+        """
+        for group in self.groups():
+            self.group(group, "eval")
+        if self.has_text():
+            self.text()
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:

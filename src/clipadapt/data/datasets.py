@@ -13,8 +13,14 @@ Three ways to name a dataset (:func:`load_dataset`):
   folder), an optional ``dataset.json`` (``name``, ``classnames``, ``template``, ``templates``,
   ``descriptions``) and an optional CuPL-style ``descriptions.json``.
 * a plain ImageFolder tree ``root/<class>/<image>``: a deterministic, stratified train/val/test
-  split is made once and saved as ``root/split.json``, which turns the tree into a clipadapt
-  dataset folder; later loads read that file.
+  split is made once and saved beside the feature cache (``<cache>/splits/``, see
+  :func:`split_path_for`) or where ``split_file`` says, never inside the user's image tree;
+  later loads read that file, and a tree that no longer matches it (images or classes added or
+  removed) is an error whose fix is ``resplit=True`` (``--resplit``).
+
+A dataset's *files fingerprint* (:meth:`ImageDataset.files_fingerprint`) covers the sorted
+relative paths with each file's size and modification time (or, in ``content`` mode, its
+sha256); it keys the bundles the bench reuses and the results' resume key.
 
 Errors are :class:`~clipadapt.exceptions.DatasetError` with a message that names the file and
 the fix.
@@ -27,7 +33,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clipadapt._utils import atomic_write_text, clean_name, safe_name, stable_hash
+from clipadapt._utils import atomic_write_text, clean_name, safe_name, sha256_file, stable_hash
 from clipadapt.data.fewshot import FewShotDraw, draw_few_shot
 from clipadapt.data.prompts import GENERIC_TEMPLATE, TEMPLATES, check_template, resolve_templates
 from clipadapt.data.tables import read_table
@@ -48,6 +53,12 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 SPLIT_FILENAME = "split.json"
+#: How a dataset's files are fingerprinted: ``stat`` (size and modification time, cheap) or
+#: ``content`` (sha256 of every file, for the suspicious).
+FINGERPRINT_MODES = ("stat", "content")
+#: The key of a split file that records that clipadapt made it (and how): such a split must
+#: match its ImageFolder tree exactly.
+MADE_BY_KEY = "clipadapt"
 DATASET_FILENAME = "dataset.json"
 DESCRIPTIONS_FILENAME = "descriptions.json"
 DATA_ROOT_ENV = "CLIPADAPT_DATA_ROOT"
@@ -257,6 +268,34 @@ class ImageDataset:
         """
         return stable_hash({"classnames": self.classnames, "splits": self.to_split_dict()})
 
+    def file_stamps(self, mode: str = "stat") -> dict[str, str]:
+        """Each listed image file (absolute path) -> its stamp: ``"<size>:<mtime_ns>"`` in
+        ``stat`` mode, the file's sha256 in ``content`` mode. Computed once per mode.
+
+        Raises:
+            ConfigError: an unknown mode.
+            DatasetError: a listed file cannot be read.
+        """
+        check_fingerprint_mode(mode)
+        cache = self.__dict__.setdefault("_stamps", {})
+        if mode not in cache:
+            paths = sorted({str(item.path) for items in self.splits.values() for item in items})
+            cache[mode] = {path: file_stamp(path, mode) for path in paths}
+        return cache[mode]
+
+    def files_fingerprint(self, mode: str = "stat") -> str:
+        """A 16-hex-digit hash of the splits (:meth:`fingerprint`) and of every listed file's
+        relative path with its stamp (:meth:`file_stamps`).
+
+        It does not depend on where the dataset sits; it changes when a file is rewritten (new
+        size or modification time; in ``content`` mode, new bytes), added to or removed from
+        the split. It keys the bundles ``clipadapt bench --dataset`` reuses and the results'
+        resume key.
+        """
+        stamps = self.file_stamps(mode)
+        files = sorted([_relative(Path(path), self.root), stamp] for path, stamp in stamps.items())
+        return stable_hash({"splits": self.fingerprint(), "mode": mode, "files": files})
+
     def to_split_dict(self, image_dir: str | Path | None = None) -> dict[str, list[list[Any]]]:
         """The splits in split_zhou form, paths relative to ``image_dir`` (default ``root``)."""
         base = Path(image_dir) if image_dir is not None else self.root
@@ -264,6 +303,35 @@ class ImageDataset:
             name: [[_relative(item.path, base), item.label, item.classname] for item in items]
             for name, items in self.splits.items()
         }
+
+
+def check_fingerprint_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`FINGERPRINT_MODES`.
+
+    Raises:
+        ConfigError: another value (the message lists the modes).
+    """
+    if mode not in FINGERPRINT_MODES:
+        raise ConfigError(
+            f"unknown fingerprint mode {mode!r}; use one of {', '.join(FINGERPRINT_MODES)} "
+            "(stat: sizes and modification times; content: a hash of every file)"
+        )
+    return mode
+
+
+def file_stamp(path: str | Path, mode: str = "stat") -> str:
+    """A file's stamp: ``"<size>:<mtime_ns>"`` (``stat``) or its sha256 (``content``).
+
+    Raises:
+        DatasetError: the file cannot be read.
+    """
+    try:
+        if mode == "content":
+            return sha256_file(path)
+        info = os.stat(path)
+    except OSError as error:
+        raise DatasetError(f"cannot read {path}: {error.strerror or error}") from None
+    return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -308,7 +376,7 @@ def _parse_split_dict(data: Any, where: str) -> dict[str, list[tuple[str, int, s
     form = '{"train": [[relative_path, label, classname], ...], "val": [...], "test": [...]}'
     if not isinstance(data, dict):
         raise DatasetError(f"{where}: expected a JSON object {form}, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(SPLITS))
+    unknown = sorted(set(data) - set(SPLITS) - {MADE_BY_KEY})
     if unknown:
         raise DatasetError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a split file has only "
@@ -422,8 +490,12 @@ def _build_dataset(
     allow_missing: bool,
     expected: DatasetSpec | None = None,
     classnames: list[str] | None = None,
+    missing_fix: str = "check that the images are in that folder",
 ) -> ImageDataset:
-    """Turn validated split entries into an :class:`ImageDataset` (counts, files checked)."""
+    """Turn validated split entries into an :class:`ImageDataset` (counts, files checked).
+
+    ``missing_fix`` is the fix a missing-image error names (it depends on who owns the split).
+    """
     names = _classnames_from(entries, where)
     if expected is not None:
         _check_counts(entries, len(names), expected, where)
@@ -449,8 +521,7 @@ def _build_dataset(
             if not allow_missing:
                 raise DatasetError(
                     f"{len(gone)} of {len(items)} {split} images listed in {where} are missing "
-                    f"under {image_dir} (e.g. {_listing(rels, 3)}); check that the images are "
-                    "in that folder, or pass allow_missing=True to drop the missing entries"
+                    f"under {image_dir} (e.g. {_listing(rels, 3)}); {missing_fix}"
                 )
             log.warning(
                 "%s: %d of %d %s images are missing and were dropped (e.g. %s)",
@@ -547,6 +618,8 @@ def format_split_json(split: dict[str, list[list[Any]]]) -> str:
             continue
         rows = ",\n".join("    " + json.dumps(row, ensure_ascii=False) for row in split[name])
         blocks.append(f'  "{name}": [\n{rows}\n  ]' if rows else f'  "{name}": []')
+    if MADE_BY_KEY in split:
+        blocks.append(f'  "{MADE_BY_KEY}": {json.dumps(split[MADE_BY_KEY], sort_keys=True)}')
     return "{\n" + ",\n".join(blocks) + "\n}\n"
 
 
@@ -632,43 +705,63 @@ def make_imagefolder_split(
     return split
 
 
-def fallback_split_path(root: str | Path) -> Path:
-    """Where the split of a read-only folder is saved: the user cache, keyed by the folder."""
+def split_path_for(root: str | Path, split_dir: str | Path | None = None) -> Path:
+    """Where clipadapt keeps the split it made of the ImageFolder tree ``root``:
+    ``<split_dir>/<folder name>-<hash of the folder's resolved path>.json``, by default under
+    ``<cache root>/splits`` (:func:`clipadapt.features.cache.default_cache_dir`), never inside
+    the tree."""
     from clipadapt.features.cache import default_cache_dir
 
     resolved = Path(root).resolve()
-    return (
-        default_cache_dir()
-        / "splits"
-        / f"{safe_name(resolved.name)}-{stable_hash(str(resolved), 12)}.json"
-    )
+    folder = Path(split_dir) if split_dir is not None else default_cache_dir() / "splits"
+    return folder / f"{safe_name(resolved.name)}-{stable_hash(str(resolved), 12)}.json"
 
 
-def _is_writable(folder: Path) -> bool:
+def fallback_split_path(root: str | Path) -> Path:
+    """The split file of ``root`` under the default cache root (:func:`split_path_for`)."""
+    return split_path_for(root)
+
+
+def _save_split(
+    split: dict[str, list[list[Any]]], root: Path, target: Path, made_by: dict[str, Any]
+) -> Path:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".clipadapt-write-test-", dir=folder)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(tmp)
-    return True
-
-
-def _save_split(split: dict[str, list[list[Any]]], root: Path, split_file: Path | None) -> Path:
-    target = split_file if split_file is not None else root / SPLIT_FILENAME
-    if split_file is None and not _is_writable(root):
-        target = fallback_split_path(root)
-        log.warning("%s is not writable; saving its split to %s instead", root, target)
-    try:
-        atomic_write_text(target, format_split_json(split))
+        atomic_write_text(target, format_split_json({**split, MADE_BY_KEY: made_by}))
     except OSError as error:
         raise DatasetError(
-            f"cannot save the split of {root} to {target}: {error}; pass split_file=<a writable "
-            "path>"
+            f"cannot save the split of {root} to {target}: {error}; pass --split-file <a "
+            "writable path> (API: split_file=) or --cache-dir"
         ) from None
     counts = ", ".join(f"{len(v)} {k}" for k, v in split.items())
     log.info("made a new split of %s (%s) and saved it to %s", root, counts, target)
     return target
+
+
+def _tree_changes(root: Path, entries: dict[str, list[tuple[str, int, str]]]) -> dict[str, Any]:
+    """How the image files under ``root`` differ from the split's entries (paths relative to
+    ``root``): images added, images removed, class folders added."""
+    listed = {rel for rows in entries.values() for rel, _, _ in rows}
+    found = set(_scan_images(root))
+    added = sorted(found - listed)
+    removed = sorted(listed - found)
+    known = {rel.split("/", 1)[0] for rel in listed}
+    new_classes = sorted({rel.split("/", 1)[0] for rel in added if "/" in rel} - known)
+    return {"added": added, "removed": removed, "new_classes": new_classes}
+
+
+def _describe_changes(changes: dict[str, Any]) -> str:
+    parts = []
+    if changes["new_classes"]:
+        parts.append(f"new class folder(s) {_listing(changes['new_classes'])}")
+    if changes["added"]:
+        parts.append(
+            f"{len(changes['added'])} image(s) added (e.g. {_listing(changes['added'], 3)})"
+        )
+    if changes["removed"]:
+        parts.append(
+            f"{len(changes['removed'])} image(s) removed (e.g. {_listing(changes['removed'], 3)})"
+        )
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,7 +803,9 @@ def _load_folder(
     root: Path,
     *,
     split_file: Path | None,
+    split_dir: Path | None,
     make_split: bool,
+    resplit: bool,
     val_fraction: float,
     test_fraction: float,
     split_seed: int,
@@ -718,12 +813,26 @@ def _load_folder(
     allow_missing: bool,
 ) -> ImageDataset:
     meta = _read_dataset_json(root)
-    candidates = [split_file] if split_file is not None else [root / SPLIT_FILENAME]
-    if split_file is None:
-        candidates.append(fallback_split_path(root))
-    path = next((p for p in candidates if p.is_file()), None)
+    ours = split_file if split_file is not None else split_path_for(root, split_dir)
+    own = root / SPLIT_FILENAME  # a dataset folder's own split (or one an older clipadapt wrote)
+    if resplit:
+        if meta.get("classnames") is not None:
+            raise DatasetError(
+                f"--resplit makes a new split of an ImageFolder tree, but {root} is a dataset "
+                f"folder whose {DATASET_FILENAME} fixes its classes; regenerate the folder or "
+                f"edit its {SPLIT_FILENAME}"
+            )
+        path = None
+    elif ours.is_file():
+        path = ours
+        if split_file is None and own.is_file():
+            log.info("%s: using the split %s made by --resplit, not its %s", root, ours, own.name)
+    elif split_file is None and own.is_file():
+        path = own
+    else:
+        path = None
     if path is None:
-        if not make_split:
+        if not make_split and not resplit:
             raise DatasetError(
                 f"{root} has no {SPLIT_FILENAME}; pass make_split=True to make a stratified "
                 "split of its ImageFolder tree, or pass split_file=<a split_zhou JSON file>"
@@ -731,8 +840,35 @@ def _load_folder(
         split = make_imagefolder_split(
             root, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed
         )
-        path = _save_split(split, root, split_file)
-    entries = _parse_split_dict(_load_json(path, "a split_zhou object"), str(path))
+        made_by = {
+            "made_by": "make_imagefolder_split",
+            "seed": split_seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+        }
+        path = _save_split(split, root, ours, made_by)
+    data = _load_json(path, "a split_zhou object")
+    entries = _parse_split_dict(data, str(path))
+    made_here = isinstance(data, dict) and MADE_BY_KEY in data
+    if made_here or check_files:
+        changes = _tree_changes(root, entries)
+        what = _describe_changes(changes)
+        if made_here and what:
+            # clipadapt made this split from the tree: any difference means the tree changed
+            # since, and going on would silently leave the new images and classes out
+            raise DatasetError(
+                f"the split {path} of {root} no longer matches the folder: {what}; pass "
+                "--resplit (API: resplit=True) to make a new split of the folder as it is now "
+                "(results on the old split are not comparable with the new one)"
+            )
+        if changes["added"] or changes["new_classes"]:
+            log.warning(
+                "%s: %s not in its split %s, so they are not used; add them to the split, or "
+                "pass --resplit to make a new split of the whole folder",
+                root,
+                _describe_changes({**changes, "removed": []}),
+                path,
+            )
     dataset = _build_dataset(
         entries,
         root,
@@ -742,6 +878,11 @@ def _load_folder(
         check_files=check_files,
         allow_missing=allow_missing,
         classnames=meta.get("classnames"),
+        missing_fix=(
+            "check that the images are in that folder, or pass --resplit to make a new split "
+            "of the folder as it is now (API: resplit=True; allow_missing=True drops the "
+            "missing entries instead)"
+        ),
     )
     dataset.split_path = path
     dataset.metadata = {k: v for k, v in meta.items() if k not in _DATASET_JSON_KEYS}
@@ -904,7 +1045,9 @@ def load_dataset(
     data_root: str | Path | None = None,
     *,
     split_file: str | Path | None = None,
+    split_dir: str | Path | None = None,
     make_split: bool = True,
+    resplit: bool = False,
     val_fraction: float = 0.2,
     test_fraction: float = 0.3,
     split_seed: int = 0,
@@ -923,12 +1066,17 @@ def load_dataset(
             ``CLIPADAPT_DATA_ROOT`` environment variable).
         split_file: a split_zhou JSON to use instead of the default one. For folders: where the
             split is read from, or saved to when it does not exist yet.
+        split_dir: for ImageFolder trees, the folder of the splits clipadapt makes (default
+            ``<cache root>/splits``; see :func:`split_path_for`). A split is never written
+            into the image tree.
         make_split: make and save a split for an ImageFolder tree without one. Never applies to
             the CoOp datasets, whose fixed split files are required.
+        resplit: make a new split of an ImageFolder tree as it is now, replacing the one
+            clipadapt made before (the fix for a tree whose images or classes changed).
         val_fraction, test_fraction: per-class fractions of a new ImageFolder split
             (half rounds up; train keeps at least one image per class).
-        split_seed: seed of a new ImageFolder split. An existing split file is always reused:
-            delete it to make a new one.
+        split_seed: seed of a new ImageFolder split. An existing split file is always reused
+            (``resplit=True`` makes a new one).
         check_files: check that every listed image exists.
         allow_missing: drop missing images (recorded in ``missing``, with a warning) instead of
             raising.
@@ -940,7 +1088,7 @@ def load_dataset(
     Raises:
         DatasetError: unknown name, missing root or split file, malformed JSON, a label with
             two names, labels not contiguous, a class with zero images, count mismatch,
-            missing images.
+            missing images, a tree that no longer matches the split clipadapt made of it.
         ConfigError: invalid split fractions.
 
     Example:
@@ -957,6 +1105,12 @@ def load_dataset(
     looks_like_path = isinstance(name_or_path, Path) or "/" in text or os.sep in text
     spec = None if looks_like_path else _lookup(text)
     if spec is not None:
+        if resplit:
+            raise DatasetError(
+                f"--resplit makes a new split of an ImageFolder tree; {spec.key} is a CoOp "
+                "dataset whose split file is fixed (new splits are not comparable with "
+                "published numbers)"
+            )
         if root_dir is None:
             raise DatasetError(
                 f"{spec.key} is a CoOp dataset: pass data_root=<the folder that contains "
@@ -995,7 +1149,9 @@ def load_dataset(
     return _load_folder(
         Path(os.path.abspath(path)),
         split_file=split_path,
+        split_dir=Path(split_dir).expanduser() if split_dir is not None else None,
         make_split=make_split,
+        resplit=resplit,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         split_seed=split_seed,

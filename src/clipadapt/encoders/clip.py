@@ -164,15 +164,41 @@ def backbone_from_card(card_path: Path) -> BackboneSpec:
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
+    """``auto`` picks CUDA when present, else CPU.
+
+    Raises:
+        ConfigError: an unknown device name, or a device this machine does not have (CUDA
+            without a GPU, ``cuda:N`` past the last GPU, MPS off Apple hardware).
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except (RuntimeError, TypeError):  # torch's message does not say what is accepted
         raise ConfigError(
             f"unknown device {str(device)!r}; pass --device auto, cpu, cuda or cuda:N"
         ) from None
+    # a device that does not exist here would fail deep inside the first tensor move with
+    # torch's driver message; say it once, up front
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {device}: CUDA is not available on this machine (torch "
+                f"{torch.__version__} finds no GPU); use --device cpu or --device auto"
+            )
+        count = torch.cuda.device_count()
+        if chosen.index is not None and chosen.index >= count:
+            raise ConfigError(
+                f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to "
+                f"cuda:{count - 1}); pick one of them or --device auto"
+            )
+    elif chosen.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ConfigError(
+            f"--device {device}: Apple's MPS backend is not available here; use --device cpu"
+        )
+    return chosen
 
 
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:

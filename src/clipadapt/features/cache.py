@@ -5,6 +5,11 @@ where the hash covers everything that changes the features (backbone and checkpo
 items, the transform and its views, the extractor version). Shards are written atomically and
 recorded in the manifest with their sha256 after they are complete; a shard whose checksum does not
 match is re-extracted, never used.
+
+Each shard also records a hash of its image files' stamps (size and modification time; with the
+``content`` fingerprint also their sha256). A shard whose files changed since it was written
+(images overwritten, or another folder of the same name and file names) is re-encoded, and the
+extraction says how many images that was.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from clipadapt._utils import (
 
 log = logging.getLogger(__name__)
 
-EXTRACTOR_VERSION = 1
+#: 2: shards record their files' stamps (older caches are not read)
+EXTRACTOR_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -76,6 +82,9 @@ class SplitCache:
         )
         self.manifest_path = self.dir / MANIFEST
         self.manifest = self._read_manifest()
+        self._files: list[dict[str, str]] | None = None
+        #: shards found stale because their image files changed since they were written
+        self.changed: set[int] = set()
         remove_stale_temporaries(self.dir)
 
     def _read_manifest(self) -> dict[str, Any]:
@@ -91,12 +100,27 @@ class SplitCache:
                 )
         return {"hash": self.hash, "key": self.key, "shards": {}}
 
-    def configure(self, num_items: int, shard_size: int) -> None:
+    def configure(
+        self, num_items: int, shard_size: int, stamps: dict[str, list[str]] | None = None
+    ) -> None:
+        """Set the item count and shard size (a change starts afresh) and the items' file
+        stamps: ``{"stat": [...]}``, plus ``"content": [...]`` in content mode, one per item.
+        A recorded shard whose files' stamps differ is stale (:attr:`changed`)."""
         if (
             self.manifest.get("num_items") != num_items
             or self.manifest.get("shard_size") != shard_size
         ):
             self.manifest.update(num_items=num_items, shard_size=shard_size, shards={})
+        self._files = None
+        self.changed = set()
+        if stamps is not None:
+            self._files = [
+                {
+                    kind: stable_hash([values[i] for i in self.shard_range(s)])
+                    for kind, values in stamps.items()
+                }
+                for s in range(self.num_shards)
+            ]
 
     @property
     def num_shards(self) -> int:
@@ -118,10 +142,27 @@ class SplitCache:
         if sha256_file(path) != record["sha256"]:
             log.warning("cache shard %s does not match its checksum; re-extracting it", path)
             return False
+        if self._files is not None:
+            current, recorded = self._files[shard], record.get("files") or {}
+            # content mode compares the files' bytes, so a copy with new modification times
+            # is still a hit (its stat stamp is brought up to date); stat mode compares sizes
+            # and modification times
+            kind = "content" if "content" in current else "stat"
+            if recorded.get(kind) != current[kind]:
+                self.changed.add(shard)
+                return False
+            if recorded != current:
+                record["files"] = dict(current)
+                self._restamped = True
         return True
 
     def missing_shards(self) -> list[int]:
-        return [s for s in range(self.num_shards) if not self.shard_valid(s)]
+        """Shards to encode: not recorded, damaged, or whose image files changed."""
+        self._restamped = False
+        missing = [s for s in range(self.num_shards) if not self.shard_valid(s)]
+        if self._restamped:
+            atomic_write_json(self.manifest_path, self.manifest)
+        return missing
 
     def write_shard(self, shard: int, features: Tensor, index: Tensor, skipped: list[dict]) -> None:
         name = f"shard-{shard:05d}.safetensors"
@@ -136,6 +177,7 @@ class SplitCache:
             "sha256": sha256_file(path),
             "kept": int(index.numel()),
             "skipped": skipped,
+            "files": dict(self._files[shard]) if self._files is not None else {},
         }
         self.manifest["complete"] = len(self.manifest["shards"]) == self.num_shards
         atomic_write_json(self.manifest_path, self.manifest)

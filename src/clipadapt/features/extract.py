@@ -7,6 +7,7 @@ the bundle metadata, and reported: never a crash, never a silently smaller datas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,8 +21,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from clipadapt._progress import progress as progress_report
+from clipadapt._utils import stable_hash
 from clipadapt.data.bundle import FeatureBundle, save_bundle
-from clipadapt.features.cache import SplitCache, TextCache, default_cache_dir
+from clipadapt.data.datasets import check_fingerprint_mode
+from clipadapt.exceptions import ConfigError
+from clipadapt.features.cache import EXTRACTOR_VERSION, SplitCache, TextCache, default_cache_dir
 from clipadapt.features.transforms import AugmentedViews, CleanView, load_rgb
 
 log = logging.getLogger(__name__)
@@ -75,12 +79,16 @@ def _auto_workers(num_items: int, device: torch.device | str = "cpu") -> int:
 
 @dataclass
 class SplitFeatures:
-    """Features of one split. ``features`` is (N, D) or (V, N, D) float32 raw embeddings."""
+    """Features of one split. ``features`` is (N, D) or (V, N, D) float32 raw embeddings.
+
+    ``changed_items`` counts the items encoded again because their files changed since they
+    were cached (they are part of ``encoded_items``)."""
 
     features: Tensor
     kept: Tensor
     skipped: list[dict[str, Any]]
     encoded_items: int
+    changed_items: int = 0
 
 
 def extract_split(
@@ -96,6 +104,7 @@ def extract_split(
     progress: bool = True,
     description: str = "extract",
     device: torch.device | str = "cpu",
+    stamps: dict[str, list[str]] | None = None,
 ) -> SplitFeatures:
     """Encode ``paths`` through ``transform`` into ``cache``, resuming from complete shards.
 
@@ -110,13 +119,16 @@ def extract_split(
         num_workers: DataLoader workers (None: automatic, see ``device``).
         device: where ``encode_images`` runs; sets the automatic worker count.
         progress: show a progress bar.
+        stamps: the items' file stamps (``{"stat": [...]}``, plus ``"content"``; see
+            :meth:`SplitCache.configure`): a cached shard whose files changed is re-encoded.
 
     Returns:
         :class:`SplitFeatures` with the kept item indices and the skipped items.
     """
-    cache.configure(len(paths), shard_size)
+    cache.configure(len(paths), shard_size, stamps)
     missing = cache.missing_shards()
     encoded = sum(len(cache.shard_range(s)) for s in missing)
+    changed = sum(len(cache.shard_range(s)) for s in missing if s in cache.changed)
     if missing:
         workers = _auto_workers(encoded, device) if num_workers is None else num_workers
         order = [i for s in missing for i in cache.shard_range(s)]
@@ -168,21 +180,111 @@ def extract_split(
                 remaining = len(cache.shard_range(current)) if current is not None else 0
         bar.close()
     features, kept, skipped_all = cache.read()
-    return SplitFeatures(features.float(), kept, skipped_all, encoded)
+    return SplitFeatures(features.float(), kept, skipped_all, encoded, changed)
 
 
 @dataclass
 class ExtractionReport:
-    """What an extraction did: items encoded per split (0 = cache hit) and skipped images."""
+    """What an extraction did: items encoded per split (0 = cache hit), items encoded again
+    because their files changed since they were cached, skipped images, and warnings about the
+    result (e.g. class names whose text embeddings cannot be told apart)."""
 
     bundle_path: Path
     encoded: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    changed: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
+
+
+#: Class text embeddings at least this cosine-similar are reported as indistinguishable: a
+#: tokenizer that does not know two names maps both to the same tokens (cosine 1.0), while the
+#: closest distinct names in practice stay below it (the embedded world's class names: at most
+#: 0.70 apart from such unknown-word pairs).
+NEAR_IDENTICAL_COSINE = 0.999
+
+
+def near_identical_classes(
+    text_features: Tensor, classnames: Sequence[str], threshold: float = NEAR_IDENTICAL_COSINE
+) -> list[list[str]]:
+    """Groups of classes whose text embeddings are (near-)identical (cosine >= ``threshold``).
+
+    Zero-shot cannot tell such classes apart, and adapters initialised from the text start them
+    at the same point. Groups are connected components of the similar pairs, in label order.
+    """
+    feats = text_features.float()
+    feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    similar = (feats @ feats.T) >= threshold
+    similar.fill_diagonal_(False)
+    # connected components by repeated propagation over the (C, C) boolean graph: C is small
+    reach = similar | torch.eye(len(classnames), dtype=torch.bool)
+    while True:
+        grown = (reach.float() @ reach.float()) > 0
+        if torch.equal(grown, reach):
+            break
+        reach = grown
+    groups, seen = [], set()
+    for i in range(len(classnames)):
+        if i in seen or not similar[i].any():
+            continue
+        members = torch.nonzero(reach[i]).flatten().tolist()
+        seen.update(members)
+        groups.append([classnames[j] for j in members])
+    return groups
+
+
+def text_warnings(groups: list[list[str]]) -> list[str]:
+    """The extraction warning for :func:`near_identical_classes` groups (empty: none)."""
+    if not groups:
+        return []
+    shown = "; ".join(
+        ", ".join(repr(n) for n in g[:6]) + (" ..." if len(g) > 6 else "") for g in groups[:5]
+    )
+    more = f" (and {len(groups) - 5} more group(s))" if len(groups) > 5 else ""
+    count = sum(len(g) for g in groups)
+    return [
+        f"{count} class name(s) map to (near-)identical text embeddings: {shown}{more}. "
+        "Zero-shot cannot tell these classes apart (the backbone's tokenizer probably does not "
+        "know these words); rename them (dataset.json `classnames`) or add descriptions "
+        "(--descriptions)"
+    ]
+
+
+def extraction_settings(
+    backbone_key: dict[str, Any],
+    *,
+    views: int,
+    aug_scale: tuple[float, float],
+    seed: int,
+    templates: Sequence[str],
+    descriptions: Sequence[Sequence[str]] | None,
+    negative_template: str | None,
+    splits: Sequence[str],
+) -> str:
+    """A hash of every extraction setting that changes a bundle made from the same images
+    (recorded as the bundle's ``extraction_key``; a bundle is reused only when it matches)."""
+    return stable_hash(
+        {
+            "backbone": backbone_key,
+            "views": views,
+            "aug_scale": list(aug_scale),
+            "seed": seed,
+            "templates": list(templates),
+            "descriptions": None if descriptions is None else [list(d) for d in descriptions],
+            "negative_template": negative_template or None,
+            "splits": list(splits),
+            "extractor_version": EXTRACTOR_VERSION,
+        }
+    )
+
+
+def dataset_templates(dataset: Any, templates: Sequence[str] | None) -> list[str]:
+    """The templates an extraction uses: ``templates``, else the dataset's own."""
+    return list(templates or getattr(dataset, "templates", None) or [dataset.template])
 
 
 def extract_dataset(
@@ -202,6 +304,8 @@ def extract_dataset(
     num_workers: int | None = None,
     shard_size: int = 1024,
     progress: bool = True,
+    fingerprint: str = "stat",
+    provenance: dict[str, str] | None = None,
 ) -> tuple[FeatureBundle, ExtractionReport]:
     """Extract a dataset's features into a bundle at ``out_path`` (written atomically).
 
@@ -223,12 +327,28 @@ def extract_dataset(
         descriptions: per-class description sentences (CuPL-style), optional.
         negative_template: prompt of the negative text features (None: skip them, and the
             negated descriptions).
+        fingerprint: how the image files are stamped (``stat``: size and modification time;
+            ``content``: sha256): a cached shard whose files changed is encoded again, and the
+            bundle records the dataset's files fingerprint in this mode.
+        provenance: extra string metadata about the text side (template set name, description
+            file name and sha256), recorded in the bundle.
     """
     from clipadapt.data.prompts import class_prompts, negative_descriptions, negative_prompts
 
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise ConfigError(
+            f"views={views!r}: the number of augmented views per train image must be an "
+            "integer >= 0 (--views 0 for none)"
+        )
+    check_fingerprint_mode(fingerprint)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     backbone = encoder.backbone
     bkey = backbone.cache_key()
+    has_stamps = hasattr(dataset, "file_stamps")
+    stat_stamps = dataset.file_stamps("stat") if has_stamps else None
+    content_stamps = (
+        dataset.file_stamps("content") if has_stamps and fingerprint == "content" else None
+    )
     bname = backbone.display_name
     clean = CleanView(encoder.image_size, encoder.mean, encoder.std)
     aug = AugmentedViews(encoder.image_size, encoder.mean, encoder.std, views, aug_scale, seed)
@@ -250,6 +370,11 @@ def extract_dataset(
         keys = [rel(item.path) for item in items]
         labels = torch.tensor([item.label for item in items], dtype=torch.long)
         items_key = {"items": [[k, int(lab)] for k, lab in zip(keys, labels.tolist(), strict=True)]}
+        stamps = None
+        if stat_stamps is not None:
+            stamps = {"stat": [stat_stamps[p] for p in paths]}
+            if content_stamps is not None:
+                stamps["content"] = [content_stamps[p] for p in paths]
         jobs = [(split, clean)]
         if split == "train" and views > 0:
             jobs.append(("train_views", aug))
@@ -284,8 +409,11 @@ def extract_dataset(
                 progress=progress,
                 description=f"{dataset.name}/{name}",
                 device=getattr(encoder, "device", "cpu"),
+                stamps=stamps,
             )
             report.encoded[name] = result.encoded_items
+            if result.changed_items:
+                report.changed[name] = result.changed_items
             report.skipped[name] = result.skipped
             kept_sets.append(result)
         # rows kept in every job of this split (a decode failure is the same in every view)
@@ -310,12 +438,19 @@ def extract_dataset(
         cache_root, bname, {"backbone": bkey, "precision": getattr(encoder, "precision", "fp32")}
     )
     classnames = list(dataset.classnames)
-    templates = templates or list(getattr(dataset, "templates", None) or [dataset.template])
+    templates = dataset_templates(dataset, templates)
     prompts = class_prompts(classnames, templates)
     flat = [p for per_class in prompts for p in per_class]
     per_prompt = text_cache.get(flat, encoder.encode_text).view(len(classnames), len(templates), -1)
     per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     tensors["text_features"] = per_prompt.mean(dim=1).to(torch.float16)
+    report.warnings += text_warnings(near_identical_classes(tensors["text_features"], classnames))
+    if len(classnames) < 2:
+        report.warnings.append(
+            f"{dataset.name} has {len(classnames)} class(es) ({', '.join(classnames)}): an "
+            "accuracy on it says nothing (every prediction is that class); fitting and "
+            "scoring refuse it"
+        )
     if len(templates) > 1:
         tensors["text_features_all"] = per_prompt.to(torch.float16)
     if negative_template:
@@ -345,12 +480,39 @@ def extract_dataset(
         "classnames": json.dumps(classnames),
         "backbone": bname,
         "backbone_spec": json.dumps(backbone.to_record()),
+        # what the checkpoint is (its sha256), not where it sits: the fingerprint covers this
+        "backbone_key": stable_hash(bkey),
         "source": "clipadapt extract",
         "dataset": dataset.name,
         "templates": json.dumps(templates),
+        "templates_sha256": sha256_text(json.dumps(templates)),
         "negative_template": negative_template or "",
         "views": str(views),
         "skipped": json.dumps({k: len(v) for k, v in report.skipped.items() if v}),
+        "extraction_key": extraction_settings(
+            bkey,
+            views=views,
+            aug_scale=aug_scale,
+            seed=seed,
+            templates=templates,
+            descriptions=descriptions,
+            negative_template=negative_template,
+            splits=splits,
+        ),
+        "warnings": json.dumps(report.warnings),
     }
+    if has_stamps:
+        metadata["dataset_fingerprint"] = dataset.files_fingerprint(fingerprint)
+        metadata["dataset_fingerprint_mode"] = fingerprint
+    if descriptions is not None:
+        metadata["descriptions_sha256"] = sha256_text(json.dumps(descriptions))
+    metadata.update(provenance or {})
+    for warning in report.warnings:
+        log.warning("%s: %s", dataset.name, warning)
     save_bundle(out_path, tensors, metadata)
     return FeatureBundle(tensors, metadata, out_path), report
+
+
+def sha256_text(text: str) -> str:
+    """The sha256 (hex) of a string's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

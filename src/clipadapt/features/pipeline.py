@@ -17,6 +17,7 @@ The cache root is :func:`clipadapt.features.cache.default_cache_dir` unless ``ca
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,13 +28,15 @@ from torch import Tensor
 
 from clipadapt._utils import stable_hash
 from clipadapt.data.prompts import DEFAULT_NEGATIVE_TEMPLATE
-from clipadapt.exceptions import ConfigError
+from clipadapt.exceptions import ClipadaptError, ConfigError
 
 if TYPE_CHECKING:
     from clipadapt.data.bundle import FeatureBundle
     from clipadapt.data.datasets import ImageDataset
     from clipadapt.encoders.clip import BackboneSpec, ClipEncoder, TextTower
     from clipadapt.features.extract import ExtractionReport
+
+log = logging.getLogger(__name__)
 
 #: Encoders kept per process (a sweep alternates between a few backbones at most).
 _MAX_ENCODERS = 2
@@ -115,16 +118,51 @@ def bundle_backbone_record(bundle: FeatureBundle) -> dict[str, Any] | None:
 
 def bundle_provenance(bundle: FeatureBundle) -> dict[str, Any]:
     """What a saved adapter records about the features it was fitted on (``Adapter.save``'s
-    ``provenance``): class names, dataset, backbone name and record, bundle file and fingerprint.
+    ``provenance``): class names (and their hash), dataset and its files fingerprint, backbone
+    name, record and content key, bundle file and fingerprint.
     """
     return {
         "classnames": list(bundle.classnames),
+        "classnames_sha256": classnames_hash(bundle.classnames),
         "dataset": bundle.name,
+        "dataset_fingerprint": bundle.metadata.get("dataset_fingerprint"),
         "backbone": bundle.backbone,
         "backbone_spec": bundle_backbone_record(bundle),
+        "backbone_key": bundle.metadata.get("backbone_key"),
         "bundle": str(bundle.path) if bundle.path is not None else None,
         "bundle_fingerprint": bundle.fingerprint(),
     }
+
+
+def classnames_hash(classnames: Sequence[str]) -> str:
+    """The sha256 of the class names as a JSON list (label order): records carry this hash,
+    and a sweep stores the names once (``<out>.sweep.json``)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(classnames)).encode("utf-8")).hexdigest()
+
+
+def text_provenance(bundle: FeatureBundle) -> dict[str, Any]:
+    """Where a bundle's class text came from, as its metadata records it: the template set
+    (name, count, sha256) and the description file (name, sha256). Empty for bundles made
+    elsewhere that record none of it."""
+    meta = bundle.metadata
+    out: dict[str, Any] = {}
+    if meta.get("templates"):
+        try:
+            out["templates_count"] = len(json.loads(meta["templates"]))
+        except (json.JSONDecodeError, TypeError):
+            pass
+    for key in (
+        "templates_name",
+        "templates_sha256",
+        "descriptions_file",
+        "descriptions_file_sha256",
+        "descriptions_sha256",
+    ):
+        if meta.get(key):
+            out[key] = meta[key]
+    return out
 
 
 def open_dataset(
@@ -134,8 +172,15 @@ def open_dataset(
     templates: str | Sequence[str] | None = None,
     descriptions: str | Path | None = None,
     descriptions_match: str = "name",
+    split_file: str | Path | None = None,
+    split_dir: str | Path | None = None,
+    resplit: bool = False,
 ) -> tuple[ImageDataset, list[str] | None, list[list[str]] | None]:
     """Load a dataset with the prompt choices made for it.
+
+    ``split_file``, ``split_dir`` and ``resplit`` are
+    :func:`~clipadapt.data.datasets.load_dataset`'s (where the split of an ImageFolder tree
+    lives, and making it anew).
 
     Returns:
         ``(dataset, templates or None for the dataset's own, descriptions or None)``; the
@@ -149,7 +194,13 @@ def open_dataset(
     from clipadapt.data.prompts import load_descriptions, resolve_templates
 
     if not isinstance(dataset, ImageDataset):
-        dataset = load_dataset(str(dataset) if isinstance(dataset, Path) else dataset, data_root)
+        dataset = load_dataset(
+            str(dataset) if isinstance(dataset, Path) else dataset,
+            data_root,
+            split_file=split_file,
+            split_dir=split_dir,
+            resplit=resplit,
+        )
     if dataset.missing:
         missing = dataset.missing
         raise ConfigError(
@@ -184,6 +235,9 @@ def ensure_bundle(
     reuse: bool = False,
     text_tower: bool = False,
     on_report: Callable[[FeatureBundle, ExtractionReport], None] | None = None,
+    fingerprint: str = "stat",
+    split_file: str | Path | None = None,
+    resplit: bool = False,
 ) -> tuple[FeatureBundle, TextTower | None]:
     """The feature bundle of ``dataset`` under ``backbone`` at ``out``, extracted if needed.
 
@@ -198,8 +252,14 @@ def ensure_bundle(
         backbone: see :func:`load_encoder`.
         cache_dir: the feature cache root.
         out: the bundle file written (atomically).
-        reuse: return the bundle already at ``out`` without encoding (the bench's rule: one
-            bundle per dataset entry and backbone).
+        reuse: return the bundle already at ``out`` without encoding when it was made from
+            these very files (its ``dataset_fingerprint``) with these settings and backbone
+            (its ``extraction_key``); otherwise extract again through the cache, which
+            encodes only what changed (the bench's rule).
+        fingerprint: ``stat`` or ``content``: how image files are compared with the cache
+            and the bundle (see :meth:`ImageDataset.files_fingerprint`).
+        split_file, resplit: where the split of an ImageFolder tree lives (default: beside the
+            cache, ``<cache_dir>/splits``) and whether to make it anew.
         text_tower: also return the backbone's text tower (for methods such as CoOp).
         on_report: called with the bundle and the extraction report after an extraction (not on
             reuse), e.g. to print what was encoded and what was skipped.
@@ -209,23 +269,69 @@ def ensure_bundle(
     Returns:
         ``(bundle, text tower or None)``.
     """
+    from clipadapt._utils import sha256_file
     from clipadapt.data.bundle import load_bundle
-    from clipadapt.features.extract import extract_dataset
+    from clipadapt.data.datasets import check_fingerprint_mode
+    from clipadapt.features.cache import default_cache_dir
+    from clipadapt.features.extract import (
+        dataset_templates,
+        extract_dataset,
+        extraction_settings,
+    )
 
+    check_fingerprint_mode(fingerprint)
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise ConfigError(
+            f"views={views!r}: the number of augmented views per train image must be an "
+            "integer >= 0 (--views 0 for none)"
+        )
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     loaded, chosen, texts = open_dataset(
         dataset,
         data_root,
         templates=templates,
         descriptions=descriptions,
         descriptions_match=descriptions_match,
+        split_file=split_file,
+        split_dir=cache_root / "splits",
+        resplit=resplit,
     )
+    desc_path = descriptions or loaded.descriptions
+    provenance = {
+        "templates_name": templates
+        if isinstance(templates, str)
+        else ("list" if templates else "dataset default"),
+    }
+    if desc_path:
+        provenance["descriptions_file"] = Path(desc_path).name
+        provenance["descriptions_file_sha256"] = sha256_file(desc_path)
     out = Path(out)
+    negative = negative_template or None
     if reuse and out.is_file():
         bundle = load_bundle(out)
-        tower = None
-        if text_tower:
-            tower = load_encoder(backbone, checkpoint=checkpoint, device=device).text_tower()
-        return bundle, tower
+        wanted = extraction_settings(
+            _backbone_spec(backbone, checkpoint).cache_key(),
+            views=views,
+            aug_scale=(0.5, 1.0),
+            seed=0,
+            templates=dataset_templates(loaded, chosen),
+            descriptions=texts,
+            negative_template=negative,
+            splits=("train", "val", "test"),
+        )
+        same_files = bundle.metadata.get("dataset_fingerprint") == loaded.files_fingerprint(
+            fingerprint
+        )
+        if same_files and bundle.metadata.get("extraction_key") == wanted:
+            tower = None
+            if text_tower:
+                tower = load_encoder(backbone, checkpoint=checkpoint, device=device).text_tower()
+            return bundle, tower
+        log.info(
+            "%s was made from %s; extracting again",
+            out,
+            "other settings" if same_files else "other image files (or an older clipadapt)",
+        )
     encoder = load_encoder(backbone, checkpoint=checkpoint, device=device)
     bundle, report = extract_dataset(
         loaded,
@@ -235,10 +341,12 @@ def ensure_bundle(
         views=views,
         templates=chosen,
         descriptions=texts,
-        negative_template=negative_template or None,
+        negative_template=negative,
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,
+        fingerprint=fingerprint,
+        provenance=provenance,
     )
     if on_report is not None:
         on_report(bundle, report)
@@ -290,21 +398,46 @@ def ensure_episode_features(
 ) -> Path:
     """Encode an image-episode JSON file into feature episodes, cached beside it.
 
-    The features are written to ``<stem>.<backbone>.safetensors`` next to ``path`` and reused
-    while that file is not older than the JSON file.
+    The features are written to ``<stem>.<backbone>.<key>.safetensors`` next to ``path``,
+    where ``key`` hashes the JSON file's bytes, every image's size and modification time and
+    the backbone's content key: an edited episode file, a rewritten image or another checkpoint
+    gives a new file, never stale features.
 
     Returns:
         The feature-episode file (see :mod:`clipadapt.tasks.episodes`).
     """
-    from clipadapt._utils import safe_name
-    from clipadapt.tasks.episodes import encode_episodes
+    from clipadapt._utils import safe_name, sha256_file
+    from clipadapt.data.datasets import file_stamp
+    from clipadapt.tasks.episodes import encode_episodes, read_episode_doc
 
     path = Path(path)
-    label = backbone if isinstance(backbone, str) else _backbone_spec(backbone, None).display_name
-    out = path.with_name(f"{path.stem}.{safe_name(label)}.safetensors")
-    if out.is_file() and out.stat().st_mtime >= path.stat().st_mtime:
+    spec = _backbone_spec(backbone, None)
+    doc = read_episode_doc(path)
+    root = path.parent / doc.get("image_root", ".")
+    images = sorted(
+        {
+            str(item.get("image"))
+            for episode in doc["episodes"]
+            if isinstance(episode, dict)
+            for part in ("support", "query")
+            for item in episode.get(part) or ()
+            if isinstance(item, dict)
+        }
+    )
+    stamps = []
+    for rel in images:
+        try:
+            stamps.append([rel, file_stamp(root / rel)])
+        except ClipadaptError:
+            stamps.append([rel, None])  # encoding then names the missing image
+    key = stable_hash(
+        {"episodes": sha256_file(path), "images": stamps, "backbone": spec.cache_key()}, 8
+    )
+    label = backbone if isinstance(backbone, str) else spec.display_name
+    out = path.with_name(f"{path.stem}.{safe_name(label)}.{key}.safetensors")
+    if out.is_file():
         return out
-    encoder = load_encoder(backbone, device=device)
+    encoder = load_encoder(spec, device=device)
     with torch.no_grad():
         episodes = encode_episodes(
             path,
