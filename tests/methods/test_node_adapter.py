@@ -590,3 +590,11 @@ def test_staged_search_keeps_stage_one_on_ties_and_records_only_what_it_searched
     assert point == {"blend_init": 0.2, "gamma_init": 1.0, "gradient_gain": 10.0} and best[0] == 2.0
     no_ode = NodeAdapter(**{**FAST, "t_end": 0.0}).fit(fx.train, fx.text, fx.val)
     assert "gradient_gain" not in no_ode.best_params_ and "blend_init" in no_ode.best_params_
+
+
+def test_fast_and_paper_presets() -> None:
+    paper = clipadapt.create_method("node_adapter", preset="paper")
+    assert paper.get_params() == NodeAdapter().get_params()
+    fast = clipadapt.create_method("node_adapter", preset="fast")
+    assert fast.epochs == 2 and fast.batch_size >= 16_000  # one solve per epoch at 1000 x 16
+    assert fast.solver == paper.solver and fast.steps == paper.steps  # same flow as the search
