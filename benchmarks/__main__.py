@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder for report.md / report.json (default: benchmark-output)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds a paper schedule may take before it is projected instead of run "
+        "(default: the profile's, 300 s in full); a run reports accuracy only when measured",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument(
         "--update",
@@ -61,7 +68,7 @@ def merge_reports(old: dict, new: dict) -> dict:
     """``old`` with the sections and method rows measured in ``new`` replaced."""
     merged = dict(old)
     for key, value in new.items():
-        if key in ("training", "reference") and key in old:
+        if key in ("training", "schedules", "reference") and key in old:
             fresh = {row["method"]: row for row in value}
             kept = [fresh.pop(row["method"], row) for row in old[key]]
             merged[key] = kept + list(fresh.values())
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile or ("quick" if args.quick else "full")]
+    if args.budget is not None:
+        profile = dataclasses.replace(profile, full_budget_s=args.budget)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         report = dict(report, commands={section: command.strip() for section in sections})
         # each method row keeps the command and GEMM rate it was measured with, so a report
         # merged from several --update runs still says where every row came from
-        for key in ("training", "reference"):
+        for key in ("training", "schedules", "reference"):
             if key in report:
                 report[key] = [
                     {"command": command.strip(), "gemm_gflops": report.get("gemm_gflops"), **row}

@@ -59,6 +59,43 @@ def training_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+#: Targets of the fast presets (issue 17): at most this share of the paper schedule's training
+#: FLOPs, test accuracy within this many points of the paper schedule's.
+FAST_FLOPS_TARGET = 0.1
+FAST_ACCURACY_TARGET = 0.5
+
+
+def _schedule_seconds(side: dict[str, Any]) -> str:
+    if side.get("fit_unfinished"):
+        return f"> {side['fit_seconds']:.0f} (stopped)"
+    return _f(side.get("fit_seconds")) + ("" if side.get("fit_measured") else " (projected)")
+
+
+def schedules_table(rows: list[dict[str, Any]]) -> str:
+    """Paper schedule vs ``fast`` preset per method, with the two targets of the fast presets."""
+    head = (
+        "| method | fast preset | paper GFLOP | fast GFLOP | FLOPs ratio | paper fit s "
+        "| fast fit s | paper acc % | fast acc % | Δ acc (pt) "
+        f"| ≤ {FAST_FLOPS_TARGET:g} FLOPs | within {FAST_ACCURACY_TARGET:g} pt |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        paper, fast = r["paper"], r["fast"]
+        options = ", ".join(f"{k}={v}" for k, v in r["fast_options"].items())
+        gflop = [None if s.get("flops") is None else s["flops"] / 1e9 for s in (paper, fast)]
+        ratio, diff = r.get("flops_ratio"), r.get("accuracy_difference")
+        lines.append(
+            f"| {r['method']} | {options} | {_f(gflop[0], 0)} | {_f(gflop[1], 0)} "
+            f"| {_f(ratio, 3)} | {_schedule_seconds(paper)} | {_schedule_seconds(fast)} "
+            f"| {_f(paper.get('test_accuracy'), 2)} | {_f(fast.get('test_accuracy'), 2)} "
+            f"| {'—' if diff is None else f'{diff:+.2f}'} "
+            f"| {'—' if ratio is None else _mark(ratio <= FAST_FLOPS_TARGET)} "
+            f"| {'—' if diff is None else _mark(abs(diff) <= FAST_ACCURACY_TARGET)} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
 def reference_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| method | steps | ours s | reference s | speed-up | ours acc % | reference acc % "
@@ -136,6 +173,28 @@ def render(report: dict[str, Any]) -> str:
             training_table(report["training"]),
             provenance(report["training"]),
         ]
+    if "schedules" in report:
+        out += [
+            "## Paper vs fast schedules\n",
+            "Each method's default (paper) schedule against its `fast` preset "
+            "(`methods/presets/<name>.yaml`), measured like the training table. GFLOP: the "
+            "fit's matrix-multiply FLOPs, projected from the probes for the paper schedule "
+            "(validation scoring repeated every epoch left out, so they can only be "
+            "understated) and counted over a whole fit for the fast preset, so the ratio is "
+            "an upper bound. The paper schedule runs to the end when its "
+            f"projection is within {p['full_budget_s']:.0f} s (`--budget`), else it is "
+            "projected and has no accuracy; the fast preset always runs to the end. Targets: "
+            f"≤ {FAST_FLOPS_TARGET:g} of the paper FLOPs, test accuracy within "
+            f"{FAST_ACCURACY_TARGET:g} points.\n",
+            schedules_table(report["schedules"]),
+            provenance(report["schedules"]),
+        ]
+        if report.get("schedules_missing"):
+            out.append(
+                "Trainable methods without a `fast` preset: "
+                + ", ".join(report["schedules_missing"])
+                + ".\n"
+            )
     if "reference" in report:
         out += [
             "## Reference ratio\n",

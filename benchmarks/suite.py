@@ -32,7 +32,7 @@ from benchmarks.measure import (
     timed,
 )
 from clipadapt.engine.train import limit_steps
-from clipadapt.methods.base import create_method, list_methods, method_card
+from clipadapt.methods.base import create_method, list_methods, method_card, method_presets
 from clipadapt.testing.checks import CheckFixture, make_fixture
 
 log = logging.getLogger(__name__)
@@ -165,19 +165,26 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------------- training
 def bench_training(
-    name: str, problem: CheckFixture, profile: Profile, gemm_flops: float, device: str = "cpu"
+    name: str,
+    problem: CheckFixture,
+    profile: Profile,
+    gemm_flops: float,
+    device: str = "cpu",
+    preset: str | None = None,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """:func:`_bench_training`, with a probe that ran past the budget recorded, not raised."""
     try:
-        return _bench_training(name, problem, profile, gemm_flops, device)
+        return _bench_training(name, problem, profile, gemm_flops, device, preset, budget)
     except BudgetExceeded:
         return {
             "method": name,
+            "preset": preset,
             "options": method_options(name),
             "steps": None,
             "epochs": None,
             "seconds_per_epoch": None,
-            "fit_seconds": profile.full_budget_s,
+            "fit_seconds": profile.full_budget_s if budget is None else budget,
             "fit_measured": False,
             "fit_unfinished": True,
             "flops": None,
@@ -190,9 +197,15 @@ def bench_training(
 
 
 def _bench_training(
-    name: str, problem: CheckFixture, profile: Profile, gemm_flops: float, device: str = "cpu"
+    name: str,
+    problem: CheckFixture,
+    profile: Profile,
+    gemm_flops: float,
+    device: str = "cpu",
+    preset: str | None = None,
+    budget: float | None = None,
 ) -> dict[str, Any]:
-    """Time one method's fit with its paper schedule on ``problem``.
+    """Time one method's fit with its paper schedule (or its ``preset``) on ``problem``.
 
     Two probes (``n`` and ``2n`` optimiser steps under :func:`limit_steps`) give the time per
     step and the fixed cost (setup, validation search); two FLOP-counted probes (1 and 2 steps)
@@ -200,20 +213,29 @@ def _bench_training(
     ``profile.full_budget_s`` the whole schedule is run and measured; otherwise the total is
     projected and marked so. The GEMM floor is the schedule's matmul FLOPs over the measured
     GEMM rate.
+
+    ``budget`` (seconds) replaces ``profile.full_budget_s`` when given; ``math.inf`` runs the
+    whole schedule whatever its projection (the fast presets are always measured to the end).
     """
     options = method_options(name)
     train, text, val, test = problem.train, problem.text, problem.val, problem.test
-    budget = profile.full_budget_s
+    budget = profile.full_budget_s if budget is None else budget
+    alarm = None if math.isinf(budget) else budget
 
     def fit(steps: int | None, with_val: bool = True) -> tuple[float, Any, Any]:
-        method = create_method(name, **options)
+        method = create_method(name, preset=preset, **options)
         rows = val if with_val else None
-        with recording_plan(steps) as plan, time_budget(budget):
+        with recording_plan(steps) as plan, time_budget(alarm):
             seconds, _ = timed(lambda: method.fit(train, text, rows), device)
         return seconds, plan, method
 
     n = profile.probe_steps
-    row: dict[str, Any] = {"method": name, "options": options, "noise": profile.noise}
+    row: dict[str, Any] = {
+        "method": name,
+        "preset": preset,
+        "options": options,
+        "noise": profile.noise,
+    }
     try:
         with peak_memory(device) as memory:
             t_n, plan, method = fit(n)
@@ -236,7 +258,9 @@ def _bench_training(
         )
         return row
     if not plan.loops:  # no training loop (closed form, L-BFGS): that fit was the whole fit
-        flops, _ = count_matmul_flops(lambda: create_method(name, **options).fit(train, text, val))
+        flops, _ = count_matmul_flops(
+            lambda: create_method(name, preset=preset, **options).fit(train, text, val)
+        )
         row.update(
             steps=0,
             epochs=None,
@@ -301,6 +325,84 @@ def _bench_training(
 def training_methods() -> list[str]:
     """Every registered method the synthetic problem can fit (CoOp needs the text tower)."""
     return [m for m in list_methods() if "text_encoder" not in method_card(m).needs]
+
+
+def whole_fit_flops(name: str, problem: CheckFixture, preset: str | None = None) -> int:
+    """Matrix-multiply FLOPs of one complete fit, counted (no projection).
+
+    The probes of :func:`bench_training` give a training step's FLOPs, but a schedule that
+    scores validation rows after every epoch (epoch selection) spends FLOPs per epoch that a
+    step count does not see; counting a whole fit includes them, at the price of one more fit.
+    """
+    method = create_method(name, preset=preset, **method_options(name))
+    flops, _ = count_matmul_flops(lambda: method.fit(problem.train, problem.text, problem.val))
+    return flops
+
+
+# --------------------------------------------------------------------------------- schedules
+def schedule_methods() -> list[str]:
+    """The methods of :func:`training_methods` with a ``fast`` preset."""
+    return [m for m in training_methods() if "fast" in method_presets(m)]
+
+
+#: What a schedules row keeps of each of its two training rows.
+SCHEDULE_FIELDS = (
+    "preset",
+    "steps",
+    "epochs",
+    "flops",
+    "flops_counted",
+    "fit_seconds",
+    "fit_measured",
+    "fit_unfinished",
+    "gemm_floor_seconds",
+    "peak_mib",
+    "test_accuracy",
+)
+
+
+def bench_schedules(
+    name: str,
+    problem: CheckFixture,
+    profile: Profile,
+    gemm_flops: float,
+    device: str = "cpu",
+    paper: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The paper schedule vs the ``fast`` preset of one method: FLOPs, fit seconds, accuracy.
+
+    Both are measured like the training section measures a method (:func:`bench_training`);
+    the paper schedule within ``profile.full_budget_s`` (projected beyond it, without an
+    accuracy), the fast preset always to the end. ``paper``: the training section's row of the
+    same method from this run, reused instead of measuring the paper schedule twice.
+
+    FLOPs: the paper schedule's are the probes' projection (fixed + planned steps x FLOPs per
+    step), which leaves out validation scoring repeated every epoch and so can only understate
+    them; the fast preset's are counted over a whole fit (:func:`whole_fit_flops`, everything
+    included). The ratio is therefore an upper bound.
+    """
+    if paper is None:
+        paper = bench_training(name, problem, profile, gemm_flops, device)
+    fast = bench_training(name, problem, profile, gemm_flops, device, "fast", budget=math.inf)
+    paper, fast = {**paper, "flops_counted": False}, {**fast, "flops_counted": True}
+    fast["flops"] = whole_fit_flops(name, problem, "fast")
+    row: dict[str, Any] = {
+        "method": name,
+        "noise": profile.noise,
+        "fast_options": method_presets(name)["fast"],
+        "paper": {key: paper.get(key) for key in SCHEDULE_FIELDS},
+        "fast": {key: fast.get(key) for key in SCHEDULE_FIELDS},
+        "flops_ratio": None,
+        "seconds_ratio": None,
+        "accuracy_difference": None,
+    }
+    if paper.get("flops") and fast.get("flops") is not None:
+        row["flops_ratio"] = fast["flops"] / paper["flops"]
+    if paper.get("fit_seconds") and fast.get("fit_seconds") is not None:
+        row["seconds_ratio"] = fast["fit_seconds"] / paper["fit_seconds"]
+    if paper.get("test_accuracy") is not None and fast.get("test_accuracy") is not None:
+        row["accuracy_difference"] = fast["test_accuracy"] - paper["test_accuracy"]
+    return row
 
 
 # --------------------------------------------------------------------------------- reference
@@ -465,7 +567,7 @@ def bench_sweep(profile: Profile) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------- all
-SECTIONS = ("training", "reference", "extraction", "sweep")
+SECTIONS = ("training", "schedules", "reference", "extraction", "sweep")
 
 
 def run_suite(
@@ -492,7 +594,7 @@ def run_suite(
     say = print if progress else (lambda *a, **k: None)
     say(f"GEMM rate: {report['gemm_gflops']:.1f} GFLOP/s")
     problem = None
-    if {"training", "reference"} & set(sections):
+    if {"training", "schedules", "reference"} & set(sections):
         started = time.perf_counter()
         problem = make_problem(profile)
         say(
@@ -511,6 +613,26 @@ def run_suite(
             rows.append(row)
             report["training"] = rows
             save(report)
+    if "schedules" in sections:
+        rows = []
+        measured = {row["method"]: row for row in report.get("training", [])}
+        for name in schedule_methods():
+            if methods and name not in methods:
+                continue
+            say(f"schedules: {name} paper vs fast ...", end=" ", flush=True)
+            row = bench_schedules(
+                name, problem, profile, report["gemm_gflops"] * 1e9, device, measured.get(name)
+            )
+            ratio = row["flops_ratio"]
+            say(f"FLOPs x{ratio:.3f}" if ratio is not None else "FLOPs —")
+            rows.append(row)
+            report["schedules"] = rows
+            save(report)
+        report["schedules_missing"] = [
+            m
+            for m in training_methods()
+            if method_card(m).trainable and m not in schedule_methods()
+        ]
     if "reference" in sections:
         rows = []
         for name in REFERENCE_METHODS:

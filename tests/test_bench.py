@@ -263,6 +263,53 @@ def test_profile_paper_runs_what_exists_and_lists_the_rest(tmp_path: Path, capsy
     assert "domain generalisation from imagenet: source missing" in out
 
 
+def test_profile_fast_puts_each_methods_fast_preset_in_its_spec() -> None:
+    from clipadapt.bench.spec import profile_methods
+    from clipadapt.exceptions import ConfigError
+
+    specs = ["zeroshot", "taskres", "taskres:lr=0.01", "taskres:preset=imagenet"]
+    assert profile_methods(specs, "fast") == [
+        "zeroshot",  # no fast preset: as typed
+        "taskres:preset=fast",
+        "taskres:preset=fast,lr=0.01",  # an explicit option still wins over the preset
+        "taskres:preset=imagenet",  # an explicit preset wins over the profile
+    ]
+    assert profile_methods(specs, "paper") == specs == profile_methods(specs, None)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        profile_methods(specs, "slow")
+
+
+def test_bench_profile_fast_runs_the_fast_presets_and_keeps_them_apart(
+    sweep_dir: Path, capsys
+) -> None:
+    from clipadapt.bench.report import paper_table
+
+    out = sweep_dir / "r.jsonl"
+    argv = ["bench", str(sweep_dir / "sweep.yaml"), "--set", "shots=[2]", "--set", "seeds=[1]"]
+    argv += ["--set", "datasets=[alpha]", "--methods", "taskres", "--out", str(out)]
+    assert main([*argv, "--profile", "fast", "--no-progress"]) == 0
+    assert main([*argv, "--profile", "paper", "--no-progress"]) == 0
+    capsys.readouterr()
+    fast, paper = list(read_results(out))
+    assert fast["method_spec"] == "taskres:preset=fast" and paper["method_spec"] == "taskres"
+    # the preset resolved into the run's hyperparameters (9 of the rule's 100 epochs)
+    assert (
+        fast["params"]["epoch_scale"] == 0.09
+        and fast["params"]["batch_size"] == 128
+        and paper["params"]["epoch_scale"] == 1.0
+    )
+    assert fast["run_id"] != paper["run_id"]  # the resume key separates the two schedules
+    # each resumes on its own: running the fast profile again runs nothing
+    assert main([*argv, "--profile", "fast", "--no-progress"]) == 0
+    assert len(list(read_results(out))) == 2
+    assert paper_table(read_results(out)).rows == ["taskres", "taskres:preset=fast"]
+    # a fast preset switches no need off: a method the bundle lacks tensors for is still
+    # skipped with the reason, as without the profile
+    dry = [*argv[:-4], "--methods", "hegraph_adapter", "--dry-run", "--no-progress"]
+    assert main([*dry, "--profile", "fast"]) == 0
+    assert "hegraph_adapter on alpha: needs `negative_text_features`" in capsys.readouterr().out
+
+
 def test_run_grid_keeps_going_past_a_failing_method(tmp_path: Path) -> None:
     from clipadapt.bench.runner import Grid, run_grid
     from clipadapt.data.bundle import load_bundle

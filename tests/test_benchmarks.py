@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.measure import count_matmul_flops, recording_plan
-from benchmarks.suite import PROFILES, REFERENCE_METHODS, training_methods
+from benchmarks.suite import PROFILES, REFERENCE_METHODS, schedule_methods, training_methods
 
 
 def test_matmul_flop_count_and_step_plan() -> None:
@@ -50,6 +50,15 @@ def test_quick_benchmark_writes_report_with_parity(tmp_path, capsys) -> None:
             assert row["flops_per_step"] > 0 and row["floor_ratio"] > 0
     # the quick problem is hard enough that accuracy does not saturate (parity can fail)
     assert any(row["test_accuracy"] < 95.0 for row in report["training"])
+    # paper vs fast: every method with a fast preset, both schedules measured to the end on
+    # the quick problem, FLOPs counted for both
+    assert [row["method"] for row in report["schedules"]] == schedule_methods()
+    for row in report["schedules"]:
+        for side in ("paper", "fast"):
+            assert row[side]["fit_measured"] and row[side]["flops"] > 0, (row["method"], side)
+            assert 0.0 <= row[side]["test_accuracy"] <= 100.0
+        assert row["flops_ratio"] == row["fast"]["flops"] / row["paper"]["flops"]
+        assert row["accuracy_difference"] is not None
     assert [row["method"] for row in report["reference"]] == list(REFERENCE_METHODS)
     for row in report["reference"]:
         assert row["parity"], row
@@ -57,7 +66,14 @@ def test_quick_benchmark_writes_report_with_parity(tmp_path, capsys) -> None:
     assert report["extraction"]["images"] == PROFILES["quick"].extraction_images
     assert report["extraction"]["ratio"] > 0
     assert report["sweep"]["runs"] == 2 * 3  # shots (1, 2) x three methods x one seed
-    for heading in ("## Training", "## Reference ratio", "## Extraction", "## Sweep"):
+    headings = (
+        "## Training",
+        "## Paper vs fast",
+        "## Reference ratio",
+        "## Extraction",
+        "## Sweep",
+    )
+    for heading in headings:
         assert heading in markdown
 
 

@@ -159,6 +159,26 @@ def test_extract_caches_skips_corrupt_and_feeds_every_command(workspace, capsys)
     assert main([*predict, "--json", str(pred_json)]) == 0
     assert json.loads(pred_json.read_text())[0]["top"] == top
 
+    # a folder: every image file under it, sorted by path; unreadable ones skipped, named
+    capsys.readouterr()
+    folder = ["predict", str(ws["images"]), "--adapter", str(adapter), "--top", "1"]
+    assert main([*folder, "--json", str(pred_json)]) == 0
+    err = capsys.readouterr().err
+    listed = json.loads(pred_json.read_text())
+    unreadable = {"broken.jpg", "empty.png"}
+    expected = sorted(
+        str(p) for p in ws["images"].rglob("*.*") if p.is_file() and p.name not in unreadable
+    )
+    assert [e["image"] for e in listed if not e.get("skipped")] == expected
+    assert {Path(e["image"]).name for e in listed if e.get("skipped")} == unreadable
+    for name in unreadable:
+        assert f"warning: skipped unreadable image {ws['images']}" in err and name in err
+    assert (
+        main(["predict", str(ws["images"] / "blue_bar" / "empty.png"), "--adapter", str(adapter)])
+        == 2
+    )  # nothing readable left: an error, not an empty answer
+    assert "cannot read image" in capsys.readouterr().err
+
     results = ws["tmp"] / "results.jsonl"
     args = [
         "bench",

@@ -13,7 +13,13 @@ from clipadapt.bench.runner import load_sweep, run_sweep
 from clipadapt.data.bundle import load_bundle, save_bundle
 from clipadapt.exceptions import ConfigError
 from clipadapt.methods.base import create_method
-from clipadapt.tasks.domain_generalization import class_subset, evaluate_dg, subset_accuracy
+from clipadapt.metrics import expected_calibration_error
+from clipadapt.tasks.domain_generalization import (
+    class_subset,
+    evaluate_dg,
+    subset_accuracy,
+    subset_scores,
+)
 from test_bench import toy_bundle, write_sweep
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray"]
@@ -87,6 +93,10 @@ def test_subset_accuracy_takes_argmax_over_the_subset_columns(bundles) -> None:
     logits = method.logits(rows.features)
     expected = 100.0 * float((logits[:, index].argmax(1) == rows.labels).float().mean())
     assert subset_accuracy(method, rows.features, rows.labels, index) == pytest.approx(expected)
+    # calibration over the subset's classes (softmax over those columns), summed over batches
+    accuracy, ece = subset_scores(method, rows.features, rows.labels, index, batch_size=7)
+    assert accuracy == pytest.approx(expected)
+    assert ece == pytest.approx(expected_calibration_error(logits[:, index], rows.labels), abs=1e-4)
     # restricting to the subset can only help: full-argmax mapped back is never better
     full_pred = logits.argmax(1)
     mapped = torch.full((6,), -1, dtype=torch.long)
@@ -107,6 +117,9 @@ def test_evaluate_dg_records(bundles) -> None:
     assert all(r["task"] == "domain_generalization" and r["source"] == "source" for r in records)
     assert [r["n_classes"] for r in records] == [6, 6, 3]
     assert records[2]["n_eval"] == 30 and 0 <= records[2]["accuracy"] <= 100
+    # each record's calibration is of its own dataset
+    assert all(0.0 <= r["ece"] <= 100.0 for r in records)
+    assert records[0]["ece"] != records[2]["ece"]
 
 
 def test_dg_sweep_resumes_and_reports(bundles, tmp_path: Path) -> None:

@@ -8,17 +8,15 @@ each) stand in for the releases; extraction runs with the embedded ``world`` bac
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from clipadapt.data.bundle import FeatureBundle, load_bundle
+from clipadapt.data.bundle import FeatureBundle, load_bundle, save_bundle
 from clipadapt.data.datasets import ImageDataset, load_dataset
 from clipadapt.data.imagenet_variants import (
     VARIANTS,
-    add_bundle_metadata,
     bundle_metadata,
     find_variant,
     imagenet_indices,
@@ -28,7 +26,6 @@ from clipadapt.data.imagenet_variants import (
     read_imagenet_classnames,
     register_imagenet_variants,
     subset_wnids,
-    wnid_metadata,
 )
 from clipadapt.exceptions import ConfigError, DatasetError
 from clipadapt.methods.base import create_method
@@ -221,9 +218,7 @@ def _extract(dataset: ImageDataset, encoder, out: Path) -> Path:
         dataset, encoder, out, cache_dir=out.parent / "cache", views=0, num_workers=0,
         progress=False,
     )  # fmt: skip
-    # what the extraction will record by itself once the lead wires bundle_metadata into it
-    meta = bundle_metadata(dataset)
-    return add_bundle_metadata(out, meta) if meta else out
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +229,12 @@ def dg_bundles(tmp_path_factory: pytest.TempPathFactory, world_encoder) -> dict[
     variant_tree(root, "imagenet_a", [STINGRAY, ROBIN], per_class=4)
     variant_tree(root, "imagenet_r", [GOLDFISH, STINGRAY], per_class=4)
     source = load_dataset("imagenet", root, check_counts=False)
-    paths = {"source_plain": _extract(source, world_encoder, out / "imagenet.safetensors")}
-    # the source's own WNIDs, as an ImageNet extraction should record them
-    paths["source"] = out / "imagenet_wnids.safetensors"
-    shutil.copy(paths["source_plain"], paths["source"])
-    add_bundle_metadata(paths["source"], wnid_metadata(sorted(CONCEPTS)))
+    # the extraction records the source's own sorted train WNIDs by itself
+    paths = {"source": _extract(source, world_encoder, out / "imagenet.safetensors")}
+    # a bundle made elsewhere carries no WNIDs: the same tensors without that metadata
+    plain = load_bundle(paths["source"])
+    meta = {k: v for k, v in plain.metadata.items() if k not in ("wnids", "imagenet_classes")}
+    paths["source_plain"] = save_bundle(out / "imagenet_plain.safetensors", plain.tensors, meta)
     for key in ("imagenet_a", "imagenet_r"):
         ds = load_imagenet_variant(key, root, check_counts=False)
         paths[key] = _extract(ds, world_encoder, out / f"{key}.safetensors")
@@ -246,6 +242,9 @@ def dg_bundles(tmp_path_factory: pytest.TempPathFactory, world_encoder) -> dict[
 
 
 def test_extracted_variant_bundle_carries_its_imagenet_classes(dg_bundles) -> None:
+    source = load_bundle(dg_bundles["source"])
+    assert json.loads(source.metadata["wnids"]) == sorted(CONCEPTS)
+    assert json.loads(source.metadata["imagenet_classes"]) == [0, 1, 6, 15]
     bundle = load_bundle(dg_bundles["imagenet_a"])
     assert bundle.name == "imagenet_a" and bundle.groups() == ["test"]
     assert bundle.classnames == ["green triangle", "yellow star"]

@@ -333,7 +333,7 @@ def _group(tmp_path: Path, x: str = "train_x.npy", y: str = "train_y.npy") -> li
         (
             lambda d: (d / "three.txt").write_text("a\nb\nc\n"),
             ["--text-features", "{d}/text.npy", "--classnames", "{d}/three.txt"],
-            r"3 class names for the 5 rows of the text features",
+            r"three.txt has 3 class names but the text features \(\S*text.npy\) have 5 classes",
         ),
         (
             lambda d: np.savez(d / "odd.npz", train_features=np.zeros((2, D)), weights=np.zeros(3)),

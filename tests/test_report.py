@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from clipadapt.bench.report import (
+    COLLAPSE_MARK,
     canonical_backbone,
     compare_published,
     cost_table,
     dg_table,
+    ece_table,
     load_published,
     paper_table,
     shots_tables,
@@ -108,6 +110,72 @@ def test_incomplete_row_has_no_average(results: Path) -> None:
     table = paper_table(records)
     assert table.row_average("coop") is None
     assert "| coop | – | **90.0** | – |" in table.markdown()
+
+
+def test_runs_below_zero_shot_are_marked_as_collapse(results: Path) -> None:
+    # "bad" falls below zero-shot on pets (80) at 16 shots but not on dtd (40); at 1 shot it
+    # is below on both
+    records = [
+        *read_results(results),
+        _record("bad", "pets", 16, 1, 79.0),
+        _record("bad", "pets", 16, 2, 80.5),  # mean 79.75 < 80
+        _record("bad", "dtd", 16, 1, 41.0),
+        _record("bad", "pets", 1, 1, 12.0),
+        _record("bad", "dtd", 1, 1, 39.9),
+    ]
+    table = paper_table(records)
+    assert table.marks == {("bad", "pets"): COLLAPSE_MARK}
+    md = table.markdown()
+    assert f"| bad | 41.0 | 79.8 ± 0.8 {COLLAPSE_MARK} | 60.4 |" in md
+    assert f"{COLLAPSE_MARK} below zero-shot CLIP on the same dataset" in md
+    assert "| tip | **61.5 ± 1.5** | **87.0 ± 1.0** | **74.2** |" in md  # above: unmarked
+    assert set(paper_table(records, shots=1).marks) == {("bad", "pets"), ("bad", "dtd")}
+    tables = shots_tables(records)
+    assert set(tables["pets"].marks) == {("bad", "1-shot"), ("bad", "16-shot")}
+    assert set(tables["dtd"].marks) == {("bad", "1-shot")}
+    # no zero-shot run, nothing to judge against: no marks, no note
+    alone = [r for r in records if r["method"] != "zeroshot"]
+    assert not paper_table(alone).marks and COLLAPSE_MARK not in paper_table(alone).markdown()
+
+
+def test_ece_table_and_report_section(results: Path, tmp_path: Path) -> None:
+    records = list(read_results(results))
+    assert ece_table(records) is None  # no run recorded an ECE
+    for r, ece in zip(records, range(len(records)), strict=False):
+        r["ece"] = float(ece)
+    calibrated = [
+        _record("tip", "pets", 16, 1, 86.0, ece=3.0),
+        _record("tip", "pets", 16, 2, 88.0, ece=5.0),
+        _record("zeroshot", "pets", 16, 1, 80.0, ece=2.0),
+    ]
+    table = ece_table(calibrated)
+    assert table is not None and "calibration error" in table.title
+    assert table.cells[("tip", "pets")][:2] == (4.0, 1.0)
+    assert "| zeroshot | **2.0** |" in table.markdown()  # lower is better
+    written = write_report(calibrated, tmp_path / "r")
+    assert "ece.md" in written and "ece.csv" in written
+    assert "expected calibration error" in written["report.md"].read_text(encoding="utf-8")
+
+
+def test_fixed_group_protocols_of_one_bundle_get_a_column_each() -> None:
+    # the issue-17 ImageNet grid: one bundle, fit on train_1shot / tune on train_2shot and the
+    # other way round, no shot count; the two protocols must not merge into one cell
+    records = []
+    for train, val, accs in (
+        ("train_1shot", "train_2shot", (60.0, 61.0)),
+        ("train_2shot", "train_1shot", (63.0, 64.0)),
+    ):
+        for seed, acc in zip((1, 2), accs, strict=True):
+            r = _record("tip", "imagenet", None, seed, acc, train_set=train, val_set=val)
+            records.append(r | {"run_id": f"{train}-{seed}", "bundle_fingerprint": "abc"})
+    table = paper_table(records)
+    one, two = (
+        "imagenet (fit train_1shot, tune train_2shot)",
+        "imagenet (fit train_2shot, tune train_1shot)",
+    )
+    assert table.columns == [one, two]
+    assert table.cells[("tip", one)][:3] == (60.5, 0.5, 2)
+    assert table.cells[("tip", two)][:3] == (63.5, 0.5, 2)
 
 
 def test_cost_table(results: Path) -> None:

@@ -25,7 +25,8 @@ from clipadapt.bench.cells import (
     EPISODES,
     Cell,
 )
-from clipadapt.data.bundle import FeatureBundle, load_bundle
+from clipadapt.data.bundle import FeatureBundle
+from clipadapt.data.classnames import load_named_bundle
 from clipadapt.exceptions import ClipadaptError, ConfigError, MissingTensorError
 from clipadapt.features.pipeline import needs_text_tower
 from clipadapt.methods.base import Adapter, create_method
@@ -122,7 +123,7 @@ class _Context:
         if key.startswith("memory:"):
             raise ConfigError(f"bundle {key} was not handed to the executor (bundles=...)")
         if key not in self._CACHE:
-            self._CACHE[key] = load_bundle(key)
+            self._CACHE[key] = load_named_bundle(key)
         return self._CACHE[key]
 
     def text_tower(self) -> object | None:
@@ -342,7 +343,9 @@ class RayExecutor:
                 for key in cell.bundles:
                     if key not in refs:
                         provided = bundles.get(key) if bundles else None
-                        refs[key] = ray.put(provided if provided is not None else load_bundle(key))
+                        refs[key] = ray.put(
+                            provided if provided is not None else load_named_bundle(key)
+                        )
                 pending.append(
                     task.remote(
                         cell, settings, list(cell.bundles), *(refs[k] for k in cell.bundles)

@@ -5,13 +5,16 @@ records count, and a run id that appears more than once (``--rerun``) counts onc
 newest line. Accuracy cells are the mean over seeds, ``± std`` the population standard
 deviation over seeds (``statistics.pstdev``; shown when there are 2+ seeds), the ``average``
 column is the unweighted mean of the row's cells (only when the row has every column), and the
-best mean of each column is in bold.
+best mean of each column is in bold. In the accuracy tables a cell below zero-shot CLIP on the
+same dataset (a collapse: the adaptation made things worse) is marked ▼ (:func:`collapse_marks`);
+the ECE table shows each run's expected calibration error (15 bins) the same way.
 
 Nothing that differs is merged (:func:`label_records`): a row is one *method spec* (the method
 with every hyperparameter it resolved to, labelled by the spec as typed, e.g.
 ``hegraph_adapter:edges=[pn]``), a column one *dataset as scored* (its name, backbone and bundle
-fingerprint; a name shared by different bundles or backbones gets one column each, labelled with
-the backbone and a short fingerprint). Within a cell only seeds are averaged (one line per seed,
+fingerprint, and for runs on fixed groups the groups fitted and tuned on; a name shared by
+different bundles, backbones or protocols gets one column each, labelled with the protocol, the
+backbone and a short fingerprint). Within a cell only seeds are averaged (one line per seed,
 the newest); :func:`merge_notes` says what was merged and what was kept apart.
 
 :func:`write_report` writes everything into one folder and returns the paths it wrote.
@@ -34,6 +37,11 @@ from clipadapt.bench.results import latest_ok
 
 ROW = "_row"
 COLUMN = "_column"
+#: The line under every table whose cells show "±" over seeds.
+STD_NOTE = (
+    "± is the population standard deviation over seeds (cells without ± ran one seed); "
+    "accuracies are percentages."
+)
 
 
 def _classification(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -49,16 +57,21 @@ def spec_key(record: dict[str, Any]) -> tuple[Any, str]:
     return record.get("method"), stable_hash(params)
 
 
-def data_key(record: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """What makes a column: the dataset scored, its backbone and the fingerprint of the bundle
-    (or episode file) it was scored on."""
+def data_key(record: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """What makes a column: the dataset scored, its backbone, the fingerprint of the bundle
+    (or episode file) it was scored on and, for a run on fixed groups (no shot count: e.g. fit
+    on ``train_1shot``, tune on ``train_2shot``), which groups it fitted and tuned on; a K-shot
+    run draws its rows, and its shots tell it apart."""
     fingerprint = (
         record.get("eval_bundle_fingerprint")
         or record.get("bundle_fingerprint")
         or record.get("episodes_fingerprint")
         or record.get("dataset_fingerprint")
     )
-    return record.get("dataset"), record.get("backbone"), fingerprint
+    protocol = None
+    if record.get("shots") is None and record.get("train_set"):
+        protocol = (record.get("train_set"), record.get("val_set"))
+    return record.get("dataset"), record.get("backbone"), fingerprint, protocol
 
 
 def label_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -83,15 +96,18 @@ def label_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(keys) > 1:
             for key in keys:
                 spec_labels[key] = f"{label} [params {key[1][:6]}]"
-    data_labels: dict[tuple[Any, Any, Any], str] = {}
-    by_name: dict[Any, set[tuple[Any, Any, Any]]] = defaultdict(set)
+    data_labels: dict[tuple[Any, Any, Any, Any], str] = {}
+    by_name: dict[Any, set[tuple[Any, Any, Any, Any]]] = defaultdict(set)
     for r in kept:
         by_name[r.get("dataset")].add(data_key(r))
     for name, keys in by_name.items():
         backbones = {k[1] for k in keys}
         prints = {k[2] for k in keys}
+        protocols = {k[3] for k in keys}
         for key in keys:
             extra = []
+            if len(protocols) > 1 and key[3] is not None:
+                extra.append(f"fit {key[3][0]}, tune {key[3][1]}")
             if len(backbones) > 1:
                 extra.append(str(key[1]))
             if len(prints) > 1:
@@ -202,6 +218,10 @@ class Table:
         column_digits: decimals of particular columns (default ``digits``).
         higher_is_better: bold the max (True) or min (False) of each column; None: no bold.
         digits: decimals shown.
+        spread_note: the line under the Markdown table saying what "±" is (shown when a cell
+            has ±).
+        marks: {(row, column): mark} shown after a cell's text (e.g. :data:`COLLAPSE_MARK`).
+        note: a line under the Markdown table (what the marks mean).
     """
 
     title: str
@@ -214,6 +234,9 @@ class Table:
     digits: int = 1
     average_over: list[str] | None = None
     column_digits: dict[str, int] | None = None
+    spread_note: str = STD_NOTE
+    marks: dict[tuple[str, str], str] | None = None
+    note: str | None = None
 
     def row_average(self, row: str) -> float | None:
         """Mean of the row over ``average_over`` (default all columns); None if one is missing."""
@@ -258,14 +281,21 @@ class Table:
                     continue
                 mean, std, n = self.cells[(r, c)]
                 text = self._text(mean, std, n, with_std, c)
-                out.append(f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text)
+                text = f"**{text}**" if c in best and abs(mean - best[c]) < 1e-9 else text
+                mark = (self.marks or {}).get((r, c))
+                out.append(f"{text} {mark}" if mark else text)
             if self.average:
                 a = self.row_average(r)
                 text = "–" if a is None else f"{a:.{self.digits}f}"
                 bold = a is not None and "average" in best and abs(a - best["average"]) < 1e-9
                 out.append(f"**{text}**" if bold else text)
             lines.append("| " + " | ".join(out) + " |")
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        if with_std and any(n > 1 for _, _, n in self.cells.values()):
+            text += f"\n{self.spread_note}\n"
+        if self.note:
+            text += f"\n{self.note}\n"
+        return text
 
     def csv(self) -> str:
         """The table as CSV: one ``mean`` and one ``std`` column per column (plus average)."""
@@ -303,6 +333,49 @@ def _method_order(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods))
 
 
+#: The mark of a table cell whose mean accuracy is below zero-shot CLIP's on the same column.
+COLLAPSE_MARK = "▼"
+ZERO_SHOT = "zeroshot"
+
+
+def zero_shot_accuracy(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """{column: zero-shot CLIP's mean accuracy there} from the ``zeroshot`` runs among the
+    (labelled, classification) records, any shot count (zero-shot does not use the shots).
+    Where zero-shot ran with several specs, the plain ``zeroshot`` row (else the first label)
+    is the reference."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in _one_per_seed(list(records), ROW, COLUMN, "shots"):
+        if r.get("method") == ZERO_SHOT:
+            by[r[COLUMN]][r[ROW]].append(float(r["accuracy"]))
+    out = {}
+    for column, rows in by.items():
+        label = ZERO_SHOT if ZERO_SHOT in rows else sorted(rows)[0]
+        out[column] = statistics.fmean(rows[label])
+    return out
+
+
+def collapse_marks(
+    cells: dict[tuple[str, str], tuple[float, float, int]],
+    reference: dict[str, float],
+    column_of: Any = None,
+) -> tuple[dict[tuple[str, str], str], str | None]:
+    """Marks for the cells whose mean is below zero-shot on their dataset (a collapse), and the
+    note saying so (None when no cell is marked). ``column_of`` maps a table column to the
+    dataset column of ``reference`` (default: the same name); zero-shot's own rows are never
+    marked, and a cell without a zero-shot reference is not judged."""
+    marks = {}
+    for (row, column), (mean, _, _) in cells.items():
+        ref = reference.get(column_of(column) if column_of else column)
+        if ref is not None and not row.startswith(ZERO_SHOT) and mean < ref - 1e-9:
+            marks[(row, column)] = COLLAPSE_MARK
+    if not marks:
+        return {}, None
+    return marks, (
+        f"{COLLAPSE_MARK} below zero-shot CLIP on the same dataset (a collapse): "
+        f"{len(marks)} cell(s)"
+    )
+
+
 # ----------------------------------------------------------------------------- paper tables
 def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table:
     """Methods × datasets at one shot count, with the average column.
@@ -320,12 +393,40 @@ def paper_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> 
             groups[(r[ROW], r[COLUMN])].append(float(r["accuracy"]))
     cells = {k: _stats(v) for k, v in groups.items()}
     title = f"{shots}-shot accuracy (%)" if shots is not None else "accuracy (%)"
+    marks, note = collapse_marks(cells, zero_shot_accuracy(records))
     return Table(
         title,
         "method",
         _method_order(k[0] for k in cells),
         sorted({k[1] for k in cells}),
         cells,
+        marks=marks,
+        note=note,
+    )
+
+
+def ece_table(records: Iterable[dict[str, Any]], shots: int | None = None) -> Table | None:
+    """Methods × datasets at one shot count (default :func:`default_shots`): expected
+    calibration error (%, 15 bins, lower is better) of the runs that recorded it (``ece``);
+    None when none did."""
+    records = [r for r in _classification(_labelled(records)) if r.get("ece") is not None]
+    if not records:
+        return None
+    if shots is None:
+        shots = default_shots(records)
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in _one_per_seed(records, ROW, COLUMN, "shots"):
+        if r.get("shots") in (shots, None):
+            groups[(r[ROW], r[COLUMN])].append(float(r["ece"]))
+    cells = {k: _stats(v) for k, v in groups.items()}
+    return Table(
+        (f"{shots}-shot " if shots is not None else "")
+        + "expected calibration error (%, 15 bins, lower is better)",
+        "method",
+        _method_order(k[0] for k in cells),
+        sorted({k[1] for k in cells}),
+        cells,
+        higher_is_better=False,
     )
 
 
@@ -347,7 +448,9 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
     The ``average`` table's cell is the mean over datasets of the per-dataset seed means (only
     for methods that have that shot count on every dataset); its std is over datasets.
     """
-    stats = summarize(_classification(records))
+    labelled = _classification(_labelled(records))
+    stats = summarize(labelled)
+    reference = zero_shot_accuracy(labelled)
     datasets = sorted({k[1] for k in stats})
     out: dict[str, Table] = {}
     for d in datasets:
@@ -357,6 +460,7 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
         if not cells:
             continue
         shots = sorted({k for (_, dd, k) in stats if dd == d and k is not None})
+        marks, note = collapse_marks(cells, reference, lambda _column, d=d: d)
         out[d] = Table(
             f"{d}: accuracy (%) by shots",
             "method",
@@ -364,6 +468,8 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
             [f"{k}-shot" for k in shots],
             cells,
             average=False,
+            marks=marks,
+            note=note,
         )
     shots = sorted({k[2] for k in stats if k[2] is not None})
     methods = _method_order(k[0] for k in stats)
@@ -381,6 +487,8 @@ def shots_tables(records: Iterable[dict[str, Any]]) -> dict[str, Table]:
             [f"{k}-shot" for k in shots],
             avg,
             average=False,
+            spread_note="± is the population standard deviation over datasets (of each "
+            "dataset's mean over seeds); accuracies are percentages.",
         )
     return out
 
@@ -408,6 +516,7 @@ def cost_table(records: Iterable[dict[str, Any]]) -> Table:
         higher_is_better=None,
         digits=3,
         column_digits={"params": 0},
+        spread_note="± is the population standard deviation over runs.",
     )
 
 
@@ -437,8 +546,16 @@ def dg_table(records: Iterable[dict[str, Any]]) -> Table | None:
 
 
 def episodes_table(records: Iterable[dict[str, Any]]) -> str | None:
-    """Reasoning episodes: methods × episode sets, ``mean ± 95 % CI`` (over episodes, seed 1's
-    interval when several seeds ran: the CI is about episodes, not seeds)."""
+    """Reasoning episodes: methods × episode sets, ``mean ± 95 % CI (n=episodes)``.
+
+    An episode set whose records have named subsets (Bongard-HOI's four test splits) gets one
+    column per subset and its ``average``, as the paper tabulates them
+    (:func:`~clipadapt.tasks.episodes.episode_table_cells`); other sets get one column. The
+    mean is over seeds; the interval is seed 1's (the first seed run): it is about episodes,
+    not seeds. A note under the table says what ± is.
+    """
+    from clipadapt.tasks.episodes import episode_table_cells
+
     eps = [r for r in _labelled(records) if r.get("task") == "episodes"]
     if not eps:
         return None
@@ -448,20 +565,45 @@ def episodes_table(records: Iterable[dict[str, Any]]) -> str | None:
     by = defaultdict(list)
     for r in eps:
         by[(r[ROW], r[COLUMN])].append(r)
-    lines = ["| method | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    # each set's column headings, from its first record with subsets (else the set's name)
+    headings: dict[str, list[str]] = {}
+    for s in sets:
+        with_subsets = [r for r in eps if r[COLUMN] == s and r.get("subsets")]
+        if with_subsets:
+            cells = [h for h, *_ in episode_table_cells(with_subsets[0])]
+            headings[s] = [f"{s}: {h}" if len(sets) > 1 else h for h in cells]
+        else:
+            headings[s] = [s]
+    columns = [h for s in sets for h in headings[s]]
+    lines = ["| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    any_subsets = any(len(h) > 1 or r.get("subsets") for s, h in headings.items() for r in eps)
     for m in methods:
-        cells = []
+        row = []
         for s in sets:
             rs = sorted(by.get((m, s), []), key=lambda r: r.get("seed", 0))
             if not rs:
-                cells.append("–")
+                row += ["–"] * len(headings[s])
                 continue
-            mean = statistics.fmean(float(r["accuracy"]) for r in rs)
-            cells.append(
-                f"{mean:.1f} ± {float(rs[0].get('ci95', 0.0)):.1f} (n={rs[0].get('n_episodes')})"
-            )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            per_seed = [episode_table_cells(r) for r in rs]
+            if any(len(c) != len(headings[s]) for c in per_seed):
+                row += ["–"] * len(headings[s])  # a record of another split layout
+                continue
+            for i in range(len(headings[s])):
+                mean = statistics.fmean(c[i][1] for c in per_seed)
+                _, _, ci, n = per_seed[0][i]
+                row.append(f"{mean:.1f} ± {ci:.1f} (n={n})")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    note = (
+        "\n± is the half-width of the 95 % confidence interval over episodes (normal "
+        "approximation, 1.96 standard errors; seed 1's when several seeds ran), n the number "
+        "of episodes; accuracies are percentages"
+    )
+    if any_subsets:
+        note += (
+            "; `average` is the unweighted mean of the split accuracies, with the interval of "
+            "that mean"
+        )
+    return "\n".join(lines) + "\n" + note + ".\n"
 
 
 # ----------------------------------------------------------------------------- old API
@@ -479,20 +621,59 @@ def markdown_table(records: Iterable[dict[str, Any]], with_std: bool = True) -> 
     return table.markdown(with_std=with_std)
 
 
-def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """One panel per dataset plus an average panel: accuracy vs shots, one line per method.
+#: What the error bars of :func:`accuracy_vs_shots_figure` are, by task.
+SPREAD = {
+    "classification": "error bars: ± 1 standard deviation over seeds (population)",
+    "episodes": "error bars: the 95 % confidence interval over episodes (seed 1's)",
+}
 
-    A method keeps its colour and marker in every panel. The average panel (mean over datasets)
-    has a point only where the method ran on every dataset, and is left out when no method did.
+
+def _shot_series(
+    records: list[dict[str, Any]],
+) -> tuple[str, dict[tuple[str, str], dict[int, tuple[float, float]]]]:
+    """``(task, {(panel, method): {shots: (mean accuracy, error)}})`` of the records that have
+    shots: classification (error = std over seeds) when there is any, else episodes (error =
+    the 95 % interval over episodes)."""
+    labelled = [r for r in _labelled(records) if r.get("shots") is not None]
+    classification = _classification(labelled)
+    series: dict[tuple[str, str], dict[int, tuple[float, float]]] = defaultdict(dict)
+    if classification or not labelled:
+        for (m, d, k), (mean, std, _) in summarize(classification).items():
+            series[(d, m)][int(k)] = (mean, std)
+        return "classification", series
+    eps = _one_per_seed([r for r in labelled if r.get("task") == "episodes"], ROW, COLUMN, "shots")
+    by: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in eps:
+        by[(r[COLUMN], r[ROW], int(r["shots"]))].append(r)
+    for (d, m, k), rs in by.items():
+        rs.sort(key=lambda r: r.get("seed", 0))
+        mean = statistics.fmean(float(r["accuracy"]) for r in rs)
+        series[(d, m)][k] = (mean, float(rs[0].get("ci95", 0.0)))
+    return "episodes", series
+
+
+def accuracy_vs_shots_figure(records: Iterable[dict[str, Any]]) -> Any:
+    """The accuracy-vs-shots figure (a matplotlib ``Figure``; Agg backend).
+
+    One panel per dataset plus an average panel: accuracy (%) vs shots per class on a log2 axis
+    whose ticks are exactly the shot counts that ran (1, 2, 4, 8, 16), one line per method with
+    error bars (classification: ± 1 population standard deviation over seeds; episodes: the 95 %
+    interval over episodes), said in the title. A method keeps its colour and marker in every
+    panel, and each method's points sit a little left or right of the true shot count, so lines
+    that tie stay visible. The average panel (mean over datasets, no error bars: the spread of a
+    mean over datasets is not the seeds') has a point only where the method ran on every
+    dataset, and is left out when no method did.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
-    stats = summarize(_classification(records))
-    datasets = sorted({k[1] for k in stats})
-    methods = sorted({k[0] for k in stats})
+    records = list(records)
+    task, series = _shot_series(records)
+    datasets = sorted({d for d, _ in series})
+    methods = sorted({m for _, m in series})
     # tab20's even entries are ten strong colours, the odd ones their light twins: step through
     # the strong ones first, and pair each with a distinct marker, so no two methods look alike
     colours = plt.get_cmap("tab20")
@@ -501,36 +682,47 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
         m: (colours((2 * i) % 20 + (i // 10) % 2), markers[i % len(markers)])
         for i, m in enumerate(methods)
     }
+    # a spread of at most ±0.2 octave: ties separate, and 1, 2, 4 ... stay far apart
+    step = min(0.08, 0.4 / max(len(methods) - 1, 1))
+    offset = {m: 2 ** ((i - (len(methods) - 1) / 2) * step) for i, m in enumerate(methods)}
+    ticks = sorted({k for points in series.values() for k in points})
 
-    def average(m: str) -> tuple[list[int], list[float]]:
-        xs, ys = [], []
-        for k in sorted({k[2] for k in stats if k[0] == m and k[2] is not None}):
-            vals = [stats[(m, d, k)][0] for d in datasets if (m, d, k) in stats]
+    def average(m: str) -> dict[int, tuple[float, float]]:
+        out = {}
+        for k in ticks:
+            vals = [series[(d, m)][k][0] for d in datasets if k in series.get((d, m), {})]
             if len(vals) == len(datasets):
-                xs.append(k)
-                ys.append(sum(vals) / len(vals))
-        return xs, ys
+                out[k] = (sum(vals) / len(vals), 0.0)
+        return out
 
     panels = list(datasets)
-    if len(datasets) > 1 and any(average(m)[0] for m in methods):
+    if len(datasets) > 1 and any(average(m) for m in methods):
         panels.append("average")
-    cols = min(3, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    cols = max(1, min(3, len(panels)))
+    rows = max(1, (len(panels) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         for m in methods:
-            if panel == "average":
-                shots, ys = average(m)
-            else:
-                shots = sorted(
-                    k[2] for k in stats if k[0] == m and k[1] == panel and k[2] is not None
-                )
-                ys = [stats[(m, panel, s)][0] for s in shots]
-            if shots:
-                colour, marker = style[m]
-                ax.plot(shots, ys, marker=marker, color=colour, label=m)
+            points = average(m) if panel == "average" else series.get((panel, m), {})
+            if not points:
+                continue
+            shots = sorted(points)
+            colour, marker = style[m]
+            ax.errorbar(
+                [k * offset[m] for k in shots],
+                [points[k][0] for k in shots],
+                yerr=None if panel == "average" else [points[k][1] for k in shots],
+                marker=marker,
+                markersize=5,
+                color=colour,
+                capsize=2,
+                linewidth=1.2,
+                label=m,
+            )
         ax.set_title(panel)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, labels=[str(k) for k in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("shots per class")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
@@ -538,7 +730,23 @@ def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) 
         ax.axis("off")
     handles = [plt.Line2D([], [], color=style[m][0], marker=style[m][1], label=m) for m in methods]
     fig.legend(handles=handles, loc="lower center", ncol=min(5, max(len(methods), 1)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    n_seeds = sorted({r.get("seed") for r in records if r.get("shots") is not None} - {None})
+    fig.suptitle(
+        f"accuracy (%) vs shots, mean over seeds ({len(n_seeds)} seed(s)); {SPREAD[task]}; "
+        "points shifted slightly along x so tied lines stay visible"
+        + ("; average panel: mean over datasets, no error bars" if "average" in panels else ""),
+        fontsize=8,
+        wrap=True,
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    return fig
+
+
+def plot_accuracy_vs_shots(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write :func:`accuracy_vs_shots_figure` of ``records`` to ``path`` (PNG); returns it."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_vs_shots_figure(list(records))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -687,6 +895,11 @@ def write_report(
             put(f"shots_{safe_name(name)}.md", table.markdown())
             put(f"shots_{safe_name(name)}.csv", table.csv())
             sections.append(f"## {table.title}\n\n{table.markdown()}")
+        ece = ece_table(classification, shots)
+        if ece is not None:
+            put("ece.md", ece.markdown())
+            put("ece.csv", ece.csv())
+            sections.append(f"## {ece.title}\n\n{ece.markdown()}")
         cost = cost_table(classification)
         put("cost.md", cost.markdown(with_std=False))
         put("cost.csv", cost.csv())

@@ -27,10 +27,16 @@ from clipadapt.bench.cells import (
     build_cell,
     checked_method,
 )
-from clipadapt.bench.spec import SweepDataset, SweepSpec
+from clipadapt.bench.spec import FAST_PRESET, SweepDataset, SweepSpec
 from clipadapt.data.bundle import FeatureBundle, load_bundle
+from clipadapt.data.classnames import (
+    CLASSNAMES_KEY,
+    named_bundle_key,
+    read_classnames,
+    with_classnames,
+)
 from clipadapt.exceptions import ClipadaptError, ConfigError
-from clipadapt.features.pipeline import needs_text_tower
+from clipadapt.features.pipeline import NotExtracted, backbone_display_name, needs_text_tower
 from clipadapt.methods.base import get_method_class
 
 
@@ -55,6 +61,28 @@ class ResolvedSweep:
     errors: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
     classnames: dict[str, list[str]] = field(default_factory=dict)
+    planned: list[PlannedRun] = field(default_factory=list)
+    to_extract: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run a dry run (``ResolveOptions(extract=False)``) lists but cannot key yet, because
+    a bundle or an episode file it needs has not been encoded: what it would fit and score.
+
+    Attributes:
+        task, dataset, method_spec, shots, seed: as in a :class:`Cell`.
+        targets: the domain-generalisation targets it would score (empty for other tasks).
+        waits_for: the datasets (or episode files) encoded first.
+    """
+
+    task: str
+    dataset: str
+    method_spec: str
+    shots: int | None
+    seed: int
+    targets: tuple[str, ...] = ()
+    waits_for: tuple[str, ...] = ()
 
 
 def _find_bundle(spec: SweepSpec, ds: SweepDataset) -> Path | None:
@@ -101,17 +129,23 @@ def _extract(
         reuse=True,
         fingerprint=options.fingerprint,
         resplit=options.resplit,
+        extract=options.extract,
+        check_counts=options.check_counts,
     )
     return out
 
 
 @dataclass(frozen=True)
 class ResolveOptions:
-    """How image datasets are read: ``fingerprint`` (``stat`` or ``content``) and ``resplit``
-    (make new splits of ImageFolder trees)."""
+    """How image datasets are read: ``fingerprint`` (``stat`` or ``content``), ``resplit``
+    (make new splits of ImageFolder trees), ``extract`` (False: encode nothing; a dataset
+    or episode file not encoded yet becomes :attr:`ResolvedSweep.planned` runs, for a dry
+    run) and ``check_counts`` (False: a registered dataset may be a partial copy)."""
 
     fingerprint: str = "stat"
     resplit: bool = False
+    extract: bool = True
+    check_counts: bool = True
 
 
 def bundle_problem(src: BundleSource, trains: bool = True) -> str | None:
@@ -187,8 +221,10 @@ def _cannot_run(method: MethodChoice, src: BundleSource) -> str | None:
         if need in card.needs and tensor not in src.bundle.tensors
     ]
     # options can switch a need off (e.g. HeGraphAdapter's positive_nodes=templates), so a
-    # spec with options runs and says for itself what it lacks
-    if lacking and not method.params:
+    # spec with options runs and says for itself what it lacks; the fast preset (`--profile
+    # fast`) is a shorter schedule, which switches no need off
+    options = {k: v for k, v in method.params.items() if (k, v) != ("preset", FAST_PRESET)}
+    if lacking and not options:
         return f"needs `{'`, `'.join(lacking)}`, which the bundle lacks"
     return None
 
@@ -216,6 +252,10 @@ def resolve_sweep(
     classnames: dict[str, list[str]] = {}
     sources: dict[str, list[BundleSource]] = {}
     loaded: dict[Path, FeatureBundle] = {}
+    # datasets not encoded yet (extract=False) -> the backbone names they would get
+    pending: dict[str, list[str]] = {}
+    planned: list[PlannedRun] = []
+    to_extract: list[tuple[str, str]] = []
 
     def load(path: Path) -> FeatureBundle:
         if path not in loaded:
@@ -247,6 +287,9 @@ def resolve_sweep(
             for backbone in spec.backbones:
                 try:
                     paths.append(_extract(spec, ds, backbone, progress, options))
+                except NotExtracted:
+                    pending.setdefault(ds.name, []).append(backbone_display_name(backbone))
+                    to_extract.append((ds.name, backbone))
                 except (ClipadaptError, OSError) as error:
                     skipped.append((f"{ds.name} ({backbone})", f"cannot extract: {error}"))
         else:
@@ -260,7 +303,13 @@ def resolve_sweep(
             except ClipadaptError as error:
                 errors.append((ds.name, str(error)))
                 continue
-            src = BundleSource.of(bundle, name=ds.name, key=str(path), choice=ds.choice)
+            key = str(path)
+            if ds.classnames:
+                # a count mismatch is the user's error (ConfigError, exit 2), named at once
+                names_file = spec.path(ds.classnames)
+                bundle = with_classnames(bundle, read_classnames(names_file, bundle.num_classes))
+                key = named_bundle_key(path, names_file)
+            src = BundleSource.of(bundle, name=ds.name, key=key, choice=ds.choice)
             problem = bundle_problem(src, trains=ds.name in fitted)
             if problem is not None:
                 errors.append((ds.name, problem))
@@ -286,11 +335,41 @@ def resolve_sweep(
                         continue
                     for seed in spec.seeds:
                         cells.append(build_cell(CLASSIFICATION, method, k, seed, source=src))
+        for _ in pending.get(ds.name, []):
+            planned += [
+                PlannedRun(CLASSIFICATION, ds.name, method.spec, k, seed, waits_for=(ds.name,))
+                for method in methods
+                for k in spec.shots
+                for seed in spec.seeds
+            ]
     for dg in spec.domain_generalization:
         srcs = sources.get(dg.source, [])
-        if not srcs:
+        if not srcs and not pending.get(dg.source):
             skipped.append((f"domain generalisation from {dg.source}", "source missing"))
             continue
+        for backbone in pending.get(dg.source, []):
+            # the source is not encoded yet: list what it would score, by name
+            names = [
+                n
+                for n in dg.targets
+                if n != dg.source
+                and (
+                    backbone in pending.get(n, ())
+                    or any(t.bundle.backbone == backbone for t in sources.get(n, []))
+                )
+            ]
+            for n in dg.targets:
+                if n != dg.source and n not in names:
+                    skipped.append((f"DG target {n}", f"no bundle with backbone {backbone}"))
+            if not names:
+                continue
+            waits = (dg.source, *(n for n in names if backbone in pending.get(n, ())))
+            planned += [
+                PlannedRun(DOMAIN_GENERALIZATION, dg.source, m.spec, k, seed, tuple(names), waits)
+                for m in methods
+                for k in dg.shots
+                for seed in spec.seeds
+            ]
         for src in srcs:
             targets = [
                 t
@@ -301,11 +380,34 @@ def resolve_sweep(
             if any(t.name == src.name for t in targets):
                 skipped.append((f"DG target {src.name}", "is the source (scored as the source)"))
                 targets = [t for t in targets if t.name != src.name]
+            waiting = [
+                n
+                for n in dg.targets
+                if n != src.name
+                and not any(t.name == n for t in targets)
+                and src.bundle.backbone in pending.get(n, ())
+            ]
             missing = [
-                n for n in dg.targets if n != src.name and not any(t.name == n for t in targets)
+                n
+                for n in dg.targets
+                if n != src.name and not any(t.name == n for t in targets) and n not in waiting
             ]
             for n in missing:
                 skipped.append((f"DG target {n}", f"no bundle with backbone {src.bundle.backbone}"))
+            if waiting:
+                # a target is not encoded yet: the run (source and every target) is listed,
+                # not keyed; it becomes a cell once the targets are extracted
+                scored = tuple(
+                    n for n in dg.targets if n in waiting or any(t.name == n for t in targets)
+                )
+                waits = tuple(waiting)
+                planned += [
+                    PlannedRun(DOMAIN_GENERALIZATION, dg.source, m.spec, k, seed, scored, waits)
+                    for m in methods
+                    for k in dg.shots
+                    for seed in spec.seeds
+                ]
+                continue
             if not targets:
                 continue
             for method in methods:
@@ -329,6 +431,10 @@ def resolve_sweep(
                         cells.append(cell)
     for ep in spec.episodes:
         path = spec.path(ep.file)
+        if not path.is_file():
+            hint = f"; {ep.hint}" if ep.hint else ""
+            skipped.append((f"episodes {ep.name}", f"{path} not found{hint}"))
+            continue
         if path.suffix == ".json":
             if not spec.backbones:
                 skipped.append(
@@ -338,7 +444,17 @@ def resolve_sweep(
             try:
                 from clipadapt.features.pipeline import ensure_episode_features
 
-                path = ensure_episode_features(path, spec.backbones[0], name=ep.name)
+                path = ensure_episode_features(
+                    path, spec.backbones[0], name=ep.name, extract=options.extract
+                )
+            except NotExtracted:
+                to_extract.append((f"episodes {ep.name}", spec.backbones[0]))
+                planned += [
+                    PlannedRun(EPISODES, ep.name, method.spec, None, seed, waits_for=(ep.name,))
+                    for method in methods
+                    for seed in spec.seeds
+                ]
+                continue
             except (ClipadaptError, OSError) as error:
                 skipped.append((f"episodes {ep.name}", str(error)))
                 continue
@@ -350,8 +466,8 @@ def resolve_sweep(
                 cells.append(
                     build_cell(EPISODES, method, None, seed, episodes=(ep.name, str(path)))
                 )
-    bundles = {n: Path(s[0].key) for n, s in sources.items() if s}
-    return ResolvedSweep(cells, skipped, bundles, errors, warnings, classnames)
+    bundles = {n: Path(s[0].key.partition(CLASSNAMES_KEY)[0]) for n, s in sources.items() if s}
+    return ResolvedSweep(cells, skipped, bundles, errors, warnings, classnames, planned, to_extract)
 
 
 def _recorded_warnings(bundle: FeatureBundle) -> list[str]:

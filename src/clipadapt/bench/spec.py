@@ -44,6 +44,13 @@ from clipadapt.tasks.classification import SplitChoice
 PAPER_DATASETS = tuple(list_datasets())
 #: ImageNet's distribution-shift targets (bundle names looked up in ``bundle_dir``).
 PAPER_DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+#: The Bongard-HOI episode file of the paper profile (``clipadapt episodes bongard-hoi``
+#: writes it), looked up in ``bundle_dir`` and then in ``<data_root>/bongard_hoi/``.
+PAPER_EPISODES_FILE = "bongard_hoi_test.json"
+_EPISODES_HINT = (
+    "make it with `clipadapt episodes bongard-hoi --annotations bongard_hoi/bongard_hoi_release "
+    f"--images bongard_hoi/hake/images --out <bundle_dir>/{PAPER_EPISODES_FILE}` (optional)"
+)
 
 
 @dataclass
@@ -55,6 +62,9 @@ class SweepDataset:
         bundle: a ``.safetensors`` bundle; default ``<bundle_dir>/<name>.safetensors``.
         images: a registered dataset name or a dataset folder, encoded once per backbone.
         train_set, val_set, eval_set: bundle groups (see ``SplitChoice``).
+        classnames: a class-name file (one per line) given to the bundle, for bundles made
+            without names (``class_0`` ...); part of the bundle's fingerprint, so of the run
+            key.
     """
 
     name: str
@@ -63,6 +73,7 @@ class SweepDataset:
     train_set: str | None = None
     val_set: str | None = None
     eval_set: str | None = None
+    classnames: str | None = None
 
     @property
     def choice(self) -> SplitChoice:
@@ -81,10 +92,12 @@ class DGSpec:
 
 @dataclass
 class EpisodesSpec:
-    """Reasoning episodes: a feature-episode ``.safetensors`` or an image-episode ``.json``."""
+    """Reasoning episodes: a feature-episode ``.safetensors`` or an image-episode ``.json``
+    (``hint``: how to make the file, said when it is missing)."""
 
     name: str
     file: str
+    hint: str = ""
 
 
 @dataclass
@@ -262,11 +275,20 @@ def paper_profile(
     methods: Sequence[str] | None = None,
 ) -> SweepSpec:
     """The papers' protocol: 11 CoOp datasets × shots 1-16 × seeds 1-3 × all methods, plus
-    ImageNet 16-shot → V2/Sketch/A/R. What is missing is skipped by
-    :func:`clipadapt.bench.resolve.resolve_sweep`."""
+    ImageNet 16-shot → V2/Sketch/A/R, plus the Bongard-HOI episodes when their file
+    (:data:`PAPER_EPISODES_FILE`) is in ``bundle_dir`` or ``<data_root>/bongard_hoi/``. What is
+    missing is skipped, with the reason, by :func:`clipadapt.bench.resolve.resolve_sweep`."""
     from clipadapt.methods.base import list_methods
 
+    candidates = [
+        Path(folder).expanduser() / PAPER_EPISODES_FILE
+        for folder in (bundle_dir, data_root and Path(data_root) / "bongard_hoi")
+        if folder
+    ]
+    found = next((p for p in candidates if p.is_file()), None)
+    where = found or (candidates[0] if candidates else Path(PAPER_EPISODES_FILE))
     return SweepSpec(
+        episodes=[EpisodesSpec("bongard_hoi", str(where.resolve()), _EPISODES_HINT)],
         datasets=[SweepDataset(name) for name in PAPER_DATASETS],
         methods=list(methods) if methods else list_methods(),
         shots=[1, 2, 4, 8, 16],
@@ -301,10 +323,49 @@ def split_method_specs(text: str) -> list[str]:
     return out
 
 
+#: ``bench --profile``: ``paper`` runs every method with its defaults (the papers' schedules),
+#: ``fast`` with its ``fast`` preset where it has one (``methods/presets/<name>.yaml``).
+SCHEDULE_PROFILES = ("paper", "fast")
+FAST_PRESET = "fast"
+
+
+def profile_methods(methods: Sequence[str], profile: str | None) -> list[str]:
+    """The method specs of a schedule profile (:data:`SCHEDULE_PROFILES`).
+
+    ``fast`` puts ``preset=fast`` in front of the options of every spec whose method has a
+    ``fast`` preset (``taskres:lr=0.01`` -> ``taskres:preset=fast,lr=0.01``: an explicit option
+    still wins over the preset); a spec that names a ``preset=`` itself, and a method without a
+    fast preset, stay as typed. ``paper`` and None change nothing. The preset is part of the
+    spec, so records, the resume key and report rows keep the two profiles apart.
+
+    Raises:
+        ConfigError: an unknown profile. UnknownMethodError: an unknown method.
+    """
+    from clipadapt.methods.base import get_method_class, method_presets, parse_method_spec
+
+    if profile is not None and profile not in SCHEDULE_PROFILES:
+        raise ConfigError(
+            f"unknown profile {profile!r}; choose one of {', '.join(SCHEDULE_PROFILES)}"
+        )
+    if profile != "fast":
+        return list(methods)
+    out = []
+    for text in methods:
+        name, params = parse_method_spec(text)
+        has_fast = FAST_PRESET in method_presets(get_method_class(name).card.name)
+        if "preset" in params or not has_fast:
+            out.append(text)
+            continue
+        rest = text.partition(":")[2].strip()
+        out.append(f"{name}:preset={FAST_PRESET}" + (f",{rest}" if rest else ""))
+    return out
+
+
 def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
     """The sweep of a ``clipadapt bench`` command line: a YAML file (with ``--set``), the paper
-    profile, or flags alone; ``--bundle``, ``--dataset``, ``--episodes``, ``--methods`` ... add
-    to or replace what the file says.
+    grid (``--profile`` without a file), or flags alone; ``--bundle``, ``--dataset``,
+    ``--episodes``, ``--methods`` ... add to or replace what the file says. ``--profile`` also
+    chooses the schedules of every method (:func:`profile_methods`), with a file or without.
 
     Raises:
         ConfigError: no methods, nothing to run, or ``--set`` without a YAML file.
@@ -318,7 +379,7 @@ def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
         for key in ("bundle_dir", "data_root"):
             if getattr(args, key):
                 setattr(spec, key, str(Path(getattr(args, key)).resolve()))
-    elif args.profile == "paper":
+    elif args.profile in SCHEDULE_PROFILES:
         spec = paper_profile(args.bundle_dir, args.data_root, args.backbone or (), methods)
         if args.set:
             data = {k: v for k, v in spec.to_dict().items() if k != "base_dir"}
@@ -329,9 +390,18 @@ def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
         if args.set:
             raise ConfigError("--set overrides keys of a YAML file; pass the file first")
     choice = {"train_set": args.train_set, "val_set": args.val_set, "eval_set": args.eval_set}
+    names_file = getattr(args, "classnames", None)
+    if names_file and not args.bundle:
+        raise ConfigError(
+            f"--classnames {names_file} names the classes of the --bundle files; pass --bundle "
+            "(in a YAML file, give a dataset `classnames: FILE`)"
+        )
     for path in args.bundle or []:
         name = load_bundle(path).name  # a named file that is missing is an error, not a skip
-        spec.datasets.append(SweepDataset(name, bundle=str(Path(path).resolve()), **choice))
+        names = str(Path(names_file).resolve()) if names_file else None
+        spec.datasets.append(
+            SweepDataset(name, bundle=str(Path(path).resolve()), classnames=names, **choice)
+        )
     for item in args.dataset or []:
         folder = Path(item)
         name = folder.name if folder.exists() else item
@@ -351,6 +421,7 @@ def sweep_from_args(args: argparse.Namespace) -> SweepSpec:
         spec.cache_dir = str(Path(args.cache_dir).resolve())
     if not spec.methods:
         raise ConfigError("no methods: pass --methods, a YAML file with methods:, or --profile")
+    spec.methods = profile_methods(spec.methods, getattr(args, "profile", None))
     if not (spec.datasets or spec.domain_generalization or spec.episodes):
         raise ConfigError(
             "nothing to run: pass a YAML file, --bundle, --dataset, --episodes or --profile paper"

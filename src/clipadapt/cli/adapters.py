@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from clipadapt.cli._common import (
+    CLASSNAMES_HELP,
     add_backbone_flags,
+    add_classnames_flag,
     add_extract_flags,
     add_split_flags,
+    example,
+    named_bundle,
     positive_int,
     print_result,
+    require_adapter,
+    require_bundle,
+    require_path,
     split_choice,
     write_json,
 )
@@ -131,9 +139,10 @@ def print_warnings(warnings: list[str]) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    require_bundle(args.bundle)  # before torch is imported: a typo answers at once
     from clipadapt.data.bundle import load_bundle
 
-    bundle = load_bundle(args.bundle)
+    bundle = named_bundle(load_bundle(args.bundle), args.classnames)
     result = fit_and_save(
         bundle, args.method, args.shots, args.seed, split_choice(args), Path(args.out)
     )
@@ -145,12 +154,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    require_adapter(args.adapter)
+    require_bundle(args.bundle)
     from clipadapt.data.bundle import load_bundle
     from clipadapt.methods.base import load
     from clipadapt.tasks.classification import absent_classes
 
     method = load(args.adapter)
-    bundle = load_bundle(args.bundle)
+    bundle = named_bundle(load_bundle(args.bundle), args.classnames)
     provenance = adapter_provenance(Path(args.adapter), method)
     check_adapter_on_bundle(
         Path(args.adapter), method, provenance, bundle, other_bundle=args.other_bundle
@@ -211,7 +222,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def image_inputs(inputs: list[str]) -> list[Path]:
+    """The images ``predict`` classifies: files as given, in order; a folder stands for its
+    image files, found recursively and sorted by path.
+
+    Raises:
+        ConfigError: an input that does not exist, or a folder without image files.
+    """
+    for item in inputs:  # before any heavy import: a typo answers at once
+        require_path(item, "image", "path", missing=f"image {item} does not exist")
+    from clipadapt.data.datasets import IMAGE_EXTENSIONS
+
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            found.append(item)
+            continue
+        images = sorted(
+            p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not images:
+            raise ConfigError(
+                f"folder {item} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "give image files or a folder of them"
+            )
+        found += images
+    return found
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    require_adapter(args.adapter)
+    paths = image_inputs(args.images)
     from clipadapt.features.pipeline import encode_image_files, load_encoder
     from clipadapt.methods.base import load
 
@@ -236,8 +277,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.backbone and not args.other_backbone:
         check_backbone(adapter_dir, provenance, args.backbone, args.checkpoint)
     encoder = load_encoder(backbone, checkpoint=args.checkpoint, device=args.device)
-    names = list(args.images)
-    features = encode_image_files(encoder, names)
+    skipped: list[tuple[str, str]] = []
+    try:
+        features = encode_image_files(encoder, paths, skipped=skipped)
+    except ConfigError:
+        if not skipped:
+            raise
+        listed = "; ".join(f"{path} ({reason})" for path, reason in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        raise ConfigError(
+            f"cannot read image {listed}{more}: no readable image is left to classify"
+        ) from None
+    for path, reason in skipped:  # on stderr: stdout stays the predictions
+        print(f"warning: skipped unreadable image {path} ({reason})", file=sys.stderr)
+    unread = {path for path, _ in skipped}
+    names = [str(p) for p in paths if str(p) not in unread]
     probs = method.logits(features).softmax(dim=-1)
     top = probs.topk(min(args.top, probs.shape[1]), dim=-1)
     output = []
@@ -248,6 +302,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {p * 100:6.2f}%  {classnames[i]}")
             entries.append({"class": classnames[i], "index": i, "probability": p})
         output.append({"image": path, "top": entries})
+    output += [{"image": path, "top": [], "skipped": reason} for path, reason in skipped]
     write_json(args.json, output)
     return 0
 
@@ -284,44 +339,96 @@ def check_backbone(
 
 def register_cli(sub: Any) -> None:
     """Add ``fit``, ``evaluate``, ``run`` and ``predict``."""
-    p = sub.add_parser("fit", help="fit a method on a feature bundle and save it")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--method", required=True, help="NAME or NAME:key=value,...")
-    p.add_argument("--shots", type=positive_int)
-    p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser(
+        "fit",
+        help="fit a method on a feature bundle and save it",
+        description="Fit one method on a few-shot draw of a feature bundle (K images per class "
+        "from train, chosen by the seed; validation data for its searches), score it once on "
+        "the evaluation group (accuracy in percent) and save the adapter with the class names, "
+        "backbone and bundle it was fitted on.",
+        epilog=example(
+            "clipadapt fit --bundle feats/count.safetensors --method tip_adapter --shots 4 "
+            "--out adapters/tip"
+        ),
+    )
+    p.add_argument("--bundle", required=True, help="feature bundle (.safetensors)")
+    p.add_argument(
+        "--method",
+        required=True,
+        help="NAME or NAME:key=value,... (clipadapt list-methods; clipadapt info NAME)",
+    )
+    p.add_argument(
+        "--shots",
+        type=positive_int,
+        help="images per class to train on (needed unless --train-set names a group)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="which few-shot draw (and training seed)")
     add_split_flags(p)
+    add_classnames_flag(p)
     p.add_argument("--out", required=True, help="folder for config.json + state.safetensors")
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(handler=cmd_fit)
 
-    p = sub.add_parser("evaluate", help="score a saved adapter on a bundle group")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--eval-set", default="test")
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved adapter on a bundle group",
+        description="Score a saved adapter on one group of a feature bundle: accuracy in "
+        "percent over its rows. The bundle must have the adapter's classes in the same order, "
+        "and be the bundle it was fitted on unless --other-bundle.",
+        epilog=example(
+            "clipadapt evaluate --adapter adapters/tip --bundle feats/count.safetensors"
+        ),
+    )
+    p.add_argument("--adapter", required=True, help="saved adapter folder (clipadapt fit --out)")
+    p.add_argument("--bundle", required=True, help="feature bundle (.safetensors)")
+    p.add_argument("--eval-set", default="test", help="bundle group to score")
+    add_classnames_flag(
+        p,
+        CLASSNAMES_HELP + " (give the file the adapter was fitted with: the names must match "
+        "its classes)",
+    )
     p.add_argument(
         "--other-bundle",
         action="store_true",
         help="score on a bundle other than the one the adapter was fitted on (same classes, "
         "e.g. a domain-shifted test set); without it such a bundle is refused",
     )
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(handler=cmd_evaluate)
 
-    p = sub.add_parser("run", help="extract + fit + evaluate in one command")
-    p.add_argument("dataset")
+    p = sub.add_parser(
+        "run",
+        help="extract + fit + evaluate in one command",
+        description="Encode a dataset into OUT/features.safetensors (through the feature "
+        "cache), fit one method on a few-shot draw, score it once on test (accuracy in "
+        "percent) and save the adapter in OUT/adapter and the result in OUT/result.json.",
+        epilog=example(
+            "clipadapt run world-data/world_count --backbone world --method tip_adapter "
+            "--shots 4 --out runs/first"
+        ),
+    )
+    p.add_argument("dataset", help="registered dataset name (with --data-root) or a folder")
     add_backbone_flags(p, required=True)
     add_extract_flags(p)
-    p.add_argument("--method", required=True)
-    p.add_argument("--shots", type=positive_int, required=True)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--method", required=True, help="NAME or NAME:key=value,...")
+    p.add_argument("--shots", type=positive_int, required=True, help="images per class")
+    p.add_argument("--seed", type=int, default=1, help="which few-shot draw (and training seed)")
     p.add_argument("--out", required=True, help="output folder (bundle, adapter, result.json)")
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("predict", help="top-k classes for images with a saved adapter")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--top", type=positive_int, default=5)
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes for images with a saved adapter",
+        description="Encode images with the backbone the adapter was fitted on and print each "
+        "image's top classes with their probabilities. A folder stands for every image file "
+        "under it (recursively, sorted by path); files that cannot be decoded are skipped "
+        "with a warning naming them.",
+        epilog=example("clipadapt predict photos/ --adapter adapters/tip --top 3"),
+    )
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--adapter", required=True, help="saved adapter folder (clipadapt fit --out)")
+    p.add_argument("--top", type=positive_int, default=5, help="classes shown per image")
     add_backbone_flags(p)
     p.add_argument(
         "--other-backbone",
@@ -329,5 +436,9 @@ def register_cli(sub: Any) -> None:
         help="encode the images with --backbone even when the adapter was fitted on another "
         "backbone's features (refused without it)",
     )
-    p.add_argument("--json")
+    p.add_argument(
+        "--json",
+        help="also write the predictions as JSON to this file (skipped files are listed with "
+        "the reason)",
+    )
     p.set_defaults(handler=cmd_predict)

@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-EXPORT_EXAMPLE = """example:
-  clipadapt export --adapter adapters/tip --format onnx --with-encoder --out tip.onnx
-  clipadapt export --adapter adapters/zs --format linear --out zs-head.safetensors"""
+EXPORT_EXAMPLE = """Example:
+  clipadapt export --adapter adapters/tip --format onnx --with-encoder --out tip.onnx"""
 
-TIP_EXAMPLE = """example:
+IMPORT_EXAMPLE = """Example:
+  clipadapt import arrays --npz features.npz --out feats/mine.safetensors"""
+
+TIP_EXAMPLE = """Example:
   clipadapt import tip-adapter --cache-dir caches/dtd --text-features dtd_text.pt \\
       --classnames dtd_classes.txt --out feats/dtd.safetensors"""
 
-ARRAYS_EXAMPLE = """example:
+ARRAYS_EXAMPLE = """Example:
   clipadapt import arrays --group train train_x.npy train_y.npy \\
       --group test test_x.npy test_y.npy --text-features text.npy --out feats/mine.safetensors"""
 
@@ -41,6 +43,9 @@ def _classnames(path: str | None) -> list[str] | None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from clipadapt.cli._common import require_adapter
+
+    require_adapter(args.adapter)  # before torch is imported
     from clipadapt.export import export_adapter
 
     summary = export_adapter(
@@ -77,6 +82,9 @@ def _bundle_summary(bundle: Any, out: str) -> dict[str, Any]:
 
 
 def _import_tip(args: argparse.Namespace) -> int:
+    from clipadapt.cli._common import require_path
+
+    require_path(args.cache_dir, "--cache-dir", "folder")  # before torch is imported
     from clipadapt.data.importers import import_tip_adapter
 
     bundle = import_tip_adapter(
@@ -92,8 +100,15 @@ def _import_tip(args: argparse.Namespace) -> int:
 
 
 def _import_arrays(args: argparse.Namespace) -> int:
-    from clipadapt.data.importers import import_arrays
+    from clipadapt.cli._common import require_path
     from clipadapt.exceptions import ConfigError
+
+    # files are checked before numpy and torch are imported (FILE.npz:KEY names FILE.npz)
+    for given in [args.npz, args.text_features, *(f for g in args.group or [] for f in g[1:])]:
+        if given is not None:
+            file = given.split(".npz:")[0] + ".npz" if ".npz:" in given else given
+            require_path(file, "file", missing=f"{file}: file not found")
+    from clipadapt.data.importers import import_arrays
 
     if not args.group and not args.npz:
         raise ConfigError("give the arrays: --group NAME FEATURES LABELS (repeat it) or --npz FILE")
@@ -127,7 +142,7 @@ def register_cli(subparsers: Any) -> None:
         "and the image tower inside). --format linear writes weight (C, D) and bias (C) as "
         "safetensors for methods whose prediction is a linear head on the normalised features. "
         "Class names go into the file's metadata. Every export is checked against the "
-        "adapter's own logits before it is written (see docs/deploy.md).",
+        "adapter's own logits before it is written.",
         epilog=EXPORT_EXAMPLE,
         formatter_class=raw,
     )
@@ -159,8 +174,9 @@ def register_cli(subparsers: Any) -> None:
         "import",
         help="convert features made elsewhere into a feature bundle",
         description="Convert features made by other tools into a validated clipadapt feature "
-        "bundle (docs/bundle-format.md). Only data is read: torch files weights-only, numpy "
-        "files without pickle.",
+        "bundle. Only data is read: torch files weights-only, numpy files without pickle.",
+        epilog=IMPORT_EXAMPLE,
+        formatter_class=raw,
     )
     sub = imp.add_subparsers(dest="import_kind", metavar="KIND", required=True)
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from clipadapt.cli._common import add_backbone_flags, add_extract_flags, write_json
+from clipadapt.cli._common import add_backbone_flags, add_extract_flags, example, write_json
 
 
 def print_extraction(bundle: Any, report: Any) -> None:
@@ -63,6 +63,7 @@ def extract_from_args(
         fingerprint=args.fingerprint,
         split_file=args.split_file,
         resplit=args.resplit,
+        check_counts=not getattr(args, "partial", False),
     )
 
 
@@ -96,10 +97,14 @@ def register_cli(sub: Any) -> None:
         description="Encode train (clean + augmented views), val and test images and "
         "the class prompts into a feature bundle; features are cached, so a rerun "
         "encodes nothing and an interrupted run resumes.",
+        epilog=example(
+            "clipadapt extract world-data/world_count --backbone world "
+            "--out feats/count.safetensors"
+        ),
     )
     p.add_argument("dataset", help="registered dataset name (with --data-root) or a folder")
     add_backbone_flags(p, required=True)
     add_extract_flags(p)
     p.add_argument("--out", required=True, help="bundle file to write (.safetensors)")
-    p.add_argument("--json", help="write a JSON summary here")
+    p.add_argument("--json", help="also write a JSON summary to this file")
     p.set_defaults(handler=cmd_extract)

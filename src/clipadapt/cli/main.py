@@ -2,8 +2,11 @@
 
 Each verb group is a module with ``register_cli(subparsers)`` that adds its sub-commands and sets
 ``handler`` on each (see :data:`VERB_GROUPS`); handlers import the library lazily, so
-``clipadapt --help`` imports no torch. Errors meant for users print one line naming the problem
-and the fix and exit with code 2; ``--debug`` shows the traceback instead.
+``clipadapt --help`` imports no torch, and handlers check the paths they are given before they
+import it. Every verb gets one help layout (:class:`~clipadapt.cli._common.HelpFormatter`:
+defaults shown, its ``Example:`` kept as written) and accepts the global ``--debug``/``-v`` after
+the verb too. Errors meant for users print one line naming the problem and the fix and exit with
+code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from clipadapt.cli._common import HelpFormatter, default_text
 from clipadapt.exceptions import ClipadaptError
 
 EXAMPLES = """\
@@ -48,6 +52,7 @@ VERB_GROUPS = (
     "clipadapt.cli.bench",  # bench, report
     "clipadapt.cli.demo",  # demo
     "clipadapt.cli.export_import",  # export, import tip-adapter | arrays
+    "clipadapt.cli.episodes",  # episodes bongard-hoi
 )
 #: Groups whose package may be left out of an install (their verbs then do not exist).
 OPTIONAL_VERB_GROUPS = ("clipadapt.world.cli",)  # world generate | pretrain | episodes | evaluate
@@ -59,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipadapt",
         description="Adapt CLIP-style models to few-shot classification on cached features.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use only deterministic kernels: torch.use_deterministic_algorithms(True), "
         "cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset (GPU runs repeat "
-        "bit for bit; slower; see docs/reliability.md)",
+        "bit for bit; slower)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in VERB_GROUPS:
@@ -79,7 +84,57 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         module.register_cli(sub)
+    for _, verb in verb_parsers(parser):
+        _teach(verb)
     return parser
+
+
+def verb_parsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every sub-command parser under ``parser``, groups (``world``, ``import``) and their
+    verbs alike, as ``("world generate", parser)`` in registration order."""
+    found: list[tuple[str, argparse.ArgumentParser]] = []
+
+    def walk(p: argparse.ArgumentParser, prefix: str) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    path = f"{prefix} {name}".strip()
+                    found.append((path, child))
+                    walk(child, path)
+
+    walk(parser, "")
+    return found
+
+
+def _teach(verb: argparse.ArgumentParser) -> None:
+    """One help layout for every verb (defaults shown, examples kept as written), and the
+    global ``--debug``/``-v`` accepted after the verb too (``clipadapt fit ... --debug``).
+
+    The verb's copies default to SUPPRESS, so they set the value only when given and never
+    reset what was given before the verb.
+    """
+    verb.formatter_class = HelpFormatter
+    for action in verb._actions:
+        # argparse prints nothing for an option without help, so its default would not show
+        shown = default_text(action)
+        if action.help is None and shown is not None:
+            action.help = f"default: {shown}"
+    given = verb._option_string_actions
+    if "--debug" not in given:
+        verb.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks on errors",
+        )
+    if "-v" not in given and "--verbose" not in given:
+        verb.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log progress details",
+        )
 
 
 _ACCESS_HINT = (

@@ -90,3 +90,31 @@ def with_classnames(bundle: Any, names: list[str]) -> Any:
         )
     metadata = {**bundle.metadata, "classnames": json.dumps(list(names))}
     return FeatureBundle(bundle.tensors, metadata, bundle.path)
+
+
+#: How a bundle key names the class-name file applied to the bundle (``<bundle>#classnames=<file>``):
+#: a sweep's workers load the bundle and apply the names themselves.
+CLASSNAMES_KEY = "#classnames="
+
+
+def named_bundle_key(bundle_path: str | Path, classnames_file: str | Path | None) -> str:
+    """The key a sweep loads a bundle by: the file, and the class-name file applied to it."""
+    if not classnames_file:
+        return str(bundle_path)
+    return f"{bundle_path}{CLASSNAMES_KEY}{Path(classnames_file).resolve()}"
+
+
+def load_named_bundle(key: str | Path) -> Any:
+    """Load the bundle a :func:`named_bundle_key` names, with its class names applied.
+
+    Raises:
+        ConfigError: the names file's count differs from the bundle's (both named).
+        BundleError: the bundle cannot be read.
+    """
+    from clipadapt.data.bundle import load_bundle
+
+    path, _, names_file = str(key).partition(CLASSNAMES_KEY)
+    bundle = load_bundle(path)
+    if not names_file:
+        return bundle
+    return with_classnames(bundle, read_classnames(names_file, bundle.num_classes))

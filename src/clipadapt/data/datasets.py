@@ -550,8 +550,9 @@ def _check_counts(
     if problems:
         raise DatasetError(
             f"{where}: {'; '.join(problems)} for the CoOp {spec.display_name} split; use the "
-            "official split file and a complete copy of the images (or pass check_counts=False "
-            "for a modified copy; its numbers are then not comparable with published ones)"
+            "official split file and a complete copy of the images (or pass check_counts=False, "
+            "--partial on the command line, for a modified copy; its numbers are then not "
+            "comparable with published ones)"
         )
 
 
@@ -1035,6 +1036,16 @@ def _load_registered(
     dataset.split_path = path
     dataset.template = spec.template
     dataset.templates = [spec.template]
+    if spec.layout == "imagenet" and split_file is None:
+        # the sorted train WNIDs, so a domain-generalisation target is mapped onto this
+        # bundle's columns by WNID, whatever part of ImageNet this copy holds
+        from clipadapt.data.imagenet_variants import wnid_metadata
+
+        wnids = sorted({Path(rel).parts[1] for rel, _, _ in entries["train"]})
+        try:
+            dataset.metadata["bundle_metadata"] = wnid_metadata(wnids)
+        except ConfigError:  # folders that are not ImageNet-1k WNIDs: map by class name
+            log.warning("%s: class folders are not all ImageNet-1k WNIDs", image_dir / "train")
     if (root / DESCRIPTIONS_FILENAME).is_file():
         dataset.descriptions = root / DESCRIPTIONS_FILENAME
     return dataset
@@ -1059,7 +1070,9 @@ def load_dataset(
 
     Args:
         name_or_path: a registered key (see :func:`list_datasets`; display names and aliases
-            such as ``fgvc`` work too), or the path of a dataset folder (relative paths are
+            such as ``fgvc`` work too), one of ImageNet's evaluation-only variants
+            (``imagenet_v2``, ``imagenet_sketch``, ``imagenet_a``, ``imagenet_r``; see
+            :mod:`clipadapt.data.imagenet_variants`), or the path of a dataset folder (relative paths are
             tried under ``data_root`` first), or the path of a split JSON file. A ``Path``
             object or a string containing ``/`` is always read as a path.
         data_root: the folder holding the CoOp dataset folders (default: the
@@ -1080,7 +1093,8 @@ def load_dataset(
         check_files: check that every listed image exists.
         allow_missing: drop missing images (recorded in ``missing``, with a warning) instead of
             raising.
-        check_counts: require the CoOp class and split counts for registered datasets.
+        check_counts: require the CoOp class and split counts for registered datasets (and
+            the complete release for the ImageNet variants).
 
     Returns:
         The :class:`ImageDataset`.
@@ -1104,6 +1118,23 @@ def load_dataset(
     # A Path object, or a string with a separator, always means a folder or file.
     looks_like_path = isinstance(name_or_path, Path) or "/" in text or os.sep in text
     spec = None if looks_like_path else _lookup(text)
+    variant = None
+    if spec is None and not looks_like_path:
+        from clipadapt.data.imagenet_variants import find_variant
+
+        variant = find_variant(text)
+    if variant is not None:
+        if resplit or split_file is not None:
+            raise DatasetError(
+                f"{variant.key} is an evaluation-only release read from its class folders; "
+                "it takes no split file and no --resplit"
+            )
+        if root_dir is None:
+            raise DatasetError(
+                f"{variant.key} is an ImageNet variant: pass data_root=<the folder that contains "
+                f"{variant.folder}/> (or set {DATA_ROOT_ENV})"
+            )
+        return variant.load(root_dir, check_counts=check_counts)
     if spec is not None:
         if resplit:
             raise DatasetError(
@@ -1131,7 +1162,8 @@ def load_dataset(
         if not looks_like_path:
             raise DatasetError(
                 f"unknown dataset {text!r} and no folder of that name; known datasets: "
-                f"{', '.join(DATASETS)} (or pass the path of an ImageFolder tree or of a folder "
+                f"{', '.join(DATASETS)}; evaluation-only: imagenet_v2, imagenet_sketch, "
+                "imagenet_a, imagenet_r (or pass the path of an ImageFolder tree or of a folder "
                 "with split.json)"
             )
         raise DatasetError(

@@ -397,8 +397,9 @@ def load_imagenet_variant(
         if problems:
             raise DatasetError(
                 f"{image_dir}: {'; '.join(problems)} for the complete {spec.display_name} release; "
-                "use a complete copy (or pass check_counts=False for a partial one; its numbers "
-                "are then not comparable with published ones)"
+                "use a complete copy (or pass check_counts=False, --partial on the command "
+                "line, for a partial one; its numbers are then not comparable with published "
+                "ones)"
             )
     indices = [index for index, _ in classes]
     wnids = [all_wnids[i] for i in indices]

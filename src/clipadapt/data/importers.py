@@ -122,11 +122,19 @@ def _tensor_to_numpy(path: Path) -> np.ndarray:
 
 
 def read_classnames(source: str | Path | list[str]) -> list[str]:
-    """Class names from a list, a JSON file (a list of strings) or a text file (one per line).
+    """Class names from a list, a JSON file (a list of strings) or a text file (one per line,
+    line i = class i; CoOp's ``<wnid> <name>`` lines have the WNID dropped, as in
+    :func:`clipadapt.data.classnames.read_classnames`).
+
+    A text file may repeat a name (ImageNet's CLIP-curated list has two ``crane`` classes: a
+    warning is logged); a list or JSON file may not.
 
     Raises:
-        ConfigError: unreadable, not a list of strings, empty or with duplicates.
+        ConfigError: unreadable, not a list of strings, empty, an empty line between names, or
+            a list/JSON with duplicates.
     """
+    from clipadapt.data import classnames as names_files
+
     if isinstance(source, list):
         names, where = source, "classnames"
     else:
@@ -134,14 +142,15 @@ def read_classnames(source: str | Path | list[str]) -> list[str]:
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: class name file not found")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            try:
-                names = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}: not JSON ({error})") from None
-        else:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
+        if path.suffix != ".json":
+            names = names_files.read_classnames(path)
+            if not names:
+                raise ConfigError(f"{path}: no class names (one name per line)")
+            return names
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not JSON ({error})") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(
             f"{where}: class names must be a non-empty list of strings (a JSON list, or one name "
@@ -357,8 +366,9 @@ def bundle_from_arrays(
     names = classnames if classnames is not None else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ConfigError(
-            f"{len(names)} class names for the {num_classes} rows of the text features; give "
-            "one name per class in label order"
+            f"{sources.get('classnames', 'the class names')} has {len(names)} class names but "
+            f"the text features ({sources.get('text_features', 'text_features')}) have "
+            f"{num_classes} classes; give one name per class in label order"
         )
     meta = {"classnames": json.dumps(list(names)), "source": "clipadapt import"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
@@ -508,6 +518,8 @@ def import_tip_adapter(
     """
     groups, sources, num_classes = read_tip_adapter_cache(cache_dir, shots)
     names = read_classnames(classnames) if classnames is not None else None
+    if classnames is not None and not isinstance(classnames, list):
+        sources["classnames"] = str(classnames)
     text = None
     if text_features is not None:
         text = load_array(text_features)
@@ -572,6 +584,8 @@ def import_arrays(
     sources: dict[str, str] = {}
     text: ArrayLike | None = None
     names = read_classnames(classnames) if classnames is not None else None
+    if classnames is not None and not isinstance(classnames, list):
+        sources["classnames"] = str(classnames)
     if npz is not None:
         npz_arrays, npz_text, npz_names, npz_views = _read_npz(Path(npz), sources)
         arrays.update(npz_arrays)

@@ -264,11 +264,19 @@ def extraction_settings(
     descriptions: Sequence[Sequence[str]] | None,
     negative_template: str | None,
     splits: Sequence[str],
+    bundle_metadata: dict[str, str] | None = None,
 ) -> str:
     """A hash of every extraction setting that changes a bundle made from the same images
-    (recorded as the bundle's ``extraction_key``; a bundle is reused only when it matches)."""
+    (recorded as the bundle's ``extraction_key``; a bundle is reused only when it matches).
+
+    ``bundle_metadata`` is what the dataset asks its bundle to carry
+    (``dataset.metadata["bundle_metadata"]``, e.g. the ImageNet WNIDs the domain-generalisation
+    mapping reads); it is part of the key only when there is some, so other bundles keep
+    their keys."""
+    extra = {"bundle_metadata": dict(sorted(bundle_metadata.items()))} if bundle_metadata else {}
     return stable_hash(
         {
+            **extra,
             "backbone": backbone_key,
             "views": views,
             "aug_scale": list(aug_scale),
@@ -280,6 +288,13 @@ def extraction_settings(
             "extractor_version": EXTRACTOR_VERSION,
         }
     )
+
+
+def dataset_bundle_metadata(dataset: Any) -> dict[str, str]:
+    """The metadata strings a dataset asks its bundle to carry
+    (``dataset.metadata["bundle_metadata"]``; empty for most datasets)."""
+    extra = (getattr(dataset, "metadata", None) or {}).get("bundle_metadata") or {}
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}
 
 
 def dataset_templates(dataset: Any, templates: Sequence[str] | None) -> list[str]:
@@ -476,6 +491,7 @@ def extract_dataset(
             padded_neg = torch.zeros(len(classnames), width, dim)
             padded_neg[mask] = text_cache.get(flat_neg, encoder.encode_text)
             tensors["negative_description_features"] = padded_neg.to(torch.float16)
+    extra_metadata = dataset_bundle_metadata(dataset)
     metadata = {
         "classnames": json.dumps(classnames),
         "backbone": bname,
@@ -498,9 +514,13 @@ def extract_dataset(
             descriptions=descriptions,
             negative_template=negative_template,
             splits=splits,
+            bundle_metadata=extra_metadata,
         ),
         "warnings": json.dumps(report.warnings),
     }
+    # what the dataset asks its bundle to carry (ImageNet and its variants: the WNIDs and
+    # ImageNet indices of the columns, which the domain-generalisation task maps by)
+    metadata.update(extra_metadata)
     if has_stamps:
         metadata["dataset_fingerprint"] = dataset.files_fingerprint(fingerprint)
         metadata["dataset_fingerprint_mode"] = fingerprint

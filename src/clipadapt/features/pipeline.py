@@ -43,6 +43,25 @@ _MAX_ENCODERS = 2
 _ENCODERS: OrderedDict[str, ClipEncoder] = OrderedDict()
 
 
+class NotExtracted(ClipadaptError):
+    """Raised by :func:`ensure_bundle` / :func:`ensure_episode_features` called with
+    ``extract=False`` when no reusable file exists: encoding would be needed (a dry run
+    lists such work instead of doing it). ``path`` is the file that would be written."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(f"{what} would be encoded into {path}")
+        self.path = path
+
+
+def backbone_display_name(backbone: str | BackboneSpec | dict[str, Any]) -> str:
+    """The name a bundle extracted with ``backbone`` records (``bundle.backbone``); the typed
+    text itself when the name cannot be resolved here."""
+    try:
+        return _backbone_spec(backbone, None).display_name
+    except ClipadaptError:
+        return str(backbone)
+
+
 def _backbone_spec(backbone: str | BackboneSpec | dict[str, Any], checkpoint: Any) -> BackboneSpec:
     from clipadapt.encoders.clip import BackboneSpec, backbone_from_record, resolve_backbone
 
@@ -175,12 +194,13 @@ def open_dataset(
     split_file: str | Path | None = None,
     split_dir: str | Path | None = None,
     resplit: bool = False,
+    check_counts: bool = True,
 ) -> tuple[ImageDataset, list[str] | None, list[list[str]] | None]:
     """Load a dataset with the prompt choices made for it.
 
-    ``split_file``, ``split_dir`` and ``resplit`` are
+    ``split_file``, ``split_dir``, ``resplit`` and ``check_counts`` are
     :func:`~clipadapt.data.datasets.load_dataset`'s (where the split of an ImageFolder tree
-    lives, and making it anew).
+    lives, making it anew, and requiring a registered dataset's complete counts).
 
     Returns:
         ``(dataset, templates or None for the dataset's own, descriptions or None)``; the
@@ -200,6 +220,7 @@ def open_dataset(
             split_file=split_file,
             split_dir=split_dir,
             resplit=resplit,
+            check_counts=check_counts,
         )
     if dataset.missing:
         missing = dataset.missing
@@ -238,6 +259,8 @@ def ensure_bundle(
     fingerprint: str = "stat",
     split_file: str | Path | None = None,
     resplit: bool = False,
+    check_counts: bool = True,
+    extract: bool = True,
 ) -> tuple[FeatureBundle, TextTower | None]:
     """The feature bundle of ``dataset`` under ``backbone`` at ``out``, extracted if needed.
 
@@ -260,6 +283,10 @@ def ensure_bundle(
             and the bundle (see :meth:`ImageDataset.files_fingerprint`).
         split_file, resplit: where the split of an ImageFolder tree lives (default: beside the
             cache, ``<cache_dir>/splits``) and whether to make it anew.
+        check_counts: require a registered dataset's (or ImageNet variant's) complete class
+            and image counts; False reads a partial copy.
+        extract: False encodes nothing: a bundle that cannot be reused raises
+            :class:`NotExtracted` (what a dry run reports).
         text_tower: also return the backbone's text tower (for methods such as CoOp).
         on_report: called with the bundle and the extraction report after an extraction (not on
             reuse), e.g. to print what was encoded and what was skipped.
@@ -274,6 +301,7 @@ def ensure_bundle(
     from clipadapt.data.datasets import check_fingerprint_mode
     from clipadapt.features.cache import default_cache_dir
     from clipadapt.features.extract import (
+        dataset_bundle_metadata,
         dataset_templates,
         extract_dataset,
         extraction_settings,
@@ -295,6 +323,7 @@ def ensure_bundle(
         split_file=split_file,
         split_dir=cache_root / "splits",
         resplit=resplit,
+        check_counts=check_counts,
     )
     desc_path = descriptions or loaded.descriptions
     provenance = {
@@ -318,6 +347,7 @@ def ensure_bundle(
             descriptions=texts,
             negative_template=negative,
             splits=("train", "val", "test"),
+            bundle_metadata=dataset_bundle_metadata(loaded),
         )
         same_files = bundle.metadata.get("dataset_fingerprint") == loaded.files_fingerprint(
             fingerprint
@@ -332,6 +362,8 @@ def ensure_bundle(
             out,
             "other settings" if same_files else "other image files (or an older clipadapt)",
         )
+    if not extract:
+        raise NotExtracted(out, f"{loaded.name} ({len(loaded.classnames)} classes)")
     encoder = load_encoder(backbone, checkpoint=checkpoint, device=device)
     bundle, report = extract_dataset(
         loaded,
@@ -359,33 +391,42 @@ def encode_image_files(
     *,
     batch_size: int = 256,
     normalize: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> Tensor:
     """(N, D) float32 features of image files through the encoder's clean view, in batches.
 
+    Args:
+        skipped: when given, a file that cannot be decoded is left out and appended here as
+            ``(path, reason)`` instead of raising (the rows then follow the readable files).
+
     Raises:
-        ConfigError: a file that does not exist or cannot be decoded (named).
+        ConfigError: a file that does not exist or (without ``skipped``) cannot be decoded,
+            named; no readable image at all.
     """
     from clipadapt.features.transforms import CleanView, load_rgb
 
     view = CleanView(encoder.image_size, encoder.mean, encoder.std)
 
-    def pixels(path: str | Path) -> Tensor:
+    def pixels(path: str | Path) -> Tensor | None:
         if not Path(path).is_file():
             raise ConfigError(f"image {path} does not exist")
         try:
             return view(load_rgb(str(path)))
         except Exception as error:  # corrupt, truncated, not an image, unreadable
-            raise ConfigError(
-                f"cannot read image {path} ({type(error).__name__}: {error})"
-            ) from None
+            reason = f"{type(error).__name__}: {error}"
+            if skipped is None:
+                raise ConfigError(f"cannot read image {path} ({reason})") from None
+            skipped.append((str(path), reason))
+            return None
 
     chunks = []
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
-            batch = torch.stack([pixels(p) for p in paths[start : start + batch_size]])
-            chunks.append(encoder.encode_images(batch, normalize=normalize))
+            images = [x for p in paths[start : start + batch_size] if (x := pixels(p)) is not None]
+            if images:
+                chunks.append(encoder.encode_images(torch.stack(images), normalize=normalize))
     if not chunks:
-        raise ConfigError("no images to encode")
+        raise ConfigError("no readable images to encode")
     return torch.cat(chunks)
 
 
@@ -395,6 +436,7 @@ def ensure_episode_features(
     *,
     name: str | None = None,
     device: str | torch.device = "auto",
+    extract: bool = True,
 ) -> Path:
     """Encode an image-episode JSON file into feature episodes, cached beside it.
 
@@ -402,6 +444,9 @@ def ensure_episode_features(
     where ``key`` hashes the JSON file's bytes, every image's size and modification time and
     the backbone's content key: an edited episode file, a rewritten image or another checkpoint
     gives a new file, never stale features.
+
+    ``extract=False`` encodes nothing: when the feature file does not exist yet,
+    :class:`NotExtracted` is raised (what a dry run reports).
 
     Returns:
         The feature-episode file (see :mod:`clipadapt.tasks.episodes`).
@@ -437,6 +482,8 @@ def ensure_episode_features(
     out = path.with_name(f"{path.stem}.{safe_name(label)}.{key}.safetensors")
     if out.is_file():
         return out
+    if not extract:
+        raise NotExtracted(out, f"the episodes of {path.name}")
     encoder = load_encoder(spec, device=device)
     with torch.no_grad():
         episodes = encode_episodes(

@@ -344,8 +344,13 @@ def method_presets(name: str) -> dict[str, dict[str, Any]]:
 def create_method(name: str, preset: str | None = None, **params: Any) -> Adapter:
     """Build a registered method; ``None``-valued params are dropped (timm's rule).
 
+    ``name`` may be the command line's spec, ``NAME:key=value,key=value`` (e.g.
+    ``"tip_adapter:search_steps_beta=50"``, values read as YAML scalars as by
+    :func:`parse_method_spec`); its options combine with ``preset`` and ``params``, and a key
+    given both ways must agree.
+
     Args:
-        name: registry name (``clipadapt list-methods``).
+        name: registry name (``clipadapt list-methods``) or a ``NAME:key=value,...`` spec.
         preset: optional preset name (e.g. a dataset's published settings, see
             :func:`method_presets`); explicit ``params`` override it.
         params: hyperparameters.
@@ -353,8 +358,22 @@ def create_method(name: str, preset: str | None = None, **params: Any) -> Adapte
     Raises:
         UnknownMethodError: the name is not registered (the message lists the names).
         ConfigError: an unknown preset or hyperparameter, or a value of the wrong type or
-            outside the option's declared range (``MethodCard.constraints``).
+            outside the option's declared range (``MethodCard.constraints``); a key set in the
+            spec and as a keyword to different values.
     """
+    if ":" in name:
+        name, from_spec = parse_method_spec(name)
+        given = {**params, "preset": preset}
+        clashes = sorted(
+            k for k, v in from_spec.items() if given.get(k) is not None and given[k] != v
+        )
+        if clashes:
+            both = ", ".join(f"{k}={from_spec[k]!r} in the spec vs {given[k]!r}" for k in clashes)
+            raise ConfigError(
+                f"{name}: {both} as a keyword; give each option once (in the spec or as a keyword)"
+            )
+        preset = from_spec.pop("preset", preset)
+        params = {**from_spec, **params}
     cls = get_method_class(name)
     method = cls()
     if preset is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -12,7 +13,15 @@ from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize
 from clipadapt.engine.train import DASSL_SGD, OptimizerParams, ViewSampler, train_loop
 from clipadapt.exceptions import ConfigError
 from clipadapt.methods.base import Adapter, MethodCard, register_method
-from clipadapt.methods.constraints import common, count, flag, optional, positive, positive_int
+from clipadapt.methods.constraints import (
+    between,
+    common,
+    count,
+    flag,
+    optional,
+    positive,
+    positive_int,
+)
 
 PLACEHOLDER = "X"
 
@@ -130,7 +139,12 @@ class CoOp(OptimizerParams, Adapter):
         init_std: 0.02.
         epochs: None means CoOp's rule from the shots (max rows per class): 50 for 1 shot,
             100 for 2-4, 200 for 8+; ImageNet uses 50 for every K (``presets/coop.yaml``).
+        epoch_scale: the epochs actually trained are ``ceil(epoch_scale · epochs)`` (1.0: as
+            given or from the rule), so a shortened schedule keeps the rule's dependence on the
+            shots (the ``fast`` preset).
         lr: 0.002. batch_size: 32. momentum: 0.9. weight_decay: 5e-4. warmup_lr: 1e-5.
+        warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine schedule (1, as
+            Dassl).
         logit_scale: 100. use_views: sample stored augmented views per epoch.
         seed: initialisation, shuffling and view-sampling seed.
 
@@ -158,7 +172,9 @@ class CoOp(OptimizerParams, Adapter):
             "class_specific": flag(),
             "init_std": positive(),
             "epochs": optional(count(), "CoOp's rule from the shots"),
+            "epoch_scale": between(0.0, 1.0, open_low=True),
             **common("lr", "batch_size", "momentum", "weight_decay", "warmup_lr"),
+            **common("warmup_epochs"),
             **common("logit_scale", "use_views", "seed"),
         },
     )
@@ -170,11 +186,13 @@ class CoOp(OptimizerParams, Adapter):
         class_specific: bool = False,
         init_std: float = 0.02,
         epochs: int | None = None,
+        epoch_scale: float = 1.0,
         lr: float = 0.002,
         batch_size: int = 32,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         warmup_lr: float = 1e-5,
+        warmup_epochs: int = 1,
         logit_scale: float = 100.0,
         use_views: bool = True,
         seed: int = 1,
@@ -193,6 +211,8 @@ class CoOp(OptimizerParams, Adapter):
         )
         shots = int(torch.bincount(train.labels).max())
         epochs = int(self.epochs) if self.epochs is not None else epochs_for_shots(shots)
+        # the tolerance keeps float products such as 0.1 * 30 = 3.0000000000000004 at 3
+        epochs = math.ceil(self.epoch_scale * epochs - 1e-9)
         sampler = ViewSampler(train.features, train.views if self.use_views else None, self.seed)
         labels = train.labels
 

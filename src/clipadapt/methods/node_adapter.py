@@ -87,8 +87,8 @@ from clipadapt.methods.constraints import (
 class NodeAdapter(OptimizerParams, Adapter):
     """NODE-Adapter (Zhang et al., 2024): cross-modal prototypes refined by a neural ODE.
 
-    Defaults follow ``specs/node_adapter.md`` (§3 table and §6 choices); the paper's body was not
-    available, so most of them are that spec's inferred values.
+    The paper's body was not available, so most defaults are inferred values (the method's
+    documentation page lists which, and why).
 
     Args:
         text_prototype: how t̄_j is formed: ``"auto"`` (mean over the prompt templates

@@ -16,6 +16,7 @@ from clipadapt.data.fewshot import draw_few_shot
 from clipadapt.data.sets import EvaluationSet, LabeledFeatures, TrainSet, ValidationSet
 from clipadapt.exceptions import ConfigError, MissingTensorError
 from clipadapt.methods.base import Adapter
+from clipadapt.metrics import expected_calibration_error
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,9 @@ class RunResult:
     ``draw`` says how the train and validation rows were picked (the rule and a hash of the
     row indices), ``checkpoint`` which epoch a trained method kept and by which rule,
     ``absent_classes`` the classes with no row in the validation or evaluation set (the
-    accuracy is then over the other classes), and ``warnings`` says so in words.
+    accuracy is then over the other classes), and ``warnings`` says so in words. ``ece`` is the
+    expected calibration error (%, 15 bins, :func:`clipadapt.metrics.expected_calibration_error`)
+    of the evaluation rows.
 
     ``fitted`` is the adapter :func:`evaluate` fitted (a clone of the method it was given); it
     is not part of the record (:meth:`to_dict` leaves it out).
@@ -55,6 +58,7 @@ class RunResult:
     checkpoint: dict[str, Any] | None = None
     absent_classes: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    ece: float | None = None
     fitted: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,6 +317,10 @@ def evaluate(
     started = time.perf_counter()
     accuracy = method.score(evaluation.features.to(device), evaluation.labels.to(device))
     predict_seconds = time.perf_counter() - started
+    with torch.no_grad():  # calibration is scored apart so predict_seconds stays a predict's
+        ece = expected_calibration_error(
+            method.logits(evaluation.features.to(device)), evaluation.labels
+        )
     return RunResult(
         method=method.card.name,
         dataset=bundle.name,
@@ -335,5 +343,6 @@ def evaluate(
         checkpoint=checkpoint_record(method),
         absent_classes=absent,
         warnings=warnings,
+        ece=ece,
         fitted=method,
     )

@@ -38,6 +38,7 @@ from torch import Tensor
 from clipadapt.data.bundle import FeatureBundle
 from clipadapt.exceptions import ConfigError
 from clipadapt.methods.base import Adapter, method_presets
+from clipadapt.metrics import ECE_BINS, calibration_gaps
 from clipadapt.tasks.classification import RunResult, SplitChoice, evaluate
 
 TASK = "domain_generalization"
@@ -191,12 +192,25 @@ def subset_accuracy(
         features: (N, D) target features; labels: (N,) target class indices in [0, C_target).
         index: (C_target,) source column of each target class (see :func:`class_subset`).
     """
+    return subset_scores(method, features, labels, index, batch_size)[0]
+
+
+def subset_scores(
+    method: Adapter, features: Tensor, labels: Tensor, index: Tensor, batch_size: int = 8192
+) -> tuple[float, float]:
+    """(accuracy %, expected calibration error %) of ``method`` restricted to the source
+    columns ``index`` (the softmax is over those columns: the target's classes); arguments as
+    in :func:`subset_accuracy`."""
     correct = 0
+    gaps = torch.zeros(ECE_BINS)
     for start in range(0, features.shape[0], batch_size):
         logits = method.logits(features[start : start + batch_size])
-        pred = logits[:, index.to(logits.device)].argmax(dim=1)
-        correct += int((pred.cpu() == labels[start : start + batch_size].cpu()).sum())
-    return 100.0 * correct / max(int(features.shape[0]), 1)
+        sub = logits[:, index.to(logits.device)]
+        batch_labels = labels[start : start + batch_size].to(sub.device)
+        correct += int((sub.argmax(dim=1) == batch_labels).sum())
+        gaps += calibration_gaps(sub, batch_labels).cpu()
+    n = max(int(features.shape[0]), 1)
+    return 100.0 * correct / n, float(gaps.abs().sum() / n * 100.0)
 
 
 def evaluate_dg(
@@ -232,7 +246,7 @@ def evaluate_dg(
     Returns:
         One record per dataset (source first): the source's :class:`RunResult` fields with
         ``task`` = "domain_generalization", ``role`` ("source"/"target"), ``source`` (the source
-        dataset's name), ``dataset`` and ``accuracy`` of that dataset, ``n_classes`` and
+        dataset's name), ``dataset``, ``accuracy`` and ``ece`` of that dataset, ``n_classes`` and
         ``variant`` (the preset applied, or None); a target's record also names the
         ``class_mapping`` rule that mapped its classes.
     """
@@ -261,13 +275,17 @@ def evaluate_dg(
     for target, (index, rule) in zip(targets, mappings, strict=True):
         rows = target.group(target_eval_set, "eval")
         started = time.perf_counter()
-        accuracy = subset_accuracy(result.fitted, rows.features.to(device), rows.labels, index)
+        with torch.no_grad():
+            accuracy, ece = subset_scores(
+                result.fitted, rows.features.to(device), rows.labels, index
+            )
         records.append(
             {
                 **base,
                 "role": "target",
                 "dataset": target.name,
                 "accuracy": accuracy,
+                "ece": ece,
                 "eval_set": target_eval_set,
                 "n_eval": len(rows),
                 "n_classes": target.num_classes,

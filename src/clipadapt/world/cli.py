@@ -144,24 +144,50 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add the ``world`` command group (``generate``, ``pretrain``, ``episodes``, ``evaluate``)."""
-    world = subparsers.add_parser("world", help="the embedded procedural world and its small CLIP")
+    world = subparsers.add_parser(
+        "world",
+        help="the embedded procedural world and its small CLIP",
+        description="The embedded procedural image world: write its datasets and reasoning "
+        "episodes, pre-train its small CLIP, and measure that model. Everything runs offline "
+        "on a CPU.",
+        epilog="Example:\n  clipadapt world generate --out world-data --size small",
+    )
     sub = world.add_subparsers(dest="world_command", required=True)
 
-    p = sub.add_parser("generate", help="write the world datasets (cached)")
+    p = sub.add_parser(
+        "generate",
+        help="write the world datasets (cached)",
+        description="Write the world's image datasets as clipadapt dataset folders (split.json, "
+        "dataset.json, the images) under --out, one folder per dataset; a folder already "
+        "written with the same settings is kept.",
+        epilog="Example:\n  clipadapt world generate --out world-data --size small "
+        "--datasets world_count",
+    )
     p.add_argument("--out", required=True, help="root folder of the dataset folders")
-    p.add_argument("--size", choices=("default", "small"), default="default")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--size",
+        choices=("default", "small"),
+        default="default",
+        help="images per class (small: a few, for quick tries)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--datasets", help="comma-separated subset of the world dataset names")
     p.set_defaults(handler=_generate)
 
-    p = sub.add_parser("pretrain", help="train the world CLIP contrastively (CPU)")
+    p = sub.add_parser(
+        "pretrain",
+        help="train the world CLIP contrastively (CPU)",
+        description="Train a world CLIP from scratch (or from --init) on generated image-caption "
+        "pairs with the contrastive loss; writes the weights and a model card beside them.",
+        epilog="Example:\n  clipadapt world pretrain --out my-world.safetensors --steps 200",
+    )
     p.add_argument("--out", required=True, help="checkpoint .safetensors (card: same stem .json)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
+    p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--init", help="continue from this checkpoint instead of random weights")
     p.add_argument("--step-offset", type=int, default=0, help="data seed offset (continuations)")
@@ -186,19 +212,35 @@ def register_cli(subparsers: Any) -> None:
     )
     p.set_defaults(handler=_pretrain)
 
-    p = sub.add_parser("episodes", help="write few-shot reasoning episodes (JSON + images)")
+    p = sub.add_parser(
+        "episodes",
+        help="write few-shot reasoning episodes (JSON + images)",
+        description="Write few-shot reasoning episodes of the world (conjunctions, relations, "
+        "counts): each episode has support and query images per label; the JSON file lists "
+        "them and clipadapt bench --episodes scores methods on them.",
+        epilog="Example:\n  clipadapt world episodes --out episodes/world.json --n 30",
+    )
     p.add_argument("--out", required=True, help="episodes JSON file")
     p.add_argument("--n", type=int, default=30, help="number of episodes")
     p.add_argument("--support", type=int, default=4, help="support images per label")
     p.add_argument("--query", type=int, default=8, help="query images per label")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--concepts", help="comma-separated: conjunction,relation,count")
     p.set_defaults(handler=_episodes)
 
-    p = sub.add_parser("evaluate", help="zero-shot and 16-shot accuracy of a world CLIP")
+    p = sub.add_parser(
+        "evaluate",
+        help="zero-shot and 16-shot accuracy of a world CLIP",
+        description="Measure a world CLIP on the world datasets: zero-shot accuracy and "
+        "16-shot prototype and linear-probe accuracy, in percent, one row per dataset; then "
+        "linear probes of what its image features carry.",
+        epilog="Example:\n  clipadapt world evaluate --data world-data --size small",
+    )
     p.add_argument("--card", help="model card JSON (default: the shipped one)")
     p.add_argument("--data", default="world-data", help="world datasets root (generated if absent)")
-    p.add_argument("--size", choices=("default", "small"), default="default")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--size", choices=("default", "small"), default="default", help="world dataset size"
+    )
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--update-card", action="store_true", help="record the result in the card")
     p.set_defaults(handler=_evaluate)
