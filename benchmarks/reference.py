@@ -351,6 +351,8 @@ class ReferenceNodeAdapter:
         _unsupported(self.name, "dynamics", p["dynamics"], ("metanode",))
         _unsupported(self.name, "loss_prototypes", p["loss_prototypes"], ("full",))
         _unsupported(self.name, "prototype", p["prototype"], ("blend", "text", "visual"))
+        # the spec's dynamics only: clipadapt's loss-gradient term is not written out here
+        _unsupported(self.name, "gradient_gain", p["gradient_gain"], (0, 0.0))
         if not float(p["t_end"]) > 0:
             raise ValueError(f"reference {self.name}: t_end must be > 0 (the ODE is the point)")
 
@@ -465,6 +467,12 @@ class ReferenceNodeAdapter:
         same scalar system with the configured solver.
         """
         p = self.params
+        if any(float(g) > 0 for g in p["gradient_gain_grid"]):
+            raise ValueError(
+                f"reference {self.name}: gradient_gain_grid={list(p['gradient_gain_grid'])} "
+                "searches the loss-gradient term, which is not implemented here; pass "
+                "gradient_gain_grid=[0.0] (the spec's dynamics)"
+            )
         t_bar = self._text_prototypes(text)
         support, mask = self._support(train.features, train.labels, text.num_classes)
         visual = self._visual_prototypes(support, mask)
@@ -481,7 +489,8 @@ class ReferenceNodeAdapter:
         names = ["blend_init"] if p["prototype"] == "blend" else []
         names.append("gamma_init")
         grids = {"blend_init": p["blend_init_grid"], "gamma_init": p["gamma_init_grid"]}
-        best: tuple[dict[str, float], float] = ({}, -1.0)
+        # (accuracy, -cross-entropy): accuracy ties go to the lower validation loss
+        best: tuple[dict[str, float], tuple[float, float]] = ({}, (-1.0, -math.inf))
         for values in itertools.product(*(grids[n] for n in names)):
             init = {"blend_init": float(p["blend_init"]), "gamma_init": float(p["gamma_init"])}
             init.update(dict(zip(names, map(float, values), strict=True)))
@@ -494,10 +503,11 @@ class ReferenceNodeAdapter:
                 else torch.where(has[:, None], lam * visual + (1 - lam) * t_bar, t_bar)
             )
             end = torch.where(has[:, None], a * p0 + b * init["gamma_init"] * mean, p0)
-            score = _accuracy(self._class_logits(val.features, end, t_bar), val.labels)
+            logits = self._class_logits(val.features, end, t_bar)
+            score = (_accuracy(logits, val.labels), -float(F.cross_entropy(logits, val.labels)))
             if score > best[1]:
                 best = ({n: init[n] for n in names}, score)
-        return best
+        return best[0], best[1][0]
 
     # ---------------------------------------------------------------- fit / logits
     def fit(

@@ -12,7 +12,7 @@ to change.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +108,7 @@ def solve_endpoint(
     atol: float = 1e-9,
     adjoint: bool = False,
     adjoint_options: Mapping[str, Any] | None = None,
+    adjoint_params: Sequence[Tensor] | None = None,
     what: str = "ODE solve",
 ) -> Tensor:
     """The state at ``t_end`` of ``dy/dt = func(t, y)``, ``y(0) = y0``.
@@ -122,6 +123,10 @@ def solve_endpoint(
         adjoint: back-propagate with ``odeint_adjoint`` (when gradients are enabled); ``func``
             must then be an ``nn.Module`` whose trainable parameters are the adjoint's.
         adjoint_options: torchdiffeq's ``adjoint_options`` (None: the forward options).
+        adjoint_params: the tensors the adjoint differentiates (None: ``func``'s trainable
+            parameters). A flow that derives tensors from its weights once per solve passes
+            those instead of the weights, so the adjoint accumulates their gradients over the
+            whole backward solve and autograd carries them into the weights once.
         what: names the caller in error messages.
 
     Raises:
@@ -136,10 +141,13 @@ def solve_endpoint(
         if adjoint and torch.is_grad_enabled():
             if not isinstance(func, nn.Module):
                 raise TypeError(f"{what}: adjoint back-propagation needs the flow as an nn.Module")
-            # Only leaf parameters: a flow that caches tensors computed from its weights (inside
-            # the autograd graph) is reached through that retained graph; listing the cached
-            # tensors as well would count those paths twice.
-            params = tuple(p for p in func.parameters() if p.requires_grad)
+            # Without an explicit list: the leaf parameters. A flow that caches tensors computed
+            # from its weights (inside the autograd graph) is then reached through that retained
+            # graph; listing the cached tensors as well would count those paths twice.
+            if adjoint_params is None:
+                params = tuple(p for p in func.parameters() if p.requires_grad)
+            else:
+                params = tuple(adjoint_params)
             adjoint_kwargs = {"adjoint_params": params}
             if adjoint_options is not None:
                 adjoint_kwargs["adjoint_options"] = dict(adjoint_options)

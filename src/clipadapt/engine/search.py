@@ -40,14 +40,16 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
 
 
 def grid_search(
-    score: Callable[[dict[str, Any], ValidationSet], float],
+    score: Callable[[dict[str, Any], ValidationSet], Any],
     grid: Mapping[str, Sequence[Any]],
     val: ValidationSet,
-) -> tuple[dict[str, Any], float]:
+) -> tuple[dict[str, Any], Any]:
     """Exhaustive search; the first best point in grid order wins (strictly-greater update).
 
     Args:
-        score: maps (params, val) to a validation score (higher is better).
+        score: maps (params, val) to a validation score (higher is better): a float, or a
+            tuple compared element by element (e.g. accuracy, then minus the validation loss
+            to break accuracy ties).
         grid: {name: candidate values}; iteration is in the given key order, last key innermost.
         val: validation rows.
 

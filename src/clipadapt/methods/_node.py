@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, normalize_rows
 from clipadapt.exceptions import ConfigError
+from clipadapt.methods._node_support import SupportLossGradient
 
 TEXT_PROTOTYPES = ("auto", "class", "prompts", "descriptions", "all")
 PROTOTYPES = ("blend", "text", "visual")
@@ -153,6 +154,28 @@ class CrossModalBlend(nn.Module):
         return lam * visual + (1.0 - lam) * text
 
 
+class _PairProduct(torch.autograd.Function):
+    """``(x ⊙ p[:, None]) @ w`` for the pair layer's first block, keeping p and w for the
+    backward pass instead of the (M, K, D) product (x is a constant of the fit): back-propagating
+    through the solver keeps one of these per evaluation."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: Tensor, w: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, p, w)
+        return torch.matmul(x * p[:, None], w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:  # noqa: ANN001
+        x, p, w = ctx.saved_tensors
+        grad_p = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_p = (torch.matmul(grad, w.T) * x).sum(dim=1)
+        if ctx.needs_input_grad[2]:
+            m, k, d = x.shape
+            grad_w = (x * p[:, None]).reshape(m * k, d).T @ grad.reshape(m * k, -1)
+        return None, grad_p, grad_w
+
+
 class GradientFlow(nn.Module):
     """f_θ, the learned gradient estimator of spec §2.6 (MetaNODE-style, per class).
 
@@ -192,6 +215,11 @@ class GradientFlow(nn.Module):
         self.gamma_out = nn.Linear(hidden, 1, bias=False)
         self.nfe = 0
         self._ctx: dict[str, Tensor] = {}
+        self._rows: dict[str, Tensor] | None = None
+        self._solve: dict[str, Tensor] = {}
+        #: the support-loss gradient term g and its gain η (None / 0: the spec's f_θ alone)
+        self.support_term: SupportLossGradient | None = None
+        self.gain = 0.0
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Default init; the score and γ output layers start at zero (spec A17: w = 1/K, γ = 1)."""
@@ -201,29 +229,61 @@ class GradientFlow(nn.Module):
         _init_linear(self.gamma_out, generator, zero=True)
 
     def set_context(self, support: Tensor, mask: Tensor, **_: Tensor) -> None:
-        """Fix the support rows (M, K, D) and their mask (M, K) for the next solves.
+        """Fix the support rows (M, K, D) and their mask (M, K) for the next solve.
 
-        The x-only terms are computed here, once per solve, inside the autograd graph: the
-        adjoint's vector-Jacobian products reach their weights through that (retained) graph.
+        What depends on the rows only (masks, ``x ⊙ x``) is kept until other rows come (once
+        per fit). What depends on the weights too is computed here, once per solve, inside the
+        autograd graph: the x-only products (``pair_x``, ``gamma_x``) and the weight blocks the
+        evaluations use. :meth:`solve_inputs` hands exactly these tensors to the adjoint, which
+        accumulates their gradients over the whole backward solve; autograd then carries them
+        into the weights once, instead of once per vector-Jacobian product.
         """
+        cached = self._rows
+        if cached is None or cached["x"] is not support or cached["mask"] is not mask:
+            has = mask.any(dim=1)
+            cached = {
+                "x": support,
+                "mask": mask,
+                # empty classes attend to padding, then get w = 0
+                "key_mask": mask | ~has[:, None],
+                "has": has.to(support.dtype),
+            }
+            if support.shape[1] > 1:
+                cached["xx"] = support * support
+            self._rows = cached
         d = self.dim
-        w_pair = self.pair.weight
-        has = mask.any(dim=1)
-        self._ctx = {
-            "x": support,
-            "mask": mask,
-            "key_mask": mask | ~has[:, None],  # empty classes attend to padding, then get w = 0
-            "has": has.to(support.dtype),
-            "gamma_x": support @ self.gamma_in.weight[:, :d].T,
-        }
+        w_pair, w_gamma = self.pair.weight, self.gamma_in.weight
+        solve = {"gamma_x": support @ w_gamma[:, :d].T, "gamma_p": w_gamma[:, d:].T}
         if support.shape[1] > 1:  # with one shot the weight generator is not evaluated
-            self._ctx["pair_x"] = (support * support) @ w_pair[:, 2 * d : 3 * d].T + (
+            solve["pair_x"] = cached["xx"] @ w_pair[:, 2 * d : 3 * d].T + (
                 support @ w_pair[:, 4 * d :].T
             )
+            solve["pair_px"] = w_pair[:, :d].T
+            solve["pair_pp"] = w_pair[:, d : 2 * d].T
+            solve["pair_p"] = w_pair[:, 3 * d : 4 * d].T
+        self._solve = solve
+        self._ctx = {**cached, **solve}
+
+    def solve_inputs(self) -> tuple[Tensor, ...]:
+        """What the adjoint differentiates: the per-solve tensors of :meth:`set_context` and
+        the parameters an evaluation uses directly (never ``pair``/``gamma_in``, which it only
+        reaches through the per-solve tensors: listing them too would count paths twice)."""
+        direct = [self.gamma_out.weight]
+        if "pair_x" in self._solve:
+            direct += [
+                self.norm1.weight,
+                self.norm1.bias,
+                self.qkv.weight,
+                self.attn_out.weight,
+                self.norm2.weight,
+                self.score.weight,
+            ]
+        derived = tuple(t for t in self._solve.values() if t.requires_grad)
+        return derived + tuple(p for p in direct if p.requires_grad)
 
     def forward(self, t: Tensor, p: Tensor) -> Tensor:
         self.nfe += 1
-        ctx, d = self._ctx, self.dim
+        ctx = self._ctx
         x = ctx["x"]
         m, k, _ = x.shape
         if k == 1:
@@ -231,17 +291,18 @@ class GradientFlow(nn.Module):
             w = ctx["has"][:, None]
         else:
             w = self._shot_weights(p, x, m, k)
-        gamma_hidden = F.elu(ctx["gamma_x"] + (p @ self.gamma_in.weight[:, d:].T)[:, None])
+        gamma_hidden = F.elu(ctx["gamma_x"] + (p @ ctx["gamma_p"])[:, None])
         gamma = 2.0 * torch.sigmoid(self.gamma_out(gamma_hidden).squeeze(-1) + self.gamma_prior)
         drive = torch.einsum("mk,mkd->md", w * gamma, x) - w.sum(dim=-1, keepdim=True) * p
+        if self.support_term is not None:
+            drive = drive + self.gain * self.support_term(p)
         return self.step_scale(t) * drive
 
     def _shot_weights(self, p: Tensor, x: Tensor, m: int, k: int) -> Tensor:
         """w (M, K): the weight generator's softmax over the shots of each prototype."""
-        ctx, d = self._ctx, self.dim
-        w_pair = self.pair.weight
-        per_class = (p * p) @ w_pair[:, d : 2 * d].T + p @ w_pair[:, 3 * d : 4 * d].T
-        e = (x * p[:, None]) @ w_pair[:, :d].T + per_class[:, None] + ctx["pair_x"]
+        ctx = self._ctx
+        per_class = (p * p) @ ctx["pair_pp"] + p @ ctx["pair_p"]
+        e = _PairProduct.apply(x, p, ctx["pair_px"]) + per_class[:, None] + ctx["pair_x"]
         e = self.norm1(F.elu(e))
         q, key, v = self.qkv(e).view(m, k, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(
@@ -276,6 +337,8 @@ class MLPFlow(nn.Module):
         self.out = nn.Linear(hidden, dim)
         self.nfe = 0
         self._ctx: dict[str, Tensor] = {}
+        self.support_term: SupportLossGradient | None = None
+        self.gain = 0.0
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         _init_linear(self.inp, generator)
@@ -283,19 +346,32 @@ class MLPFlow(nn.Module):
         _init_linear(self.out, generator, zero=True)
 
     def set_context(self, support: Tensor, mask: Tensor, *, visual: Tensor, text: Tensor) -> None:
+        """Per solve: the constant inputs' share of the first layer and its p and time blocks
+        (handed to the adjoint by :meth:`solve_inputs`, as for :class:`GradientFlow`)."""
         d = self.dim
+        w = self.inp.weight
         self._ctx = {
-            "static": visual @ self.inp.weight[:, d : 2 * d].T
-            + text @ self.inp.weight[:, 2 * d : 3 * d].T,
+            "static": visual @ w[:, d : 2 * d].T + text @ w[:, 2 * d : 3 * d].T,
+            "w_p": w[:, :d].T,
+            "w_time": w[:, 3 * d :].T,
         }
+
+    def solve_inputs(self) -> tuple[Tensor, ...]:
+        """The per-solve tensors and the parameters an evaluation uses directly."""
+        direct = (self.inp.bias, self.mid.weight, self.mid.bias, self.out.weight, self.out.bias)
+        derived = tuple(t for t in self._ctx.values() if t.requires_grad)
+        return derived + tuple(p for p in direct if p.requires_grad)
 
     def forward(self, t: Tensor, p: Tensor) -> Tensor:
         self.nfe += 1
-        d = self.dim
+        ctx = self._ctx
         phi = sinusoidal_time(t, self.time_width, self.t_end).to(p.dtype)
-        h = p @ self.inp.weight[:, :d].T + self._ctx["static"] + phi @ self.inp.weight[:, 3 * d :].T
+        h = p @ ctx["w_p"] + ctx["static"] + phi @ ctx["w_time"]
         h = F.silu(self.mid(F.silu(h + self.inp.bias)))
-        return self.s0 * self.rho ** (t / max(self.t_end, 1e-12)) * self.out(h)
+        out = self.out(h)
+        if self.support_term is not None:
+            out = out + self.gain * self.support_term(p)
+        return self.s0 * self.rho ** (t / max(self.t_end, 1e-12)) * out
 
 
 class NodeAdapterModel(nn.Module):
@@ -316,21 +392,28 @@ def untrained_endpoint(
     gamma: float,
     schedule: tuple[float, float, float] | None,
     solve: Callable[[Callable[[Tensor, Tensor], Tensor], Tensor], Tensor],
+    pull: bool = True,
+    support_term: SupportLossGradient | None = None,
+    gain: float = 0.0,
 ) -> Tensor:
-    """P(t_end) of the untrained model, without solving the (C, D) ODE.
+    """P(t_end) of the untrained model.
 
     Untrained, u = 0 (so λ is the prior for every class), the shot weights are uniform and γ is
-    a constant: the flow is the linear ODE ``dp/dt = s(t) (γ x̄ - p)`` (x̄ the plain mean of the
-    shots), whose solution is ``p(t_end) = a p(0) + b γ x̄`` with the scalars (a, b) given by
-    the same solver on a 2-dimensional copy of it. On a fixed grid this is identical to a full
-    solve, at the cost of a few vector operations (no weights are initialised).
+    a constant: f_θ is ``s(t) (γ x̄ - p)`` (x̄ the plain mean of the shots; ``pull=False`` for the
+    MLP dynamics, whose output starts at zero). Without the loss-gradient term this is a linear
+    ODE whose solution is ``p(t_end) = a p(0) + b γ x̄``, the scalars (a, b) given by the same
+    solver on a 2-dimensional copy of it: identical to a full solve on a fixed grid, at the cost
+    of a few vector operations. With it (``gain`` > 0), the (C, D) field
+    ``s(t) (γ x̄ - p + η g(p))`` is solved by the same solver.
 
     Args:
         support: (C, K, D) support rows; mask: (C, K) which exist; text: (C, D) t̄.
         lam: λ of the blend ``p(0) = λ v̄ + (1 - λ) t̄``; None starts from t̄.
         gamma: the constant γ of the untrained flow.
-        schedule: (s0, ρ, t_end) of s(t), or None when the untrained flow does not move p.
+        schedule: (s0, ρ, t_end) of s(t), or None without an ODE.
         solve: solves a flow ``f(t, y)`` from a start ``y0`` to t_end (the method's solver).
+        pull: whether the untrained f_θ pulls towards γ x̄ (the MetaNODE dynamics).
+        support_term, gain: the loss-gradient term g and its gain η.
 
     Returns:
         (C, D) prototypes (not normalised).
@@ -338,9 +421,20 @@ def untrained_endpoint(
     visual = masked_mean_direction(support, mask)
     has = mask.any(dim=1)[:, None]
     p0 = text if lam is None else torch.where(has, lam * visual + (1.0 - lam) * text, text)
-    if schedule is None:
+    moves = pull or (support_term is not None and gain > 0)
+    if schedule is None or not moves:
         return p0
     s0, rho, t_end = schedule
+    counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(p0.dtype)
+    mean = (support * mask[..., None]).sum(dim=1) / counts
+    if support_term is not None and gain > 0:
+        weight = has.to(p0.dtype) * float(pull)
+
+        def field(t: Tensor, p: Tensor) -> Tensor:
+            drive = weight * (gamma * mean - p) + gain * support_term(p)
+            return s0 * rho ** (t / t_end) * drive
+
+        return solve(field, p0)
 
     def scalar_flow(t: Tensor, y: Tensor) -> Tensor:
         return s0 * rho ** (t / t_end) * (target - y)
@@ -348,6 +442,4 @@ def untrained_endpoint(
     target = torch.tensor([0.0, 1.0], dtype=p0.dtype, device=p0.device)
     start = torch.tensor([1.0, 0.0], dtype=p0.dtype, device=p0.device)
     a, b = solve(scalar_flow, start)
-    counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(p0.dtype)
-    mean = (support * mask[..., None]).sum(dim=1) / counts
     return torch.where(has, a * p0 + b * gamma * mean, p0)

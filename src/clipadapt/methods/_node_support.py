@@ -1,0 +1,238 @@
+"""NODE-Adapter's support-loss gradient term and its back-propagation path.
+
+Two pieces of :mod:`clipadapt.methods.node_adapter` that are not f_θ itself:
+
+- :class:`SupportLossGradient`, ``g(P)``: minus the gradient, divided by τ, of the cross-entropy
+  of the cosine prototype classifier on the support rows (spec §2.7, class-balanced), each row's
+  softmax taken over its class and that class's ``m`` nearest classes at the start. The vector
+  field gains ``s(t) · η · g(P)`` (option ``gradient_gain``): the discriminative part of the
+  loss gradient (rows of the other classes pull with weight ``-π``), which the per-class
+  estimator (★) cannot express.
+- :func:`staged_search`: the validation search of the start (λ, γ) and of η in two stages.
+- :func:`activation_bytes`: what back-propagating through the solver would keep, so that the
+  method can choose direct back-propagation when it fits a memory budget and the adjoint
+  otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipadapt.data.sets import ValidationSet
+from clipadapt.engine.search import grid_search
+
+#: f_θ evaluations per step of the fixed-grid solvers whose count is known.
+EVALUATIONS_PER_STEP = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+
+
+class _CandidateLogits(torch.autograd.Function):
+    """``cos[c, k, m] = x[c, k] · p̂[idx[c, m]]``; keeps p̂ (C, D), not the (C, m, D) gather."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ph: Tensor, idx: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, ph, idx)
+        return torch.einsum("ckd,cmd->ckm", x, ph[idx])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:  # noqa: ANN001
+        x, ph, idx = ctx.saved_tensors
+        per_pair = torch.einsum("ckm,ckd->cmd", grad, x).reshape(-1, ph.shape[1])
+        return None, torch.zeros_like(ph).index_add_(0, idx.reshape(-1), per_pair), None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """``A[j] = Σ_{(c, m): idx[c, m] = j} Σ_k r[c, k, m] x[c, k]``; x is a constant of the fit."""
+
+    @staticmethod
+    def forward(ctx, r: Tensor, x: Tensor, idx: Tensor, classes: int) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, idx)
+        per_pair = torch.einsum("ckm,ckd->cmd", r, x).reshape(-1, x.shape[-1])
+        out = x.new_zeros(classes, x.shape[-1])
+        return out.index_add_(0, idx.reshape(-1), per_pair)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: ANN001
+        x, idx = ctx.saved_tensors
+        return torch.einsum("cmd,ckd->ckm", grad[idx], x), None, None, None
+
+
+def nearest_classes(prototypes: Tensor, count: int) -> Tensor:
+    """(C, m + 1) class indices: each class itself first, then its ``count`` nearest classes by
+    the cosine of ``prototypes`` (all classes when ``count`` + 1 >= C or ``count`` is 0)."""
+    c = prototypes.shape[0]
+    if count <= 0 or count + 1 >= c:
+        others = torch.arange(c, device=prototypes.device).expand(c, c)
+        own = torch.arange(c, device=prototypes.device)[:, None]
+        # own class first, then the others in index order
+        rest = others[others != own].view(c, c - 1)
+        return torch.cat([own, rest], dim=1)
+    unit = F.normalize(prototypes, dim=-1)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(float("inf"))
+    return sim.topk(count + 1, dim=1).indices
+
+
+class SupportLossGradient:
+    """``g(P) = -(1/τ) ∇_P L(P)``, L the class-balanced support cross-entropy of spec §2.7.
+
+    ``L = Σ_c (1/K_c) Σ_k -log softmax_{j ∈ cand(c)}(τ cos(x_ck, p_j))_c`` with ``cand(c)`` the
+    class ``c`` and its nearest classes (:func:`nearest_classes`); with every class as a
+    candidate this is the exact gradient. Written out (no autograd inside the flow):
+    ``g_j = Σ_{c,k: j ∈ cand(c)} r_ckj (x_ck - (x_ck·p̂_j) p̂_j) / ‖p_j‖`` with
+    ``r = (1[j = c] - π_ckj) / K_c``. Classes without support rows do not move.
+
+    Two evaluations of the same maths: dense (M, C) logits masked to the candidates when K·C is
+    small (a GEMM is faster than a gather there), the gathered (C, K, m) pairs otherwise.
+
+    Args:
+        support: (C, K, D) rows (zero padding); mask: (C, K) which rows exist.
+        candidates: (C, m) from :func:`nearest_classes`.
+        tau: the logit scale τ.
+    """
+
+    def __init__(self, support: Tensor, mask: Tensor, candidates: Tensor, tau: float) -> None:
+        c, k, _ = support.shape
+        self.x, self.idx, self.tau = support, candidates, float(tau)
+        self.counts = mask.sum(dim=1).clamp_min(1).to(support.dtype)
+        self.row_weight = mask.to(support.dtype) / self.counts[:, None]  # (C, K): 1/K_c or 0
+        self.has = mask.any(dim=1).to(support.dtype)[:, None]
+        self.dense = dense_logits(c, k, candidates.shape[1])
+        if self.dense:
+            self.labels = torch.arange(c, device=support.device).repeat_interleave(k)
+            allowed = torch.zeros(c, c, dtype=torch.bool, device=support.device)
+            allowed.scatter_(1, candidates, True)
+            self.blocked = None if bool(allowed.all()) else ~allowed[self.labels]
+            self.target = F.one_hot(self.labels, c).to(support.dtype)
+
+    def __call__(self, p: Tensor) -> Tensor:
+        norm = p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = p / norm
+        if self.dense:
+            rows = self.x.reshape(-1, self.x.shape[-1])
+            cos = rows @ unit.T  # (M, C)
+            logits = self.tau * cos
+            if self.blocked is not None:
+                logits = logits.masked_fill(self.blocked, float("-inf"))
+            r = (self.target - torch.softmax(logits, dim=-1)) * self.row_weight.reshape(-1, 1)
+            pull = r.T @ rows
+            along = (r * cos).sum(dim=0)[:, None]
+        else:
+            cos = _CandidateLogits.apply(self.x, unit, self.idx)  # (C, K, m)
+            pi = torch.softmax(self.tau * cos, dim=-1)
+            own = torch.zeros_like(pi)
+            own[..., 0] = 1.0  # the class itself is candidate 0
+            r = (own - pi) * self.row_weight[..., None]
+            pull = _ScatterRows.apply(r, self.x, self.idx, p.shape[0])
+            along = p.new_zeros(p.shape[0]).index_add_(
+                0, self.idx.reshape(-1), (r * cos).sum(dim=1).reshape(-1)
+            )[:, None]
+        return self.has * (pull - along * unit) / norm
+
+
+def dense_logits(classes: int, shots: int, candidates: int) -> bool:
+    """Whether :class:`SupportLossGradient` evaluates through dense (C·K, C) logits (faster than
+    gathering the (C, K, m) pairs while K·C < 75 m on a 2-core CPU; the same maths either way)."""
+    return shots * classes < 75 * candidates
+
+
+def activation_bytes(
+    *,
+    classes: int,
+    shots: int,
+    dim: int,
+    hidden: int,
+    attention_width: int,
+    evaluations: int,
+    candidates: int,
+    dtype_bytes: int = 4,
+) -> int:
+    """Bytes autograd keeps to back-propagate through ``evaluations`` evaluations of f_θ.
+
+    Per support row and evaluation: 7 hidden-wide tensors and 4.5 attention-wide ones (q, k, v,
+    the attention output and its copy) when the weight generator runs (K > 1), two hidden-wide
+    ones for γ otherwise, and 3.5 per logit the loss-gradient term keeps (``candidates`` = m + 1
+    with gathered pairs, C with dense logits, 0 when the term is off); per class 2 D-wide states.
+    The coefficients were read off ``torch.autograd.graph.saved_tensors_hooks`` on small
+    problems; tests/methods/test_node_adapter.py checks the estimate against that count.
+    """
+    rows = classes * shots
+    per_row = (7 * hidden + 4.5 * attention_width) if shots > 1 else 2 * hidden
+    if candidates:
+        per_row += 3.5 * (classes if dense_logits(classes, shots, candidates) else candidates)
+    return int(dtype_bytes * evaluations * (rows * per_row + classes * 2 * dim))
+
+
+def staged_search(
+    score: Callable[[dict[str, Any], ValidationSet], tuple[float, float]],
+    space: dict[str, list[Any]],
+    val: ValidationSet,
+) -> tuple[dict[str, float], tuple[float, float]]:
+    """The start search in two stages (scores: (validation accuracy, -validation loss)).
+
+    Stage 1: every (λ, γ) of ``space`` at the grid's first gain (η = 0 when the grid has it:
+    the closed-form untrained flow). Stage 2: each other η with every λ and stage 1's γ (the
+    support term's solves are numeric, so γ is not searched again: 32 solves instead of 128
+    with the default grids; a full grid measured no better on the world tasks). Stage 1's point
+    wins ties. Without ``gradient_gain`` in ``space`` this is one grid search.
+    """
+    space = dict(space)
+    grid = list(space.pop("gradient_gain", []))
+    if not grid:
+        point, best = grid_search(score, space, val)
+        return {k: float(v) for k, v in point.items()}, best
+    first = 0.0 if 0.0 in grid else grid[0]
+    point, best = grid_search(score, {**space, "gradient_gain": [first]}, val)
+    others = [g for g in grid if g != first]
+    if others:
+        fixed = {k: point[k] for k in ("gamma_init",) if k in point}
+        stage2 = {k: v for k, v in space.items() if k != "gamma_init"}
+
+        def score2(p2: dict[str, Any], val: ValidationSet) -> tuple[float, float]:
+            return score({**fixed, **p2}, val)
+
+        point2, best2 = grid_search(score2, {"gradient_gain": others, **stage2}, val)
+        if best2 > best:
+            point, best = {**fixed, **point2}, best2
+    return {k: float(v) for k, v in point.items()}, best
+
+
+def backprop_estimate(
+    *,
+    solver: str,
+    solver_options: dict[str, Any] | None,
+    steps: int,
+    t_end: float,
+    metanode: bool,
+    classes: int,
+    shots: int,
+    dim: int,
+    hidden: int,
+    attention_width: int,
+    candidates: int,
+) -> int | None:
+    """Activation bytes of direct back-propagation through one solve, or None when the number
+    of evaluations is not known in advance (adaptive solvers, a custom grid)."""
+    per_step = EVALUATIONS_PER_STEP.get(solver)
+    given = solver_options or {}
+    if per_step is None or "grid_constructor" in given:
+        return None
+    step_size = given.get("step_size")
+    n_steps = steps if step_size is None else math.ceil(t_end / step_size)
+    evaluations = n_steps * per_step
+    if not metanode:  # the MLP dynamics: a few hidden-wide tensors per class
+        return 4 * evaluations * classes * (4 * hidden + 6 * dim)
+    return activation_bytes(
+        classes=classes,
+        shots=shots,
+        dim=dim,
+        hidden=hidden,
+        attention_width=attention_width,
+        evaluations=evaluations,
+        candidates=candidates,
+    )
