@@ -8,6 +8,9 @@ message passing is a handful of matrix products and never a loop over classes or
 Because a GCN layer is linear before its activation, ``tanh((c·X_t + Â X_s) W + b)`` lets the
 aggregation ``c·X_t + Â X_s`` be computed once whenever both node sets are frozen; only the
 projection ``· W + b`` runs per optimisation step (:class:`GCNBlock`).
+
+:class:`HeGraphOptions` holds HeGraphAdapter's option plumbing (saved-option upgrades, the
+relations in use, the search space), so the method file keeps the method's maths.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.search import search_logit_blend
+from clipadapt.engine.search import coordinate_values, search_logit_blend
 from clipadapt.exceptions import ConfigError, MissingTensorError
+from clipadapt.methods.base import method_presets
 
 ALL_EDGES = ("pn", "vn", "pp", "vp", "np", "vv")
 """The six relation types, named source→target: p→n, v→n, p→p, v→p, n→p, v→v."""
@@ -487,3 +492,78 @@ class TrainedGraph:
             return accuracy, fusion_grid[j]
 
         return score
+
+
+#: HeGraphAdapter's meta-path weight options (training and prediction time), as declared.
+WEIGHT_OPTIONS = (
+    "beta_pn",
+    "beta_vn",
+    "alpha_pp",
+    "alpha_vp",
+    "alpha_np_train",
+    "alpha_np_test",
+    "gamma",
+)
+
+
+class HeGraphOptions:
+    """Option plumbing of :class:`~clipadapt.methods.hegraph_adapter.HeGraphAdapter` (a mixin).
+
+    Saved options of earlier versions, the relations and blocks a configuration uses, what a
+    validation search can choose, and the check of the tensors a configuration reads.
+    """
+
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # before the per-dataset schedules became presets: `dataset` picked them, and epochs/lr
+        # were None for "the schedule of that dataset"
+        dataset = params.pop("dataset", "")
+        schedule = {**cls._defaults(), **method_presets(cls.card.name).get(dataset, {})}
+        for key in ("epochs", "lr"):
+            if params.get(key, 0) is None:
+                params[key] = schedule[key]
+        return params
+
+    def active_edges(self) -> tuple[str, ...]:
+        """The relations in use after the node-type switches, in the canonical order."""
+        keep = set(self.edges)
+        if not self.negative_nodes:
+            keep -= NEGATIVE_EDGES
+        if not self.visual_nodes:
+            keep -= VISUAL_EDGES
+        if self.classifier == "text":
+            keep.discard("vv")  # the visual bias only feeds the cache classifier
+        return tuple(e for e in ALL_EDGES if e in keep)
+
+    def _check_needs(self, text: TextFeatures | None, val: ValidationSet | None) -> None:
+        # The card lists descriptions and negatives because the default configuration needs
+        # them; the explicit ablations (positive_nodes=templates, negative_nodes=false, an edge
+        # subset without negative relations) do not. So the base class's static check only
+        # runs for a missing text side, and `_fit` (after the shape checks) requires exactly
+        # what this configuration reads, naming the tensor and the ablation switch.
+        if text is None:
+            super()._check_needs(text, val)
+
+    def search_space(self) -> dict[str, list[float]]:
+        """The values a validation search can choose: ``fusion_weight`` over ``fusion_grid``
+        (not for the text-only classifier) and every searched meta-path weight over the values
+        :func:`~clipadapt.engine.search.coordinate_search` reaches from its default."""
+        space: dict[str, list[float]] = {}
+        if self.classifier != "text" and self.search_fusion:
+            space["fusion_weight"] = [float(w) for w in self.fusion_grid]
+        for name in self._searched_weights() if self.search_metapaths else []:
+            space[name] = coordinate_values(float(getattr(self, name)))
+        return space
+
+    def _searched_weights(self) -> list[str]:
+        """Meta-path weights that change the predictions of this configuration."""
+        edges = set(self.active_edges())  # without v→v for the text classifier: no γ
+        return [name for name, needs in METAPATH_WEIGHTS.items() if set(needs) <= edges]
+
+    def _default_weights(self) -> dict[str, float]:
+        """The meta-path weights as set (training uses them with ``alpha_np_train``)."""
+        return {name: float(getattr(self, name)) for name in METAPATH_WEIGHTS}
+
+    def _block_names(self) -> list[str]:
+        mapping = BLOCK_LAYOUTS[self.block_layout]
+        return sorted({mapping[e] for e in self.active_edges()})

@@ -16,14 +16,7 @@ from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, normalize_rows
 from clipadapt.exceptions import ConfigError
-from clipadapt.methods._node_support import SupportLossGradient
-
-TEXT_PROTOTYPES = ("auto", "class", "prompts", "descriptions", "all")
-PROTOTYPES = ("blend", "text", "visual")
-BLENDS = ("vector", "elementwise", "scalar")
-DYNAMICS = ("metanode", "mlp")
-LOSS_PROTOTYPES = ("full", "loo")
-
+from clipadapt.methods._node_support import TEXT_PROTOTYPES, SupportLossGradient
 
 # ---------------------------------------------------------------------------------- helpers
 

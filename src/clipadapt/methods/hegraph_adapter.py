@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.search import coordinate_search, coordinate_values
+from clipadapt.engine.search import coordinate_search
 from clipadapt.engine.train import VIEW_MODES, OptimizerParams, ViewSampler, train_loop
 from clipadapt.methods._graph import (
     ALL_EDGES,
@@ -23,8 +22,10 @@ from clipadapt.methods._graph import (
     METAPATH_WEIGHTS,
     NEGATIVE_EDGES,
     VISUAL_EDGES,
+    WEIGHT_OPTIONS,
     BiasedCache,
     GraphInputs,
+    HeGraphOptions,
     HeteroGraph,
     TrainedGraph,
     aggregate,
@@ -36,25 +37,15 @@ from clipadapt.methods._graph import (
     relation_matrices,
     train_view_features,
 )
-from clipadapt.methods.base import Adapter, MethodCard, method_presets, register_method
+from clipadapt.methods.base import Adapter, MethodCard, register_method
 from clipadapt.methods.constraints import common, flag, list_of, non_negative, one_of, positive
 from clipadapt.methods.tip_adapter import cache_keys_from, cache_logits, sort_cache_by_class
 
 DEFAULT_FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
-# the meta-path weights of the hierarchical aggregation
-_WEIGHTS = (
-    "beta_pn",
-    "beta_vn",
-    "alpha_pp",
-    "alpha_vp",
-    "alpha_np_train",
-    "alpha_np_test",
-    "gamma",
-)
 
 
 @register_method
-class HeGraphAdapter(OptimizerParams, Adapter):
+class HeGraphAdapter(HeGraphOptions, OptimizerParams, Adapter):
     """HeGraphAdapter (Zhao et al., 2024): heterogeneous graph of positive text, negative text
     and visual class nodes, with a text classifier and a visual-bias cache classifier.
 
@@ -145,7 +136,7 @@ class HeGraphAdapter(OptimizerParams, Adapter):
             "negative_nodes": flag(),
             "visual_nodes": flag(),
             "edges": list_of(one_of(ALL_EDGES)),
-            **dict.fromkeys(_WEIGHTS, non_negative()),
+            **dict.fromkeys(WEIGHT_OPTIONS, non_negative()),
             "neg_self_edge": one_of(("one_minus_cos", "neg_cos")),
             "source_degree": one_of(("column", "row")),
             "block_layout": one_of(tuple(BLOCK_LAYOUTS)),
@@ -202,62 +193,6 @@ class HeGraphAdapter(OptimizerParams, Adapter):
         seed: int = 1,
     ) -> None:
         self._init_params(locals())
-
-    @classmethod
-    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        # before the per-dataset schedules became presets: `dataset` picked them, and epochs/lr
-        # were None for "the schedule of that dataset"
-        dataset = params.pop("dataset", "")
-        schedule = {**cls._defaults(), **method_presets(cls.card.name).get(dataset, {})}
-        for key in ("epochs", "lr"):
-            if params.get(key, 0) is None:
-                params[key] = schedule[key]
-        return params
-
-    # ------------------------------------------------------------------ configuration
-    def active_edges(self) -> tuple[str, ...]:
-        """The relations in use after the node-type switches, in the canonical order."""
-        keep = set(self.edges)
-        if not self.negative_nodes:
-            keep -= NEGATIVE_EDGES
-        if not self.visual_nodes:
-            keep -= VISUAL_EDGES
-        if self.classifier == "text":
-            keep.discard("vv")  # the visual bias only feeds the cache classifier
-        return tuple(e for e in ALL_EDGES if e in keep)
-
-    def _check_needs(self, text: TextFeatures | None, val: ValidationSet | None) -> None:
-        # The card lists descriptions and negatives because the default configuration needs
-        # them; the explicit ablations (positive_nodes=templates, negative_nodes=false, an edge
-        # subset without negative relations) do not. So the base class's static check only
-        # runs for a missing text side, and `_fit` (after the shape checks) requires exactly
-        # what this configuration reads, naming the tensor and the ablation switch.
-        if text is None:
-            super()._check_needs(text, val)
-
-    def search_space(self) -> dict[str, list[float]]:
-        """The values a validation search can choose: ``fusion_weight`` over ``fusion_grid``
-        (not for the text-only classifier) and every searched meta-path weight over the values
-        :func:`~clipadapt.engine.search.coordinate_search` reaches from its default."""
-        space: dict[str, list[float]] = {}
-        if self.classifier != "text" and self.search_fusion:
-            space["fusion_weight"] = [float(w) for w in self.fusion_grid]
-        for name in self._searched_weights() if self.search_metapaths else []:
-            space[name] = coordinate_values(float(getattr(self, name)))
-        return space
-
-    def _searched_weights(self) -> list[str]:
-        """Meta-path weights that change the predictions of this configuration."""
-        edges = set(self.active_edges())  # without v→v for the text classifier: no γ
-        return [name for name, needs in METAPATH_WEIGHTS.items() if set(needs) <= edges]
-
-    def _default_weights(self) -> dict[str, float]:
-        """The meta-path weights as set (training uses them with ``alpha_np_train``)."""
-        return {name: float(getattr(self, name)) for name in METAPATH_WEIGHTS}
-
-    def _block_names(self) -> list[str]:
-        mapping = BLOCK_LAYOUTS[self.block_layout]
-        return sorted({mapping[e] for e in self.active_edges()})
 
     @staticmethod
     def param_count(

@@ -25,7 +25,6 @@ Engineering points the paper leaves open are options; see :class:`NodeAdapter`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,22 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.data.sets import TextFeatures, TrainSet, ValidationSet, normalize_rows
-from clipadapt.engine.ode import (
-    DEFAULT_MAX_NUM_STEPS,
-    solve_endpoint,
-    solver_errors,
-    solver_names,
-    solver_options,
-)
+from clipadapt.engine.ode import solver_errors
 from clipadapt.engine.search import accuracy
 from clipadapt.engine.train import OptimizerParams, TrainHistory, ViewSampler, train_loop
-from clipadapt.exceptions import ConfigError, NotFittedError, TrainingError
+from clipadapt.exceptions import NotFittedError
 from clipadapt.methods._node import (
-    BLENDS,
-    DYNAMICS,
-    LOSS_PROTOTYPES,
-    PROTOTYPES,
-    TEXT_PROTOTYPES,
     CrossModalBlend,
     GradientFlow,
     MLPFlow,
@@ -59,32 +47,18 @@ from clipadapt.methods._node import (
     untrained_endpoint,
 )
 from clipadapt.methods._node_support import (
+    CONSTRAINTS,
+    NodeOptions,
     SupportLossGradient,
-    backprop_estimate,
     nearest_classes,
-    staged_search,
 )
 from clipadapt.methods.base import Adapter, MethodCard, register_method
-from clipadapt.methods.constraints import (
-    between,
-    common,
-    count,
-    finite,
-    flag,
-    list_of,
-    mapping,
-    non_negative,
-    one_of,
-    optional,
-    positive,
-    positive_int,
-)
 
 # ---------------------------------------------------------------------------------- method
 
 
 @register_method
-class NodeAdapter(OptimizerParams, Adapter):
+class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
     """NODE-Adapter (Zhang et al., 2024): cross-modal prototypes refined by a neural ODE.
 
     The paper's body was not available, so most defaults are inferred values (the method's
@@ -188,37 +162,7 @@ class NodeAdapter(OptimizerParams, Adapter):
         # u (D) + f_θ: pair 5DH, γ-MLP 2DH + H, LayerNorms 2H + H, attention 4·H·heads·head_dim,
         # score H (the default configuration: vector blend, metanode dynamics, t_end > 0)
         param_formula="D + 7 * D * hidden + 5 * hidden + 4 * hidden * heads * head_dim",
-        constraints={
-            "text_prototype": one_of(TEXT_PROTOTYPES),
-            "prototype": one_of(PROTOTYPES),
-            "blend": one_of(BLENDS),
-            "blend_init": between(0.0, 1.0, open_low=True, open_high=True),
-            "blend_init_grid": list_of(between(0.0, 1.0, open_low=True, open_high=True)),
-            "gamma_init": between(0.0, 2.0, open_low=True, open_high=True),
-            "gamma_init_grid": list_of(between(0.0, 2.0, open_low=True, open_high=True)),
-            "dynamics": one_of(DYNAMICS),
-            "hidden": positive_int(),
-            "heads": positive_int(),
-            "head_dim": positive_int(),
-            "s0": positive(),
-            "rho": positive(),
-            "gradient_gain": non_negative(),
-            "gradient_gain_grid": list_of(non_negative()),
-            "gradient_classes": count(),
-            "t_end": non_negative(),
-            "solver": one_of(solver_names),
-            "solver_options": optional(mapping(), "the defaults for the solver"),
-            "steps": positive_int(),
-            "rtol": positive(),
-            "atol": positive(),
-            "adjoint": optional(flag(), "chosen from the activation-memory estimate"),
-            "memory_budget_gb": positive(),
-            "adjoint_options": optional(mapping(), "the solver's options"),
-            "loss_prototypes": one_of(LOSS_PROTOTYPES),
-            "residual": finite(),
-            **common("search", "epochs", "batch_size", "lr", "weight_decay", "eps"),
-            **common("select_on_val", "use_views", "logit_scale", "seed"),
-        },
+        constraints=CONSTRAINTS,
     )
     # the ODE and its adjoint stay in float32 (spec §7.5)
     train_recipe = {"amp": False}
@@ -265,53 +209,10 @@ class NodeAdapter(OptimizerParams, Adapter):
     ) -> None:
         self._init_params(locals())
 
-    @classmethod
-    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        # before torchdiffeq's options were passed through: `max_steps` was max_num_steps
-        max_steps = params.pop("max_steps", None)
-        if max_steps is not None and max_steps != DEFAULT_MAX_NUM_STEPS:
-            params["solver_options"] = {
-                "max_num_steps": max_steps,
-                **(params.get("solver_options") or {}),
-            }
-        return params
-
-    # ------------------------------------------------------------------ options
-    def search_space(self) -> dict[str, list[Any]]:
-        """The hyperparameters chosen on validation data and their candidates."""
-        if not self.search:
-            return {}
-        return {name: list(getattr(self, f"{name}_grid")) for name in self._declared_inits()}
-
-    def _declared_inits(self) -> list[str]:
-        """The initial values that matter for this configuration (recorded in best_params_)."""
-        names = []
-        if self.prototype == "blend":
-            names.append("blend_init")
-        if self.t_end > 0 and self.dynamics == "metanode":
-            names.append("gamma_init")
-        if self._gradient_term_allowed():
-            names.append("gradient_gain")
-        return names
-
-    def _gradient_term_allowed(self) -> bool:
-        # the term couples all classes through the softmax; the leave-one-out loss refines
-        # extra prototype instances that have no place in that softmax, so it keeps f_θ alone
-        return self.t_end > 0 and self.loss_prototypes == "full"
-
     # ------------------------------------------------------------------ building
     def _build_modules(self) -> None:
         """Recreate ``model_`` (shapes from ``dim_`` and the hyperparameters) before loading."""
         self.model_ = self._new_model(int(self.dim_), self._init_values())
-
-    def _init_values(self) -> dict[str, float]:
-        """The initial λ, γ and η in use: the searched ones when recorded, else the options."""
-        best = getattr(self, "best_params_", {}) or {}
-        return {
-            "blend_init": float(best.get("blend_init", self.blend_init)),
-            "gamma_init": float(best.get("gamma_init", self.gamma_init)),
-            "gradient_gain": float(best.get("gradient_gain", self.gradient_gain)),
-        }
 
     def _new_model(self, dim: int, init: dict[str, float]) -> NodeAdapterModel:
         blend = None
@@ -346,70 +247,6 @@ class NodeAdapter(OptimizerParams, Adapter):
         if self.prototype == "visual":
             return torch.where(has_support[:, None], visual, text)
         return model.blend(visual, text, has_support)
-
-    def _solve(
-        self, flow: Callable[[Tensor, Tensor], Tensor], p0: Tensor, adjoint: bool = True
-    ) -> Tensor:
-        """P(t_end) = ODESolve(f_θ, P(0), 0, t_end) with the configured solver (spec §2.8-2.9).
-
-        With ``adjoint`` (and the path chosen for this fit being the adjoint), the flow's
-        :meth:`solve_inputs` are what the adjoint differentiates.
-        """
-        use_adjoint = adjoint and self._adjoint_path()
-        inputs = None
-        if use_adjoint and torch.is_grad_enabled() and hasattr(flow, "solve_inputs"):
-            inputs = flow.solve_inputs()
-        end = solve_endpoint(
-            flow,
-            p0,
-            float(self.t_end),
-            solver=self.solver,
-            options=solver_options(
-                self.solver, self.solver_options, step_size=float(self.t_end) / int(self.steps)
-            ),
-            rtol=self.rtol,
-            atol=self.atol,
-            adjoint=use_adjoint,
-            adjoint_options=self.adjoint_options,
-            adjoint_params=inputs,
-            what=self.card.name,
-        )
-        if not torch.isfinite(end).all():
-            raise TrainingError(
-                f"{self.card.name}: the ODE state became non-finite at t_end={self.t_end:g} "
-                f"with solver={self.solver!r}; use more `steps` (now {self.steps}), an adaptive "
-                "solver (solver=dopri5), a smaller `s0` or a lower `lr`"
-            )
-        return end
-
-    def _adjoint_path(self) -> bool:
-        """Whether back-propagation goes through the adjoint in this fit (see ``adjoint``)."""
-        if self.adjoint is not None:
-            return bool(self.adjoint)
-        return bool(getattr(self, "_auto_adjoint", True))
-
-    def _choose_backprop(self, classes: int, shots: int, dim: int, batch_rows: int) -> None:
-        """Estimate the activations of direct back-propagation, choose the path, record both."""
-        gain_on = self._init_values()["gradient_gain"] > 0
-        estimate = backprop_estimate(
-            solver=self.solver,
-            solver_options=self.solver_options,
-            steps=int(self.steps),
-            t_end=float(self.t_end),
-            metanode=self.dynamics == "metanode",
-            classes=classes + batch_rows,
-            shots=shots,
-            dim=dim,
-            hidden=self.hidden,
-            attention_width=self.heads * self.head_dim,
-            candidates=min(classes, self.gradient_classes + 1 if self.gradient_classes else classes)
-            if gain_on
-            else 0,
-        )
-        self._auto_adjoint = estimate is None or estimate > float(self.memory_budget_gb) * 2**30
-        self.best_params_["adjoint"] = self._adjoint_path()
-        if estimate is not None:
-            self.best_params_["activation_gib"] = float(f"{estimate / 2**30:.4g}")
 
     def _refine(
         self,
@@ -447,35 +284,10 @@ class NodeAdapter(OptimizerParams, Adapter):
         # constants of the fit: computed here once, not per solve
         visual = masked_mean_direction(support, mask)
         ctx = {"support": support, "mask": mask, "slot": slot, "text": t_bar, "visual": visual}
-        if self.gradient_gain > 0 and not self._gradient_term_allowed():
-            raise ConfigError(
-                f"{self.card.name}: gradient_gain={self.gradient_gain:g} needs t_end > 0 and "
-                f"loss_prototypes='full' (now t_end={self.t_end:g}, "
-                f"loss_prototypes={self.loss_prototypes!r}); set gradient_gain=0"
-            )
+        self._check_gradient_gain()
         self._candidates: dict[float, Tensor] = {}
 
-        def score(point: dict[str, Any], val: ValidationSet) -> tuple[float, float]:
-            # the untrained model at this start: uniform shot weights and a constant γ, so this
-            # chooses how far the start leans to the images and how hard g pushes; accuracy
-            # ties go to the lower validation cross-entropy
-            init = {**self._init_values(), **{k: float(v) for k, v in point.items()}}
-            with torch.no_grad():
-                protos = self._untrained_endpoint(ctx, init)
-                logits = self._prototype_logits(val.features, protos, t_bar)
-            if not torch.isfinite(logits).all():
-                return (-1.0, -math.inf)
-            return accuracy(logits, val.labels), -float(F.cross_entropy(logits, val.labels))
-
-        def search(val: ValidationSet) -> tuple[dict[str, float], float]:
-            point, best = staged_search(score, self.search_space(), val)
-            return point, best[0]
-
-        disabled = None
-        if not self.search_space():
-            disabled = "search disabled" if not self.search else "nothing to search here"
-        defaults = {key: float(getattr(self, key)) for key in self._declared_inits()}
-        self._choose(val, search, defaults, disabled=disabled)
+        self._search_starts(ctx, val)
 
         init = self._init_values()
         model = self._new_model(dim, init).to(device)
