@@ -686,7 +686,7 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _scan_images(folder: Path) -> list[str]:
+def scan_images(folder: Path) -> list[str]:
     """Image files under ``folder`` (recursive, hidden entries skipped), sorted, relative."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -736,7 +736,7 @@ def make_imagefolder_split(
     split: dict[str, list[list[Any]]] = {"train": [], "val": [], "test": []}
     empty = []
     for label, classname in enumerate(classes):
-        files = [f"{classname}/{rel}" for rel in _scan_images(root / classname)]
+        files = [f"{classname}/{rel}" for rel in scan_images(root / classname)]
         if not files:
             empty.append(classname)
             continue
@@ -796,7 +796,7 @@ def _tree_changes(root: Path, entries: dict[str, list[tuple[str, int, str]]]) ->
     """How the image files under ``root`` differ from the split's entries (paths relative to
     ``root``): images added, images removed, class folders added."""
     listed = {rel for rows in entries.values() for rel, _, _ in rows}
-    found = set(_scan_images(root))
+    found = set(scan_images(root))
     added = sorted(found - listed)
     removed = sorted(listed - found)
     known = {rel.split("/", 1)[0] for rel in listed}
@@ -1034,7 +1034,7 @@ def _read_imagenet(
                 raise DatasetError(f"{split_dir / wnid} is not one of the classes of {train_dir}")
             rows.extend(
                 (f"{folder}/{wnid}/{rel}", label_of[wnid], names[wnid])
-                for rel in _scan_images(split_dir / wnid)
+                for rel in scan_images(split_dir / wnid)
             )
         entries[split] = rows
     return entries

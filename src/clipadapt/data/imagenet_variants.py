@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from clipadapt._utils import clean_name
-from clipadapt.data.datasets import ImageDataset, ImageItem, is_image_file
+from clipadapt.data.datasets import ImageDataset, ImageItem, scan_images
 from clipadapt.exceptions import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -271,20 +271,6 @@ def _classnames_file(spec: VariantSpec, root: Path, data_root: Path) -> Path:
 # loading
 
 
-def _scan(folder: Path) -> list[str]:
-    """Image files directly or deeper under ``folder``, relative, sorted (hidden ones skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        base = Path(dirpath)
-        found.extend(
-            (base / f).relative_to(folder).as_posix()
-            for f in filenames
-            if not f.startswith(".") and is_image_file(f)
-        )
-    return sorted(found)
-
-
 def _class_folders(spec: VariantSpec, image_dir: Path) -> list[tuple[int, str]]:
     """(ImageNet index, folder name) of every class folder, in ImageNet order."""
     folders = [p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -372,7 +358,7 @@ def load_imagenet_variant(
     items: list[ImageItem] = []
     empty = []
     for label, (index, folder) in enumerate(classes):
-        files = _scan(image_dir / folder)
+        files = scan_images(image_dir / folder)
         if not files:
             empty.append(folder)
         items.extend(ImageItem(image_dir / folder / f, label, all_names[index]) for f in files)
