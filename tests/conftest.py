@@ -102,3 +102,25 @@ def make_image_folder(
 @pytest.fixture()
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+#: Hyperparameter overrides that only shorten a fit on the tiny fixtures (fewer epochs, coarser
+#: grids, a small ODE field); shared by the check suite, export and determinism tests.
+FAST_PARAMS: dict[str, dict[str, object]] = {
+    # 20x20 instead of 20x200 (alpha, beta) grid points
+    "tip_adapter": {"search_steps_beta": 20},
+    "tip_adapter_f": {"search_steps_beta": 20, "epochs": 5},
+    # 2 residual ratios and 20 epochs instead of 4 x 200 (0.8 s of CPU per fit otherwise)
+    "clip_adapter": {"epochs": 20, "ratio_grid": (0.2, 0.6)},
+    # a small ODE field, few solver steps, one grid point (5.5 s of CPU per fit otherwise)
+    "node_adapter": {
+        "epochs": 3,
+        "blend_init_grid": (0.5,),
+        "gamma_init_grid": (1.0,),
+        "steps": 2,
+        "hidden": 32,
+        "heads": 2,
+        "head_dim": 8,
+        "adjoint": False,
+    },
+}

@@ -25,26 +25,11 @@ from clipadapt.data.bundle import load_bundle, save_bundle
 from clipadapt.features.extract import extract_dataset
 from clipadapt.methods.base import method_card
 from clipadapt.testing import make_fixture
-from conftest import make_image_folder
+from conftest import FAST_PARAMS, make_image_folder
 
-#: Overrides that only shorten a fit (fewer epochs, coarser grids, a small ODE field), as in
-#: tests/test_method_checks.py; determinism does not depend on how long training runs.
-CHEAP: dict[str, dict[str, Any]] = {
-    "tip_adapter": {"search_steps_beta": 20},
-    "tip_adapter_f": {"search_steps_beta": 20, "epochs": 5},
-    "clip_adapter": {"epochs": 20, "ratio_grid": (0.2, 0.6)},
-    "coop": {"n_ctx": 4, "epochs": 3},
-    "node_adapter": {
-        "epochs": 3,
-        "blend_init_grid": (0.5,),
-        "gamma_init_grid": (1.0,),
-        "steps": 2,
-        "hidden": 32,
-        "heads": 2,
-        "head_dim": 8,
-        "adjoint": False,
-    },
-}
+#: The shared overrides that only shorten a fit (conftest.FAST_PARAMS) and a short CoOp;
+#: determinism does not depend on how long training runs.
+CHEAP: dict[str, dict[str, Any]] = {**FAST_PARAMS, "coop": {"n_ctx": 4, "epochs": 3}}
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

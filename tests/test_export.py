@@ -37,28 +37,13 @@ from clipadapt.testing.export_checks import (  # noqa: E402
     fit_on_fixture,
     onnx_parity,
 )
-from conftest import TINY_MODEL  # noqa: E402
+from conftest import FAST_PARAMS, TINY_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Fewer epochs and smaller grids than the defaults: they only shorten the fits on the tiny
 # fixture; the exported maths is the same at any setting.
-PARAMS: dict[str, dict[str, object]] = {
-    "tip_adapter": {"search_steps_beta": 20},
-    "tip_adapter_f": {"search_steps_beta": 20, "epochs": 5},
-    "clip_adapter": {"epochs": 20, "ratio_grid": (0.2, 0.6)},
-    "coop": {"n_ctx": 4, "epochs": 5},
-    "node_adapter": {
-        "epochs": 3,
-        "blend_init_grid": (0.5,),
-        "gamma_init_grid": (1.0,),
-        "steps": 2,
-        "hidden": 32,
-        "heads": 2,
-        "head_dim": 8,
-        "adjoint": False,
-    },
-}
+PARAMS: dict[str, dict[str, object]] = {**FAST_PARAMS, "coop": {"n_ctx": 4, "epochs": 5}}
 
 #: What the linearity test finds for each method at its default settings (the issue expected
 #: zero-shot, the linear probes, TaskRes, NODE-Adapter and CoOp to be linear; GraphAdapter's

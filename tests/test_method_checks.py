@@ -3,7 +3,7 @@
 Registering a method enrols it here: the test is parametrised over ``clipadapt.list_methods()``.
 Exemptions live on the method's card (``expected_failed_checks``) and show up as xfail.
 
-``FAST_PARAMS`` keeps the suite fast: hyperparameter overrides used by every check of a method
+``FAST_PARAMS`` (tests/conftest.py) keeps the suite fast: hyperparameter overrides used by every check of a method
 (fewer epochs, coarser search grids, a smaller ODE field). They only reduce the work a fit does
 on the tiny separable fixture; they never change learning rates or other settings to make a
 check pass. A method absent from the table runs with its defaults (each fit of those takes
@@ -32,25 +32,7 @@ from clipadapt.testing import (
     parametrize_with_checks,
     yield_checks,
 )
-
-FAST_PARAMS: dict[str, dict[str, object]] = {
-    # 20x20 instead of 20x200 (alpha, beta) grid points
-    "tip_adapter": {"search_steps_beta": 20},
-    "tip_adapter_f": {"search_steps_beta": 20, "epochs": 5},
-    # 2 residual ratios and 20 epochs instead of 4 x 200 (0.8 s of CPU per fit otherwise)
-    "clip_adapter": {"epochs": 20, "ratio_grid": (0.2, 0.6)},
-    # a small ODE field, few solver steps, one grid point (5.5 s of CPU per fit otherwise)
-    "node_adapter": {
-        "epochs": 3,
-        "blend_init_grid": (0.5,),
-        "gamma_init_grid": (1.0,),
-        "steps": 2,
-        "hidden": 32,
-        "heads": 2,
-        "head_dim": 8,
-        "adjoint": False,
-    },
-}
+from conftest import FAST_PARAMS
 
 
 @parametrize_with_checks(clipadapt.list_methods(), params=FAST_PARAMS)
