@@ -86,6 +86,7 @@ def main() -> None:
         help="comma list of same, adjoint, direct, default, fast (default: same on old, all on new)",
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full", help="problem size")
+    parser.add_argument("--options", default="{}", help="JSON options added to every row's fit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     new = args.checkout != "old"
@@ -126,26 +127,29 @@ def main() -> None:
         for name in wanted:
             argv = [sys.executable, __file__, args.checkout, "--rows", name]
             argv += ["--steps", str(args.steps), "--threads", str(args.threads)]
-            argv += ["--profile", args.profile] + (["--out", str(args.out)] if args.out else [])
+            argv += ["--profile", args.profile, "--options", args.options]
+            argv += ["--out", str(args.out)] if args.out else []
             subprocess.run(argv, check=True)
         return
     name = wanted[0]
     problem = make_problem(PROFILES[args.profile])
+    extra = json.loads(args.options)
     if name in rows:
         label, options, steps = rows[name]
-        emit(label, probe(problem, options, steps))
+        emit(label, probe(problem, {**options, **extra}, steps))
         return
     with peak_memory() as memory:
-        method = clipadapt.create_method("node_adapter", preset="fast")
+        method = clipadapt.create_method("node_adapter", preset="fast", **extra)
         started = time.perf_counter()
         method.fit(problem.train, problem.text, problem.val)
         seconds = time.perf_counter() - started
     # the "start": the same validation-chosen blend with no flow (t_end = 0)
-    start = clipadapt.create_method("node_adapter", preset="fast", t_end=0.0)
+    start = clipadapt.create_method("node_adapter", preset="fast", **{**extra, "t_end": 0.0})
     start.fit(problem.train, problem.text, problem.val)
     emit(
         "fast preset, whole fit",
         {
+            "options": extra,
             "fit_seconds": seconds,
             "peak_mib": memory["peak_mib"],
             "test_accuracy": accuracy(method.logits(problem.test.features), problem.test.labels),
