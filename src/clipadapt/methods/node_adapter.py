@@ -121,8 +121,9 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             advance (adaptive solvers); the choice is recorded in ``best_params_``
             (``adjoint``, ``activation_gib``).
         memory_budget_gb: the activation memory (GiB, estimated) direct back-propagation may
-            keep (4: the process's peak runs at about 1.8x the estimate, so this keeps a fit's
-            peak under 8 GB; docs/methods/node_adapter.md, Benchmarks). When the
+            keep (4: a process's peak runs above the estimate; at 1000 x 16 x 1024 a paper
+            schedule step then peaks at 5.7 GB, the full-batch fast preset at 8.8 GB;
+            docs/methods/node_adapter.md, Benchmarks). When the
             estimate is above it, the first evaluations of each solve keep only their inputs
             and run again in the backward pass (activation checkpointing: the same gradients
             for one more forward evaluation each), as many as it takes to fit; the adjoint
