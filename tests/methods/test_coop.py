@@ -209,3 +209,22 @@ def test_cost_scale_and_epoch_scale_together_are_refused(tower) -> None:
     method = create_method("coop", n_ctx=N_CTX, cost_scale=0.1, epoch_scale=0.5)
     with pytest.raises(ValueError, match="set only one of them"):
         method.fit(fx.train, _text(fx, tower))
+
+
+def test_fast_preset_fits_through_a_tower_within_a_tenth_of_the_paper_work(tower) -> None:
+    # the preset's options fit together: "a photo of a" is its n_ctx tokens, the batch takes
+    # all 80 rows (one step per epoch), and steps x prompt positions stay under 1/10 of the
+    # paper schedule's 600 steps x 16-token prompt positions
+    from clipadapt.methods.base import method_presets
+    from clipadapt.methods.coop import prompt_length
+
+    fx = make_fixture(num_classes=10, shots=8, views=2)
+    preset = method_presets("coop")["fast"]
+    assert preset["batch_size"] >= len(fx.train) == 80
+    method = create_method("coop", preset="fast").fit(fx.train, _text(fx, tower))
+    names = fx.text.classnames
+    short, paper = prompt_length(tower, names, preset["n_ctx"]), prompt_length(tower, names, 16)
+    steps = method.best_params_["epochs"]
+    assert steps == len(method.train_loss_) == math.floor(0.09 * 600 * paper / short + 1e-9)
+    assert 1 < steps * short <= 0.1 * 600 * paper
+    assert method.ctx_.shape == (preset["n_ctx"], tower.width)

@@ -194,7 +194,8 @@ class CoOp(OptimizerParams, Adapter):
             step sees all rows and the steps are the epochs (the ``fast`` preset). Set either
             this or ``epoch_scale``, not both.
         lr: 0.002. batch_size: 32 (a larger batch costs about the same per step: the text
-            tower's pass over the C prompts dominates a step). momentum: 0.9. weight_decay: 5e-4. warmup_lr: 1e-5.
+            tower's pass over the C prompts dominates a step). momentum: 0.9. weight_decay:
+            5e-4. warmup_lr: 1e-5.
         warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine schedule (1, as
             Dassl).
         logit_scale: 100. use_views: sample stored augmented views per epoch.
