@@ -246,6 +246,7 @@ class TextTower(nn.Module):
         tokenize(texts) -> (N, L) int64 tokens.
         token_embedding(tokens) -> (N, L, W) input embeddings.
         encode_embeddings(embeddings (N, L, W), tokens (N, L)) -> (N, D) raw text features.
+        used_length(tokens) -> the leading positions that decide the features.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
@@ -283,12 +284,41 @@ class TextTower(nn.Module):
     def token_embedding(self, tokens: Tensor) -> Tensor:
         return self.model.token_embedding(tokens)
 
+    def used_length(self, tokens: Tensor) -> int:
+        """How many leading positions of ``tokens`` (N, L) decide their features.
+
+        A causal tower that pools at the end token never lets a later position reach it, so
+        ``encode_embeddings`` of the first ``last end-token position + 1`` positions gives the
+        same features as of all L, for a fraction of the work (CoOp's prompts fill a third of
+        CLIP's 77 positions); a tower without a causal mask or with another pooling needs all L.
+        """
+        model = self.model
+        mask = getattr(model, "attn_mask", None)
+        pool = getattr(model, "text_pool_type", "argmax")
+        length = tokens.shape[1]
+        if mask is None or pool not in ("argmax", "eos") or length > mask.shape[0]:
+            return length
+        causal = torch.isneginf(mask[:length, :length]) == torch.ones(
+            length, length, dtype=torch.bool, device=mask.device
+        ).triu(1)
+        if not bool(causal.all()):
+            return length
+        if pool == "argmax":
+            ends = tokens.argmax(dim=-1)
+        else:
+            ends = (tokens == getattr(model, "text_eos_id", None)).int().argmax(dim=-1)
+        return int(ends.max()) + 1
+
     def encode_embeddings(self, embeddings: Tensor, tokens: Tensor) -> Tensor:
+        """(N, D) raw features of prompts given as input embeddings (N, L', W) and their tokens
+        (N, L'); L' may be shorter than the context length (see :meth:`used_length`)."""
         from open_clip.transformer import text_global_pool
 
         model = self.model
-        x = embeddings + model.positional_embedding.to(embeddings.dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask)
+        length = embeddings.shape[1]
+        x = embeddings + model.positional_embedding[:length].to(embeddings.dtype)
+        mask = model.attn_mask
+        x = model.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
         x = model.ln_final(x)
         x = text_global_pool(
             x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)

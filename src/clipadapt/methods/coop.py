@@ -14,6 +14,7 @@ from clipadapt.engine.train import DASSL_SGD, OptimizerParams, ViewSampler, trai
 from clipadapt.exceptions import ConfigError
 from clipadapt.methods.base import Adapter, MethodCard, register_method
 from clipadapt.methods.constraints import (
+    Constraint,
     between,
     common,
     count,
@@ -24,6 +25,9 @@ from clipadapt.methods.constraints import (
 )
 
 PLACEHOLDER = "X"
+#: CoOp's batch size and context length: ``cost_scale`` measures the paper schedule with them.
+PAPER_BATCH = 32
+PAPER_N_CTX = 16
 
 # The shared check fixture (clipadapt.testing.make_fixture) has no text tower, so every check
 # that fits fails with MissingTensorError; tests/methods/test_coop.py runs the same properties
@@ -65,6 +69,31 @@ def epochs_for_shots(shots: int) -> int:
     return 100 if shots <= 4 else 200
 
 
+def _prompts(classnames: tuple[str, ...], n_ctx: int) -> list[str]:
+    """``"X X … X <name>."`` per class: n_ctx placeholders, then the name ("_" read as space)."""
+    return [" ".join([PLACEHOLDER] * n_ctx) + f" {name.replace('_', ' ')}." for name in classnames]
+
+
+def prompt_length(tower: Any, classnames: tuple[str, ...], n_ctx: int) -> int:
+    """Positions the text tower runs per prompt with ``n_ctx`` context tokens (the longest
+    prompt's, see ``TextTower.used_length``): a step's work is about proportional to it."""
+    with torch.no_grad():
+        return tower.used_length(tower.tokenize(_prompts(classnames, n_ctx)))
+
+
+def _init_words(tower: Any, words: str, n_ctx: int) -> Tensor:
+    """(n_ctx, W) token embeddings of ``words`` (CoOp's context initialisation from a phrase)."""
+    with torch.no_grad():
+        tokens = tower.tokenize([words.replace("_", " ")])
+        found = int(tokens.argmax(-1)[0]) - 1  # the tokens between the start and end tokens
+        if found != n_ctx:
+            raise ConfigError(
+                f"coop: ctx_init {words!r} is {found} token(s) of this text tower, n_ctx is "
+                f"{n_ctx}; set n_ctx={found}"
+            )
+        return tower.token_embedding(tokens)[0, 1 : 1 + n_ctx].float().cpu()
+
+
 class PromptLearner(nn.Module):
     """Builds ``[SOS] v_1 … v_M [class tokens] . [EOS]`` embeddings for every class.
 
@@ -78,6 +107,8 @@ class PromptLearner(nn.Module):
         n_ctx: M context tokens. class_specific: one context per class.
         init_std: standard deviation of the normal initialisation.
         generator: private RNG for the initialisation.
+        ctx_init: words whose token embeddings initialise the context instead (CoOp's
+            "a photo of a" variant; they must be exactly ``n_ctx`` tokens).
     """
 
     def __init__(
@@ -88,10 +119,10 @@ class PromptLearner(nn.Module):
         class_specific: bool,
         init_std: float,
         generator: torch.Generator,
+        ctx_init: str | None = None,
     ) -> None:
         super().__init__()
-        names = [name.replace("_", " ") for name in classnames]
-        prompts = [" ".join([PLACEHOLDER] * n_ctx) + f" {name}." for name in names]
+        prompts = _prompts(classnames, n_ctx)
         with torch.no_grad():
             tokens = tower.tokenize(prompts)
             embedded = tower.token_embedding(tokens).float()
@@ -100,11 +131,17 @@ class PromptLearner(nn.Module):
                 f"coop: prompts of {n_ctx} context tokens plus the class name do not fit the "
                 f"text tower's context length {tokens.shape[1]}; lower n_ctx"
             )
+        # the positions after the longest prompt's end token cannot change any class feature
+        # (causal tower), so the tower runs only up to it: the work follows the prompt length
+        used = tower.used_length(tokens)
+        tokens, embedded = tokens[:, :used], embedded[:, :used]
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)
-        shape = (len(names), n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
+        shape = (len(classnames), n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
         ctx = torch.randn(shape, generator=generator) * init_std
+        if ctx_init is not None:
+            ctx = _init_words(tower, ctx_init, n_ctx).to(ctx.device).expand(shape).clone()
         self.ctx = nn.Parameter(ctx.to(embedded.device))
         self.tower = tower
 
@@ -138,12 +175,27 @@ class CoOp(OptimizerParams, Adapter):
         n_ctx: M, context tokens (16).
         class_specific: one context per class (False: CoOp's unified context).
         init_std: 0.02.
+        ctx_init: None (random context), or words whose token embeddings initialise it
+            (CoOp's ``"a photo of a"`` variant, spec §5.4); they must tokenise to exactly
+            ``n_ctx`` tokens (``ConfigError`` otherwise).
         epochs: None means CoOp's rule from the shots (max rows per class): 50 for 1 shot,
             100 for 2-4, 200 for 8+; ImageNet uses 50 for every K (``presets/coop.yaml``).
         epoch_scale: the epochs actually trained are ``ceil(epoch_scale · epochs)`` (1.0: as
             given or from the rule), so a shortened schedule keeps the rule's dependence on the
-            shots (the ``fast`` preset).
-        lr: 0.002. batch_size: 32. momentum: 0.9. weight_decay: 5e-4. warmup_lr: 1e-5.
+            shots.
+        cost_scale: None (train the epochs above), or the fraction of the paper schedule's
+            text-tower work this fit may spend: ``max(1, ⌊cost_scale · S · L₁₆ / L⌋)``
+            optimiser steps, where ``S = epochs · ⌈N / 32⌉`` is the paper schedule's step count
+            (N training rows, CoOp's batch of 32) and ``L₁₆``, ``L`` the positions the tower
+            runs per prompt with CoOp's 16 context tokens and with ``n_ctx`` (a step's work is
+            about proportional to them; the attention's part grows faster, so a shorter prompt
+            costs less than this counts). The steps are taken as whole epochs at
+            ``batch_size`` (rounded down, at least one); with ``batch_size`` at least N every
+            step sees all rows and the steps are the epochs (the ``fast`` preset). Set either
+            this or ``epoch_scale``, not both.
+        lr: 0.002. batch_size: 32 (a larger batch costs about the same per step: the text
+            tower's pass over the C prompts dominates a step). momentum: 0.9. weight_decay:
+            5e-4. warmup_lr: 1e-5.
         warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine schedule (1, as
             Dassl).
         logit_scale: 100. use_views: sample stored augmented views per epoch.
@@ -172,8 +224,10 @@ class CoOp(OptimizerParams, Adapter):
             "n_ctx": positive_int(),
             "class_specific": flag(),
             "init_std": positive(),
+            "ctx_init": optional(Constraint("str"), "random N(0, init_std²) context"),
             "epochs": optional(count(), "CoOp's rule from the shots"),
             "epoch_scale": between(0.0, 1.0, open_low=True),
+            "cost_scale": optional(between(0.0, 1.0, open_low=True), "train by epochs"),
             **common("lr", "batch_size", "momentum", "weight_decay", "warmup_lr"),
             **common("warmup_epochs"),
             **common("logit_scale", "use_views", "seed"),
@@ -186,10 +240,12 @@ class CoOp(OptimizerParams, Adapter):
         n_ctx: int = 16,
         class_specific: bool = False,
         init_std: float = 0.02,
+        ctx_init: str | None = None,
         epochs: int | None = None,
         epoch_scale: float = 1.0,
+        cost_scale: float | None = None,
         lr: float = 0.002,
-        batch_size: int = 32,
+        batch_size: int = PAPER_BATCH,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         warmup_lr: float = 1e-5,
@@ -202,6 +258,11 @@ class CoOp(OptimizerParams, Adapter):
 
     def _fit(self, train: TrainSet, text: TextFeatures, val: ValidationSet | None) -> None:
         tower = text.require("text_encoder", "coop")
+        if self.cost_scale is not None and self.epoch_scale != 1.0:
+            raise ConfigError(
+                f"coop: cost_scale={self.cost_scale} and epoch_scale={self.epoch_scale} both "
+                "shorten the schedule; set only one of them"
+            )
         learner = PromptLearner(
             tower,
             text.classnames,
@@ -209,11 +270,13 @@ class CoOp(OptimizerParams, Adapter):
             self.class_specific,
             self.init_std,
             self._generator(),
+            self.ctx_init,
         )
-        shots = int(torch.bincount(train.labels).max())
-        epochs = int(self.epochs) if self.epochs is not None else epochs_for_shots(shots)
-        # the tolerance keeps float products such as 0.1 * 30 = 3.0000000000000004 at 3
-        epochs = math.ceil(self.epoch_scale * epochs - 1e-9)
+        length_ratio = 1.0
+        if self.cost_scale is not None:  # the paper schedule's prompt length over this one's
+            paper_length = prompt_length(tower, text.classnames, PAPER_N_CTX)
+            length_ratio = paper_length / int(learner.tokens.shape[1])
+        epochs = self._epochs(train, length_ratio)
         sampler = ViewSampler(train.features, train.views if self.use_views else None, self.seed)
         labels = train.labels
 
@@ -236,6 +299,21 @@ class CoOp(OptimizerParams, Adapter):
             self.class_features_ = learner().float().to(train.device)
         self.train_loss_ = [float(x) for x in history.loss]
         self._record_fixed({"epochs": epochs}, "CoOp searches nothing on validation data")
+
+    def _epochs(self, train: TrainSet, length_ratio: float = 1.0) -> int:
+        """The epochs of this fit: ``epochs`` or the shots rule, shortened by ``epoch_scale``
+        or, with ``cost_scale``, to that share of the paper schedule's work (``length_ratio``:
+        its prompt length over this fit's, ``L₁₆ / L``)."""
+        shots = int(torch.bincount(train.labels).max())
+        epochs = int(self.epochs) if self.epochs is not None else epochs_for_shots(shots)
+        if self.cost_scale is None:
+            # the tolerance keeps float products such as 0.1 * 30 = 3.0000000000000004 at 3
+            return math.ceil(self.epoch_scale * epochs - 1e-9)
+        paper_steps = epochs * math.ceil(len(train) / PAPER_BATCH)
+        if paper_steps == 0:
+            return 0
+        steps = max(1, math.floor(self.cost_scale * paper_steps * length_ratio + 1e-9))
+        return max(1, steps // math.ceil(len(train) / int(self.batch_size)))
 
     def _logits(self, features: Tensor) -> Tensor:
         return self.logit_scale * features @ self.class_features_.T
