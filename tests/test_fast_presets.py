@@ -16,9 +16,7 @@ from clipadapt.testing import yield_checks
 
 #: Methods whose fast preset is made on another branch; the lead empties this list when they
 #: are merged (an entry whose preset exists shows up as XPASS, not as a failure).
-PENDING = {
-    "node_adapter": "its fast preset is made on branch `node` (issue 17)",
-}
+PENDING: dict[str, str] = {}
 
 TRAINABLE = clipadapt.list_methods(trainable=True)
 
