@@ -339,7 +339,7 @@ def test_search_uses_validation_only_and_records_choice() -> None:
     assert method.best_params_["source"].startswith("validation search on val")
     assert method.search_space() == {
         "blend_init": list(grid),
-        # γ = 0 is the no-ODE start that the start bar (start_margin) compares with
+        # γ = 0 is the no-ODE start that the start bar compares with
         "gamma_init": [0.0, 1.0, 0.5, 0.2, 0.05],
         "gradient_gain": [0.0, 1.0, 3.0, 10.0, 30.0],
     }
@@ -607,8 +607,8 @@ def test_start_bar_keeps_the_no_ode_start_on_a_validation_tie() -> None:
     assert best["blend_init"] == start.best_params_["blend_init"] and best["epochs_run"] == 0
     # γ = 0: the flow only rescales P(0), so the fit classifies exactly as the start
     torch.testing.assert_close(method.logits(fx.test.features), start.logits(fx.test.features))
-    # the earlier rule (start_margin=None) leaves the start on the same tie
-    old = NodeAdapter(**params, start_margin=None).fit(fx.train, fx.text, fx.val)
+    # the earlier rule (start_bar=False) leaves the start on the same tie
+    old = NodeAdapter(**params, start_bar=False).fit(fx.train, fx.text, fx.val)
     assert "start" not in old.best_params_ and old.best_params_["gamma_init"] > 0
     gap = (old.logits(fx.test.features) - start.logits(fx.test.features)).abs().max()
     assert gap > 0.1, gap

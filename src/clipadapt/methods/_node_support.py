@@ -293,7 +293,8 @@ CONSTRAINTS = {
     "gradient_gain_grid": list_of(non_negative()),
     "gradient_classes": count(),
     "gradient_min_shots": positive_int(),
-    "start_margin": optional(count(), "no start bar: the flow's best point is kept"),
+    "start_bar": flag(),
+    "start_margin": count(),
     "t_end": non_negative(),
     "solver": one_of(solver_names),
     "solver_options": optional(mapping(), "the defaults for the solver"),
@@ -339,10 +340,10 @@ class NodeOptions:
         return space
 
     def _start_space(self) -> dict[str, list[Any]]:
-        """The no-ODE start's candidates when the start bar is on (``start_margin`` set, the
-        MetaNODE dynamics, t_end > 0), else {}: every λ at γ = 0 and η = 0, where the untrained
+        """The no-ODE start's candidates when the start bar is on (``start_bar``, the MetaNODE
+        dynamics, t_end > 0), else {}: every λ at γ = 0 and η = 0, where the untrained
         flow only rescales P(0), so it classifies exactly as the t_end = 0 blend."""
-        if self.start_margin is None or "gamma_init" not in self._declared_inits():
+        if not self.start_bar or "gamma_init" not in self._declared_inits():
             return {}
         space: dict[str, list[Any]] = {}
         if self.prototype == "blend":
@@ -454,7 +455,7 @@ class NodeOptions:
         """Choose the start (λ, γ, η) on ``val`` with :func:`staged_search` (or record the
         options' values without validation data or a search).
 
-        With ``start_margin`` set, the flow's best point must beat the no-ODE start (the blend
+        With ``start_bar``, the flow's best point must beat the no-ODE start (the blend
         at its own validation-chosen λ, :meth:`_start_space`) by more than ``start_margin``
         validation rows, else the start is kept. Returns whether it was kept.
         """

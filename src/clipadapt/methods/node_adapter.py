@@ -82,13 +82,13 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             0.7 -> 66 %).
         gamma_init, gamma_init_grid: the constant γ of the untrained flow (spec A17: 1) and its
             candidates. 0 means no pull: γ ≡ 0, the flow only rescales P, so the model
-            classifies as the t_end = 0 blend (the start that ``start_margin`` compares with).
+            classifies as the t_end = 0 blend (the start that ``start_bar`` compares with).
         search: choose ``blend_init``, ``gamma_init`` and ``gradient_gain`` on the validation
             rows (scored with the untrained model, ODE included) before training, in two
             stages: (λ, γ) without the loss-gradient term (closed form), then every η > 0 of
             ``gradient_gain_grid`` with each λ and the chosen γ. The first best point by
             validation accuracy wins, accuracy ties going to the lower validation
-            cross-entropy; with ``start_margin`` set, that point must then beat the no-ODE
+            cross-entropy; with ``start_bar``, that point must then beat the no-ODE
             start by more than ``start_margin`` validation rows. Without validation data the
             options' values are used.
         dynamics: f_θ, ``"metanode"`` (spec §2.6 (★), default) or ``"mlp"`` (the fallback).
@@ -105,13 +105,14 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             class (default 2: at K = 1 a class's one support row is its visual prototype, the
             support loss that g follows is degenerate, and on the world tasks the term chose
             below the start at 1 shot; 1 searches it at every K).
-        start_margin: the start bar (clipadapt's rule, validation rows; None: off). The no-ODE
-            start, the blend at its own validation-chosen λ (searched as γ = 0, η = 0: the
-            untrained flow then only rescales P(0)), is kept unless the flow's best point
-            beats it on validation by more than this many rows; a kept start is the fit (no
-            training). A trained epoch likewise replaces the untrained model only when it
-            beats it by more than this many rows. 1 (default): one validation row is the
-            resolution of the comparison, so a one-row win is not taken as evidence.
+        start_bar: clipadapt's rule (False: off, the flow's best point is always kept, the
+            behaviour before it). The no-ODE start, the blend at its own validation-chosen λ
+            (searched as γ = 0, η = 0: the untrained flow then only rescales P(0)), is kept
+            unless the flow's best point beats it on validation by more than ``start_margin``
+            rows; a kept start is the fit (no training). A trained epoch likewise replaces the
+            untrained model only when it beats it by more than ``start_margin`` rows.
+        start_margin: validation rows of that bar. 1 (default): a one-row win is the
+            resolution of the comparison, not evidence.
         gradient_classes: m, the classes each support row's softmax in g runs over besides its
             own: its class's m nearest classes at the start (0: all classes, the exact
             gradient). With τ = 100 the softmax mass sits on a few classes, so m = 32 keeps g
@@ -203,7 +204,8 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
         gradient_gain_grid: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0),
         gradient_classes: int = 32,
         gradient_min_shots: int = 2,
-        start_margin: int | None = 1,
+        start_bar: bool = True,
+        start_margin: int = 1,
         t_end: float = 10.0,
         solver: str = "rk4",
         solver_options: dict[str, Any] | None = None,
@@ -425,7 +427,7 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
 
         # an epoch must beat the untrained start by more than start_margin validation rows
         margin = 0.0
-        if val_score is not None and self.start_margin is not None:
+        if val_score is not None and self.start_bar:
             margin = 100.0 * (self.start_margin + 0.5) / len(val)
         config = self._train_config(
             select_on_val=val_score is not None, keep_start=True, start_margin=margin
