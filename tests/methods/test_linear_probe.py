@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from clipadapt import create_method, load, load_bundle
-from clipadapt.methods.linear_probe import fit_logistic
+from clipadapt.exceptions import ConfigError
+from clipadapt.methods.linear_probe import feature_basis, fit_logistic
 from clipadapt.tasks.classification import SplitChoice, evaluate, prepare_sets
 from clipadapt.testing import make_fixture
 
@@ -119,3 +120,52 @@ def test_imagenet_bundle_one_shot() -> None:
     # measured with the full search (docs/methods/linear_probe.md): 29.9; nearest class mean
     # from the 1-shot set scores 27.7; far below zero-shot (58.9) as in the papers
     assert 26.0 <= result.accuracy <= 34.0
+
+
+def test_preconditioned_solver_reaches_the_same_optimum() -> None:
+    # the preconditioned variables are an exact change of variables: same objective, same
+    # optimum (here the plain solver's, to float32 precision), from its own Newton start
+    fx = make_fixture(shots=4)
+    x, y, c_reg = fx.train.features, fx.train.labels, 0.5
+
+    def objective(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        loss = F.cross_entropy(x @ weight.T + bias, y)
+        return float(loss + weight.square().sum() / (2 * c_reg * len(y)))
+
+    plain = fit_logistic(x, y, fx.num_classes, c_reg, max_iter=500, tol=1e-7)
+    basis = feature_basis(x)
+    pre = fit_logistic(x, y, fx.num_classes, c_reg, max_iter=500, tol=1e-7, basis=basis)
+    assert objective(*pre) == pytest.approx(objective(*plain), abs=1e-6)
+    torch.testing.assert_close(x @ pre[0].T + pre[1], x @ plain[0].T + plain[1], atol=2e-3, rtol=0)
+    # the start (max_iter 0) is the line-searched Newton step: below the objective at zero,
+    # and a minimum along its own ray
+    start = fit_logistic(x, y, fx.num_classes, c_reg, max_iter=0, basis=basis)
+    zero = objective(torch.zeros_like(start[0]), torch.zeros_like(start[1]))
+    assert objective(*start) < zero
+    for factor in (0.9, 1.1):
+        assert objective(*start) <= objective(factor * start[0], factor * start[1]) + 1e-7
+
+
+def test_short_search_then_one_fit_of_the_chosen_c() -> None:
+    # search_max_iter: every C is scored by a short fit (0: its start point), the first best
+    # in grid order wins, and that C alone is then fitted for max_iter iterations from there
+    fx = make_fixture(shots=2, seed=7)
+    x, y, k = fx.train.features, fx.train.labels, fx.num_classes
+    grid = (100.0, 1.0, 0.01)
+    options = {"coarse_grid": grid, "refine_steps": 0, "precondition": True, "max_iter": 7}
+    method = create_method("linear_probe", search_max_iter=0, **options)
+    method.fit(fx.train, None, fx.val)
+    basis = feature_basis(x)
+    starts = {c: fit_logistic(x, y, k, c, max_iter=0, basis=basis) for c in grid}
+    scores = [
+        float(((fx.val.features @ w.T + b).argmax(-1) == fx.val.labels).float().mean())
+        for w, b in starts.values()
+    ]
+    chosen = grid[scores.index(max(scores))]
+    assert method.best_params_["C"] == chosen and method.best_params_["n_fits"] == len(grid)
+    weight, bias = fit_logistic(x, y, k, chosen, max_iter=7, init=starts[chosen], basis=basis)
+    torch.testing.assert_close(method.weight_.detach(), weight)
+    torch.testing.assert_close(method.bias_.detach(), bias)
+    # without preconditioning a start point is zero weights: refused, naming the fix
+    with pytest.raises(ConfigError, match="precondition=true"):
+        create_method("linear_probe", search_max_iter=0).fit(fx.train, None, fx.val)

@@ -167,7 +167,8 @@ def _grads(path: str, gain: float = 0.3, shots: int = 3, steps: int = 160) -> li
     method = NodeAdapter(
         epochs=0,
         search=False,
-        adjoint=path != "direct",
+        adjoint=path not in ("direct", "recompute"),
+        recompute=0.5 if path == "recompute" else 0.0,
         gradient_gain=gain,
         gradient_classes=2,  # a candidate subset
         steps=steps,
@@ -203,6 +204,7 @@ def test_gradients_agree_across_backprop_paths(shots: int) -> None:
     """Direct back-propagation, the adjoint over the per-solve tensors and the adjoint over the
     leaf weights give the same gradients (issue: 1e-5), loss-gradient term included."""
     direct = _grads("direct", shots=shots)
+    recomputed = _grads("recompute", shots=shots)
     adjoint = _grads("adjoint", shots=shots)
     leaves = _grads("adjoint_leaves", shots=shots)
     used = [i for i, d in enumerate(direct) if d is not None]
@@ -211,6 +213,8 @@ def test_gradients_agree_across_backprop_paths(shots: int) -> None:
         d, a, leaf = direct[i], adjoint[i], leaves[i]
         assert float(d.abs().max()) > 1e-6
         assert torch.allclose(a, d, atol=1e-5, rtol=0), (i, (a - d).abs().max())
+        # half the evaluations recomputed in the backward pass: the same discrete gradients
+        assert torch.allclose(recomputed[i], d, atol=1e-12, rtol=0), (i, recomputed[i] - d)
         # the same adjoint maths, the weights' gradients accumulated once per solve
         assert torch.allclose(a, leaf, atol=1e-12, rtol=0), (i, (a - leaf).abs().max())
 
@@ -526,6 +530,18 @@ def test_backprop_path_is_chosen_from_memory_estimate_and_recorded() -> None:
     assert forced.best_params_["adjoint"] is True
     forced = NodeAdapter(**{**tight, "adjoint": False}).fit(fx.train, fx.text, fx.val)
     assert forced.best_params_["adjoint"] is False
+    # a budget between one evaluation's activations and all of them: direct, recomputing the
+    # fewest evaluations that fit (the estimate scales with the evaluations kept)
+    gib = auto.best_params_["activation_gib"]
+    evaluations = 4 * small["steps"]  # rk4
+    half = {**small, "adjoint": None, "memory_budget_gb": gib * 0.55}
+    fitted = NodeAdapter(**half).fit(fx.train, fx.text, fx.val)
+    assert fitted.best_params_["adjoint"] is False
+    # keep 4.4 evaluations' worth: 8 + 1 - 4.4 -> 5 recomputed
+    assert fitted.best_params_["recomputed_evaluations"] == math.ceil(evaluations + 1 - 4.4)
+    assert auto.best_params_["recomputed_evaluations"] == 0
+    shared = NodeAdapter(**{**half, "recompute": 0.25}).fit(fx.train, fx.text, fx.val)
+    assert shared.best_params_["recomputed_evaluations"] == 2  # an explicit share wins
     # adaptive solvers: the number of evaluations is unknown, so the adjoint
     adaptive = NodeAdapter(**{**small, "adjoint": None, "solver": "dopri5"})
     assert adaptive.fit(fx.train, fx.text, fx.val).best_params_["adjoint"] is True

@@ -238,6 +238,20 @@ def beats_start(flow: float, start: float, rows: int, margin: int) -> bool:
     return round((flow - start) * rows / 100.0) > margin
 
 
+def solver_evaluations(
+    solver: str, solver_options: dict[str, Any] | None, steps: int, t_end: float
+) -> int | None:
+    """Evaluations of f_θ in one solve, or None when not known in advance (adaptive solvers,
+    a custom grid)."""
+    per_step = EVALUATIONS_PER_STEP.get(solver)
+    given = solver_options or {}
+    if per_step is None or "grid_constructor" in given:
+        return None
+    step_size = given.get("step_size")
+    n_steps = steps if step_size is None else math.ceil(t_end / step_size)
+    return n_steps * per_step
+
+
 def backprop_estimate(
     *,
     solver: str,
@@ -254,13 +268,9 @@ def backprop_estimate(
 ) -> int | None:
     """Activation bytes of direct back-propagation through one solve, or None when the number
     of evaluations is not known in advance (adaptive solvers, a custom grid)."""
-    per_step = EVALUATIONS_PER_STEP.get(solver)
-    given = solver_options or {}
-    if per_step is None or "grid_constructor" in given:
+    evaluations = solver_evaluations(solver, solver_options, steps, t_end)
+    if evaluations is None:
         return None
-    step_size = given.get("step_size")
-    n_steps = steps if step_size is None else math.ceil(t_end / step_size)
-    evaluations = n_steps * per_step
     if not metanode:  # the MLP dynamics: a few hidden-wide tensors per class
         return 4 * evaluations * classes * (4 * hidden + 6 * dim)
     return activation_bytes(
@@ -272,6 +282,37 @@ def backprop_estimate(
         evaluations=evaluations,
         candidates=candidates,
     )
+
+
+def recomputed_evaluations(estimate: int, evaluations: int, budget: float) -> int | None:
+    """How many of a solve's ``evaluations`` must recompute their activations in the backward
+    pass (instead of keeping them) for direct back-propagation to keep at most ``budget``
+    bytes: 0 when the whole ``estimate`` fits, None when not even one evaluation's
+    activations fit (then only the adjoint does). A recomputed evaluation keeps only its
+    inputs; while its backward runs, its activations exist once more, hence the ``+ 1``."""
+    if estimate <= budget:
+        return 0
+    per_evaluation = estimate / evaluations
+    if per_evaluation > budget:
+        return None
+    return min(evaluations, math.ceil(evaluations + 1 - budget / per_evaluation))
+
+
+def recomputing(flow: Callable[[Tensor, Tensor], Tensor], count: int) -> Callable:
+    """``flow`` whose first ``count`` evaluations of each solve keep only their inputs and
+    run again in the backward pass (activation checkpointing): the same values and gradients
+    for an extra forward evaluation each. Build one per solve."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = [0]
+
+    def field(t: Tensor, p: Tensor) -> Tensor:
+        calls[0] += 1
+        if calls[0] <= count:
+            return checkpoint(flow, t, p, use_reentrant=False)
+        return flow(t, p)
+
+    return field
 
 
 #: NodeAdapter's option checks (``MethodCard.constraints``).
@@ -303,6 +344,7 @@ CONSTRAINTS = {
     "atol": positive(),
     "adjoint": optional(flag(), "chosen from the activation-memory estimate"),
     "memory_budget_gb": positive(),
+    "recompute": optional(between(0.0, 1.0), "the smallest share within memory_budget_gb"),
     "adjoint_options": optional(mapping(), "the solver's options"),
     "loss_prototypes": one_of(LOSS_PROTOTYPES),
     "residual": finite(),
@@ -390,8 +432,12 @@ class NodeOptions:
         inputs = None
         if use_adjoint and torch.is_grad_enabled() and hasattr(flow, "solve_inputs"):
             inputs = flow.solve_inputs()
+        field = flow
+        recompute = int(getattr(self, "_recomputed", 0))
+        if not use_adjoint and recompute and torch.is_grad_enabled():
+            field = recomputing(flow, recompute)
         end = solve_endpoint(
-            flow,
+            field,
             p0,
             float(self.t_end),
             solver=self.solver,
@@ -420,7 +466,8 @@ class NodeOptions:
         return bool(getattr(self, "_auto_adjoint", True))
 
     def _choose_backprop(self, classes: int, shots: int, dim: int, batch_rows: int) -> None:
-        """Estimate the activations of direct back-propagation, choose the path, record both."""
+        """Estimate the activations of direct back-propagation, choose the path and how many
+        evaluations recompute their activations, record all three."""
         gain_on = self._init_values()["gradient_gain"] > 0
         estimate = backprop_estimate(
             solver=self.solver,
@@ -437,10 +484,26 @@ class NodeOptions:
             if gain_on
             else 0,
         )
-        self._auto_adjoint = estimate is None or estimate > float(self.memory_budget_gb) * 2**30
+        evaluations = solver_evaluations(
+            self.solver, self.solver_options, int(self.steps), float(self.t_end)
+        )
+        needed = None
+        if estimate is not None and evaluations:
+            needed = recomputed_evaluations(
+                estimate, evaluations, float(self.memory_budget_gb) * 2**30
+            )
+        self._auto_adjoint = needed is None
+        self._recomputed = 0
+        if not self._adjoint_path() and evaluations:
+            if self.recompute is not None:
+                self._recomputed = math.ceil(float(self.recompute) * evaluations - 1e-9)
+            elif needed is not None:
+                self._recomputed = needed
         self.best_params_["adjoint"] = self._adjoint_path()
         if estimate is not None:
             self.best_params_["activation_gib"] = float(f"{estimate / 2**30:.4g}")
+        if not self._adjoint_path():
+            self.best_params_["recomputed_evaluations"] = int(self._recomputed)
 
     def _check_gradient_gain(self) -> None:
         """A one-line error for a loss-gradient term this configuration cannot use."""

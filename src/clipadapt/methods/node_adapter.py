@@ -132,12 +132,23 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
         adjoint: back-propagate with ``odeint_adjoint`` (True, the paper; O(1) memory in the
             steps) or through the solver's operations (False: exact gradients of the discrete
             solve, about a third fewer FLOPs, memory growing with C·K and the evaluations).
-            None (default) chooses direct back-propagation when :func:`activation_bytes`
-            estimates that it fits ``memory_budget_gb``, the adjoint otherwise (also for
-            solvers whose number of evaluations is not known in advance); the choice is
-            recorded in ``best_params_`` (``adjoint``, ``activation_gib``).
-        memory_budget_gb: the activation memory direct back-propagation may use when
-            ``adjoint`` is None.
+            None (default) chooses direct back-propagation, recomputing as many evaluations
+            as ``memory_budget_gb`` needs (see there), and the adjoint only when not even one
+            evaluation's activations fit or the solver's number of evaluations is not known in
+            advance (adaptive solvers); the choice is recorded in ``best_params_``
+            (``adjoint``, ``activation_gib``).
+        memory_budget_gb: the activation memory (GiB, estimated) direct back-propagation may
+            keep (4: a process's peak runs above the estimate; at 1000 x 16 x 1024 a paper
+            schedule step then peaks at 5.7 GB, the full-batch fast preset at 8.8 GB;
+            docs/methods/node_adapter.md, Benchmarks). When the
+            estimate is above it, the first evaluations of each solve keep only their inputs
+            and run again in the backward pass (activation checkpointing: the same gradients
+            for one more forward evaluation each), as many as it takes to fit; the adjoint
+            is chosen (with ``adjoint=None``) only when not even that fits. Recorded in
+            ``best_params_`` (``recomputed_evaluations``).
+        recompute: the share of each solve's evaluations that recompute their activations in
+            the backward pass on the direct path (0 to 1; None, the default: the smallest
+            share that fits ``memory_budget_gb``).
         adjoint_options: torchdiffeq's ``adjoint_options`` (None: the solver's options).
         loss_prototypes: the prototypes the training loss scores a support row against:
             ``"full"`` (spec A8: the prototypes built from all support rows, the row's own
@@ -213,7 +224,8 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
         rtol: float = 1e-3,
         atol: float = 1e-4,
         adjoint: bool | None = None,
-        memory_budget_gb: float = 8.0,
+        memory_budget_gb: float = 4.0,
+        recompute: float | None = None,
         adjoint_options: dict[str, Any] | None = None,
         loss_prototypes: str = "full",
         residual: float = 0.0,
