@@ -232,7 +232,11 @@ def test_keep_start_margin_asks_an_epoch_to_beat_the_start_by_more_than_it() -> 
             start_margin=margin,
         )
         history = train_loop(
-            [w], lambda i, e: w.square().sum(), 4, config, val_score=lambda: -float(w.abs())
+            [w],
+            lambda i, e: w.square().sum(),
+            4,
+            config,
+            val_score=lambda: -float(w.detach().abs()),
         )
         return history.best_epoch, float(w.detach()), history.val_score
 
