@@ -220,6 +220,35 @@ def test_keep_start_keeps_a_better_epoch() -> None:
     assert history.best_epoch == 2 and float(w.detach()) < 2.0
 
 
+def test_keep_start_margin_asks_an_epoch_to_beat_the_start_by_more_than_it() -> None:
+    def run(margin: float) -> tuple[int | None, float, list[float]]:
+        w = nn.Parameter(torch.full((1,), 2.0))
+        config = TrainConfig(
+            epochs=3,
+            batch_size=4,
+            lr=0.1,
+            select_on_val=True,
+            keep_start=True,
+            start_margin=margin,
+        )
+        history = train_loop(
+            [w],
+            lambda i, e: w.square().sum(),
+            4,
+            config,
+            val_score=lambda: -float(w.detach().abs()),
+        )
+        return history.best_epoch, float(w.detach()), history.val_score
+
+    best, w, scores = run(0.0)  # every epoch is better than the start (-2): the best one wins
+    assert best == 2 and w < 2.0
+    gain = max(scores) + 2.0  # about 0.3 after three steps of lr 0.1
+    best, w, _ = run(gain + 0.05)  # no epoch clears the margin: the start is restored
+    assert best == -1 and w == 2.0
+    best, w, _ = run(gain - 0.05)
+    assert best == 2 and w < 2.0
+
+
 def test_view_sampler_modes() -> None:
     g = torch.Generator().manual_seed(0)
     features, views = torch.randn(6, 3, generator=g), torch.randn(4, 6, 3, generator=g)

@@ -343,10 +343,11 @@ def test_search_uses_validation_only_and_records_choice() -> None:
     assert method.best_params_["source"].startswith("validation search on val")
     assert method.search_space() == {
         "blend_init": list(grid),
-        "gamma_init": [1.0, 0.5, 0.2, 0.05],
+        # γ = 0 is the no-ODE start that the start bar compares with
+        "gamma_init": [0.0, 1.0, 0.5, 0.2, 0.05],
         "gradient_gain": [0.0, 1.0, 3.0, 10.0, 30.0],
     }
-    assert method.best_params_["gamma_init"] in (1.0, 0.5, 0.2, 0.05)
+    assert method.best_params_["gamma_init"] in (0.0, 1.0, 0.5, 0.2, 0.05)
     without = NodeAdapter(**FAST, blend_init_grid=grid, blend_init=0.2).fit(fx.train, fx.text, None)
     assert without.best_params_["blend_init"] == 0.2
     assert without.best_params_["source"] == "default: no validation rows"
@@ -606,6 +607,56 @@ def test_staged_search_keeps_stage_one_on_ties_and_records_only_what_it_searched
     assert point == {"blend_init": 0.2, "gamma_init": 1.0, "gradient_gain": 10.0} and best[0] == 2.0
     no_ode = NodeAdapter(**{**FAST, "t_end": 0.0}).fit(fx.train, fx.text, fx.val)
     assert "gradient_gain" not in no_ode.best_params_ and "blend_init" in no_ode.best_params_
+
+
+def test_start_bar_keeps_the_no_ode_start_on_a_validation_tie() -> None:
+    """A tie at 100 % validation keeps the t_end = 0 start (the rule before it took the flow
+    point with the lower validation cross-entropy, which moved every prototype)."""
+    fx = make_fixture(shots=4)  # separable: the start and every flow point are 100 % on val
+    params = {**FAST, "blend_init_grid": (0.5, 0.2), "gamma_init_grid": (1.0, 0.5)}
+    start = NodeAdapter(**{**params, "t_end": 0.0, "epochs": 0}).fit(fx.train, fx.text, fx.val)
+    assert start.best_params_["val_accuracy"] == 100.0
+    method = NodeAdapter(**params).fit(fx.train, fx.text, fx.val)
+    best = method.best_params_
+    assert best["start"] == "kept" and best["start_val_accuracy"] == 100.0
+    assert best["gamma_init"] == 0.0 and best["gradient_gain"] == 0.0
+    assert best["blend_init"] == start.best_params_["blend_init"] and best["epochs_run"] == 0
+    # γ = 0: the flow only rescales P(0), so the fit classifies exactly as the start
+    torch.testing.assert_close(method.logits(fx.test.features), start.logits(fx.test.features))
+    # the earlier rule (start_bar=False) leaves the start on the same tie
+    old = NodeAdapter(**params, start_bar=False).fit(fx.train, fx.text, fx.val)
+    assert "start" not in old.best_params_ and old.best_params_["gamma_init"] > 0
+    gap = (old.logits(fx.test.features) - start.logits(fx.test.features)).abs().max()
+    assert gap > 0.1, gap
+
+
+def test_start_bar_compares_whole_validation_rows() -> None:
+    from clipadapt.methods._node_support import beats_start
+
+    rows = 28
+    one, two = 100.0 * 21 / rows, 100.0 * 22 / rows  # 75.0 and 78.57 vs 20/28 = 71.43
+    start = 100.0 * 20 / rows
+    assert not beats_start(one, start, rows, margin=1)  # one row more: not evidence
+    assert beats_start(two, start, rows, margin=1)
+    assert beats_start(one, start, rows, margin=0)
+    assert not beats_start(start, start, rows, margin=0)  # a tie never beats the start
+
+
+def test_gradient_term_is_not_searched_below_gradient_min_shots(monkeypatch) -> None:
+    fx = make_fixture(shots=1)
+    calls: list[float] = []
+    original = NodeAdapter._untrained_endpoint
+
+    def spy(self: NodeAdapter, ctx: dict, init: dict) -> torch.Tensor:
+        calls.append(init["gradient_gain"])
+        return original(self, ctx, init)
+
+    monkeypatch.setattr(NodeAdapter, "_untrained_endpoint", spy)
+    NodeAdapter(**FAST).fit(fx.train, fx.text, fx.val)  # K = 1 < gradient_min_shots = 2
+    assert calls and set(calls) == {0.0}
+    calls.clear()
+    NodeAdapter(**FAST, gradient_min_shots=1).fit(fx.train, fx.text, fx.val)
+    assert set(calls) == {0.0, 1.0, 3.0, 10.0, 30.0}
 
 
 def test_fast_and_paper_presets() -> None:

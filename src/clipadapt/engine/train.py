@@ -45,6 +45,8 @@ class TrainConfig:
         keep_start: with ``select_on_val``, also score the untrained parameters before the first
             step and keep them when no epoch scores higher on validation data (the history's
             ``best_epoch`` is then -1).
+        start_margin: with ``keep_start``, an epoch replaces the untrained start only when its
+            validation score exceeds the start's by more than this (0: any higher score).
         patience: stop after this many epochs without validation improvement (None: never).
         seed: seeds the private generator used for shuffling.
         amp: autocast to bfloat16 on CUDA (ignored on CPU, where training stays float32).
@@ -71,6 +73,7 @@ class TrainConfig:
     warmup_lr: float | None = None
     select_on_val: bool = False
     keep_start: bool = False
+    start_margin: float = 0.0
     patience: int | None = None
     seed: int = 1
     amp: bool = True
@@ -412,8 +415,13 @@ def train_loop(
             break
     history.steps = step
     history.start_score = start_score
-    if start_score is not None and history.val_score and start_score >= max(history.val_score):
-        # the untrained start scores at least as well as every epoch on validation data
+    best_val = max(history.val_score) if history.val_score else None
+    if (
+        start_score is not None
+        and best_val is not None
+        and start_score + config.start_margin >= best_val
+    ):
+        # no epoch beats the untrained start on validation data by more than the margin
         best_state, history.best_epoch = start_state, -1
     if best_state is not None:
         with torch.no_grad():

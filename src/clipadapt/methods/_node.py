@@ -194,8 +194,11 @@ class GradientFlow(nn.Module):
         gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
-        # fixed logit offset of γ so that γ = gamma_init while the output layer is zero
-        self.register_buffer("gamma_prior", torch.tensor(math.log(gamma_init / (2.0 - gamma_init))))
+        # fixed logit offset of γ so that γ = gamma_init while the output layer is zero; at
+        # gamma_init = 0 it is -inf: γ ≡ 0 whatever the layer says, so the flow only rescales
+        # each prototype (f = -s(t) p) and P(t_end) points where P(0) does (the no-ODE start)
+        prior = -math.inf if gamma_init == 0 else math.log(gamma_init / (2.0 - gamma_init))
+        self.register_buffer("gamma_prior", torch.tensor(prior))
         self.dim, self.hidden, self.heads, self.head_dim = dim, hidden, heads, head_dim
         self.s0, self.rho, self.t_end = s0, rho, t_end
         self.pair = nn.Linear(5 * dim, hidden, bias=False)

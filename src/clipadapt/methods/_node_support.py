@@ -8,7 +8,8 @@ The pieces of :mod:`clipadapt.methods.node_adapter` that are not f_θ itself:
   field gains ``s(t) · η · g(P)`` (option ``gradient_gain``): the discriminative part of the
   loss gradient (rows of the other classes pull with weight ``-π``), which the per-class
   estimator (★) cannot express.
-- :func:`staged_search`: the validation search of the start (λ, γ) and of η in two stages.
+- :func:`staged_search`: the validation search of the start (λ, γ) and of η in two stages, and
+  :func:`beats_start`, the bar the flow's best point must clear against the no-ODE start.
 - :func:`activation_bytes`: what back-propagating through the solver would keep, so that the
   method can choose direct back-propagation when it fits a memory budget and the adjoint
   otherwise.
@@ -231,6 +232,12 @@ def staged_search(
     return {k: float(v) for k, v in point.items()}, best
 
 
+def beats_start(flow: float, start: float, rows: int, margin: int) -> bool:
+    """Whether a validation accuracy ``flow`` (percent of ``rows`` rows) beats ``start`` by more
+    than ``margin`` rows (compared in whole rows, so float rounding cannot decide it)."""
+    return round((flow - start) * rows / 100.0) > margin
+
+
 def solver_evaluations(
     solver: str, solver_options: dict[str, Any] | None, steps: int, t_end: float
 ) -> int | None:
@@ -315,8 +322,8 @@ CONSTRAINTS = {
     "blend": one_of(BLENDS),
     "blend_init": between(0.0, 1.0, open_low=True, open_high=True),
     "blend_init_grid": list_of(between(0.0, 1.0, open_low=True, open_high=True)),
-    "gamma_init": between(0.0, 2.0, open_low=True, open_high=True),
-    "gamma_init_grid": list_of(between(0.0, 2.0, open_low=True, open_high=True)),
+    "gamma_init": between(0.0, 2.0, open_high=True),
+    "gamma_init_grid": list_of(between(0.0, 2.0, open_high=True)),
     "dynamics": one_of(DYNAMICS),
     "hidden": positive_int(),
     "heads": positive_int(),
@@ -326,6 +333,9 @@ CONSTRAINTS = {
     "gradient_gain": non_negative(),
     "gradient_gain_grid": list_of(non_negative()),
     "gradient_classes": count(),
+    "gradient_min_shots": positive_int(),
+    "start_bar": flag(),
+    "start_margin": count(),
     "t_end": non_negative(),
     "solver": one_of(solver_names),
     "solver_options": optional(mapping(), "the defaults for the solver"),
@@ -362,10 +372,28 @@ class NodeOptions:
         return params
 
     def search_space(self) -> dict[str, list[Any]]:
-        """The hyperparameters chosen on validation data and their candidates."""
+        """The hyperparameters chosen on validation data and their candidates (with the start
+        bar on, γ = 0 too: the no-ODE start, see :meth:`_start_space`)."""
         if not self.search:
             return {}
-        return {name: list(getattr(self, f"{name}_grid")) for name in self._declared_inits()}
+        space = {name: list(getattr(self, f"{name}_grid")) for name in self._declared_inits()}
+        if self._start_space() and 0.0 not in space["gamma_init"]:
+            space["gamma_init"] = [0.0, *space["gamma_init"]]
+        return space
+
+    def _start_space(self) -> dict[str, list[Any]]:
+        """The no-ODE start's candidates when the start bar is on (``start_bar``, the MetaNODE
+        dynamics, t_end > 0), else {}: every λ at γ = 0 and η = 0, where the untrained
+        flow only rescales P(0), so it classifies exactly as the t_end = 0 blend."""
+        if not self.start_bar or "gamma_init" not in self._declared_inits():
+            return {}
+        space: dict[str, list[Any]] = {}
+        if self.prototype == "blend":
+            space["blend_init"] = list(self.blend_init_grid)
+        space["gamma_init"] = [0.0]
+        if self._gradient_term_allowed():
+            space["gradient_gain"] = [0.0]
+        return space
 
     def _declared_inits(self) -> list[str]:
         """The initial values that matter for this configuration (recorded in best_params_)."""
@@ -486,10 +514,17 @@ class NodeOptions:
                 f"loss_prototypes={self.loss_prototypes!r}); set gradient_gain=0"
             )
 
-    def _search_starts(self, ctx: dict[str, Tensor], val: ValidationSet | None) -> None:
+    def _search_starts(self, ctx: dict[str, Tensor], val: ValidationSet | None) -> bool:
         """Choose the start (λ, γ, η) on ``val`` with :func:`staged_search` (or record the
-        options' values without validation data or a search)."""
+        options' values without validation data or a search).
+
+        With ``start_bar``, the flow's best point must beat the no-ODE start (the blend
+        at its own validation-chosen λ, :meth:`_start_space`) by more than ``start_margin``
+        validation rows, else the start is kept. Returns whether it was kept.
+        """
         t_bar = ctx["text"]
+        shots = int(ctx["support"].shape[1])
+        kept: dict[str, Any] = {}
 
         def score(point: dict[str, Any], val: ValidationSet) -> tuple[float, float]:
             # the untrained model at this start: uniform shot weights and a constant γ, so this
@@ -504,7 +539,18 @@ class NodeOptions:
             return accuracy(logits, val.labels), -float(F.cross_entropy(logits, val.labels))
 
         def search(val: ValidationSet) -> tuple[dict[str, float], float]:
-            point, best = staged_search(score, self.search_space(), val)
+            space = {n: list(getattr(self, f"{n}_grid")) for n in self._declared_inits()}
+            if "gradient_gain" in space and shots < self.gradient_min_shots:
+                # below gradient_min_shots the loss-gradient term is not searched
+                space["gradient_gain"] = [0.0]
+            point, best = staged_search(score, space, val)
+            start_space = self._start_space()
+            if start_space:
+                start, start_best = grid_search(score, start_space, val)
+                kept["val"] = start_best[0]
+                if not beats_start(best[0], start_best[0], len(val), int(self.start_margin)):
+                    point, best = {k: float(v) for k, v in start.items()}, start_best
+                    kept["start"] = True
             return point, best[0]
 
         disabled = None
@@ -512,3 +558,7 @@ class NodeOptions:
             disabled = "search disabled" if not self.search else "nothing to search here"
         defaults = {key: float(getattr(self, key)) for key in self._declared_inits()}
         self._choose(val, search, defaults, disabled=disabled)
+        if "val" in kept:
+            self.best_params_["start_val_accuracy"] = kept["val"]
+            self.best_params_["start"] = "kept" if kept.get("start") else "beaten"
+        return bool(kept.get("start"))

@@ -80,12 +80,17 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             It reaches past 0.5 (0.7, 0.9) because with many shots or a weak text side the best
             start leans to the images (the benchmarks' synthetic problem: λ 0.5 -> 51 %,
             0.7 -> 66 %).
+        gamma_init, gamma_init_grid: the constant γ of the untrained flow (spec A17: 1) and its
+            candidates. 0 means no pull: γ ≡ 0, the flow only rescales P, so the model
+            classifies as the t_end = 0 blend (the start that ``start_bar`` compares with).
         search: choose ``blend_init``, ``gamma_init`` and ``gradient_gain`` on the validation
             rows (scored with the untrained model, ODE included) before training, in two
             stages: (λ, γ) without the loss-gradient term (closed form), then every η > 0 of
             ``gradient_gain_grid`` with each λ and the chosen γ. The first best point by
             validation accuracy wins, accuracy ties going to the lower validation
-            cross-entropy. Without validation data the options' values are used.
+            cross-entropy; with ``start_bar``, that point must then beat the no-ODE
+            start by more than ``start_margin`` validation rows. Without validation data the
+            options' values are used.
         dynamics: f_θ, ``"metanode"`` (spec §2.6 (★), default) or ``"mlp"`` (the fallback).
         hidden: width H of f_θ (spec: 256).
         heads, head_dim: self-attention heads and per-head width (MetaNODE: 8 x 16).
@@ -96,6 +101,18 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             spec's dynamics. Used as is without a search; chosen from ``gradient_gain_grid``
             with one.
         gradient_gain_grid: candidates for η (0 keeps the spec's dynamics; ties keep it).
+        gradient_min_shots: the search tries η > 0 only with at least this many shots per
+            class (default 2: at K = 1 a class's one support row is its visual prototype, the
+            support loss that g follows is degenerate, and on the world tasks the term chose
+            below the start at 1 shot; 1 searches it at every K).
+        start_bar: clipadapt's rule (False: off, the flow's best point is always kept, the
+            behaviour before it). The no-ODE start, the blend at its own validation-chosen λ
+            (searched as γ = 0, η = 0: the untrained flow then only rescales P(0)), is kept
+            unless the flow's best point beats it on validation by more than ``start_margin``
+            rows; a kept start is the fit (no training). A trained epoch likewise replaces the
+            untrained model only when it beats it by more than ``start_margin`` rows.
+        start_margin: validation rows of that bar. 1 (default): a one-row win is the
+            resolution of the comparison, not evidence.
         gradient_classes: m, the classes each support row's softmax in g runs over besides its
             own: its class's m nearest classes at the start (0: all classes, the exact
             gradient). With τ = 100 the softmax mass sits on a few classes, so m = 32 keeps g
@@ -197,6 +214,9 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
         gradient_gain: float = 0.0,
         gradient_gain_grid: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0),
         gradient_classes: int = 32,
+        gradient_min_shots: int = 2,
+        start_bar: bool = True,
+        start_margin: int = 1,
         t_end: float = 10.0,
         solver: str = "rk4",
         solver_options: dict[str, Any] | None = None,
@@ -299,7 +319,7 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
         self._check_gradient_gain()
         self._candidates: dict[float, Tensor] = {}
 
-        self._search_starts(ctx, val)
+        start_kept = self._search_starts(ctx, val)
 
         init = self._init_values()
         model = self._new_model(dim, init).to(device)
@@ -308,10 +328,14 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             model.flow.gain = init["gradient_gain"]
         self.model_ = model
         self._context = ctx
-        if self.t_end > 0 and self.epochs > 0:
+        # the no-ODE start kept by the search is the fit: the flow did not earn its place
+        train_flow = self.epochs > 0 and not start_kept
+        if self.t_end > 0 and train_flow:
             batch = len(train) if self.loss_prototypes == "loo" else 0
             self._choose_backprop(num_classes, support.shape[1], dim, min(batch, self.batch_size))
-        history = self._train(model, train, ctx, val)
+        history = self._train(model, train, ctx, val) if train_flow else None
+        if start_kept:
+            self.best_params_["epochs_run"] = 0
         if history is not None:
             self.best_params_["epochs_run"] = len(history.loss)
             if history.best_epoch is not None:
@@ -413,7 +437,13 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
                     protos = self._refine(model, support, mask, t_bar, visual)
                     return accuracy(self._prototype_logits(val.features, protos, t_bar), val.labels)
 
-        config = self._train_config(select_on_val=val_score is not None, keep_start=True)
+        # an epoch must beat the untrained start by more than start_margin validation rows
+        margin = 0.0
+        if val_score is not None and self.start_bar:
+            margin = 100.0 * (self.start_margin + 0.5) / len(val)
+        config = self._train_config(
+            select_on_val=val_score is not None, keep_start=True, start_margin=margin
+        )
         # torchdiffeq's checks during the adjoint's backward solve surface here
         with solver_errors(self.card.name, self.solver, self.rtol, self.atol):
             return train_loop(
