@@ -336,7 +336,9 @@ class ReferenceNodeAdapter:
 
     Implements the default configuration: vector blend ``λ_j = σ(v̄_jᵀu + b)``, MetaNODE
     dynamics, ``loss_prototypes="full"``, any torchdiffeq solver, optional adjoint and
-    zero-shot residual, epoch selection on validation (the untrained start included).
+    zero-shot residual, epoch selection on validation (the untrained start included). The
+    start bar (``start_bar``, clipadapt's rule, not the spec's) is not written out: compare
+    with ``start_bar=False`` when validation data is given.
 
     Args:
         params: the options of ``create_method("node_adapter", ...)`` (same defaults).

@@ -37,6 +37,7 @@ SETTINGS = {
         "steps": 4,
         "select_on_val": False,
         "gradient_gain_grid": [0.0],  # the reference writes out the spec's dynamics only
+        "start_bar": False,  # and the spec's start search (the start bar is clipadapt's rule)
     },
     "hegraph_adapter": {
         "epochs": 2,
@@ -56,6 +57,7 @@ LIMIT_SETTINGS = {
         "heads": 2,
         "head_dim": 8,
         "gradient_gain_grid": [0.0],
+        "start_bar": False,
     },
     "hegraph_adapter": {"epochs": 2, "batch_size": 8},
 }

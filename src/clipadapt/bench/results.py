@@ -82,11 +82,13 @@ def is_legacy(record: dict[str, Any]) -> bool:
 
 
 def append_result(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync, so a killed sweep never leaves a torn line behind.
+    """Append one JSON line and fsync, so a killed sweep never leaves a torn line in the middle.
 
-    The line goes out in one ``write`` on an ``O_APPEND`` descriptor. A tail without its newline
-    (a write cut short by a crash or a full disk) is a record that never finished: it is cut off
-    before appending, so the new line cannot be glued onto it. A write that fails (disk full)
+    The line goes out in one ``write`` on an ``O_APPEND`` descriptor. A kill can still cut that
+    write short (Linux stops a write between pages when a fatal signal is pending, and records
+    are longer than a page), leaving an unterminated last line: a record that never finished,
+    which the reader skips and which is cut off here before appending, so the new line cannot
+    be glued onto it. A write that fails (disk full)
     is rolled back to the previous end of the file.
     """
     path = Path(path)
