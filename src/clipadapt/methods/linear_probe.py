@@ -67,9 +67,33 @@ def fit_logistic(
         weight, bias = (t.detach().clone() for t in init)
     if max_iter == 0:
         return weight, bias
+    penalty = 1.0 / (2.0 * inverse_reg * n)
+    return _lbfgs(
+        weight,
+        bias,
+        features,
+        labels,
+        lambda w: penalty * w.square().sum(),
+        max_iter,
+        tol,
+        inverse_reg,
+    )
+
+
+def _lbfgs(
+    weight: Tensor,
+    bias: Tensor,
+    rows: Tensor,
+    labels: Tensor,
+    penalty_of: Callable[[Tensor], Tensor],
+    max_iter: int,
+    tol: float,
+    inverse_reg: float,
+) -> tuple[Tensor, Tensor]:
+    """Minimise ``CE(rows Wᵀ + b) + penalty_of(W)`` from (``weight``, ``bias``) with L-BFGS
+    (strong Wolfe line search); the fitted (W, b), detached."""
     weight.requires_grad_(True)
     bias.requires_grad_(True)
-    penalty = 1.0 / (2.0 * inverse_reg * n)
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1.0,
@@ -82,8 +106,8 @@ def fit_logistic(
 
     def closure() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(features @ weight.T + bias, labels)
-        loss = loss + penalty * weight.square().sum()
+        loss = F.cross_entropy(rows @ weight.T + bias, labels)
+        loss = loss + penalty_of(weight)
         loss.backward()
         return loss
 
@@ -177,31 +201,18 @@ def _fit_preconditioned(
     if max_iter == 0:
         w = (weight * scale) @ eigenvectors.T
         return w, bias - w @ mean
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=tol,
-        tolerance_change=1e-12,
-        history_size=20,
-        line_search_fn="strong_wolfe",
+    weight, bias = _lbfgs(
+        weight,
+        bias,
+        rows,
+        labels,
+        lambda w: penalty * (w.square() * scale_sq).sum(),
+        max_iter,
+        tol,
+        inverse_reg,
     )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(rows @ weight.T + bias, labels)
-        loss = loss + penalty * (weight.square() * scale_sq).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        loss = optimizer.step(closure)
-    if not torch.isfinite(loss):
-        raise TrainingError(f"linear_probe: L-BFGS diverged at C={inverse_reg:g} (loss {loss})")
-    w = (weight.detach() * scale) @ eigenvectors.T
-    return w, bias.detach() - w @ mean
+    w = (weight * scale) @ eigenvectors.T
+    return w, bias - w @ mean
 
 
 @register_method
