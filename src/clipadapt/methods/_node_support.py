@@ -376,10 +376,14 @@ class NodeOptions:
         bar on, γ = 0 too: the no-ODE start, see :meth:`_start_space`)."""
         if not self.search:
             return {}
-        space = {name: list(getattr(self, f"{name}_grid")) for name in self._declared_inits()}
+        space = self._flow_space()
         if self._start_space() and 0.0 not in space["gamma_init"]:
             space["gamma_init"] = [0.0, *space["gamma_init"]]
         return space
+
+    def _flow_space(self) -> dict[str, list[Any]]:
+        """The declared initial values and their grids: the flow's candidates."""
+        return {name: list(getattr(self, f"{name}_grid")) for name in self._declared_inits()}
 
     def _start_space(self) -> dict[str, list[Any]]:
         """The no-ODE start's candidates when the start bar is on (``start_bar``, the MetaNODE
@@ -539,7 +543,7 @@ class NodeOptions:
             return accuracy(logits, val.labels), -float(F.cross_entropy(logits, val.labels))
 
         def search(val: ValidationSet) -> tuple[dict[str, float], float]:
-            space = {n: list(getattr(self, f"{n}_grid")) for n in self._declared_inits()}
+            space = self._flow_space()
             if "gradient_gain" in space and shots < self.gradient_min_shots:
                 # below gradient_min_shots the loss-gradient term is not searched
                 space["gradient_gain"] = [0.0]
