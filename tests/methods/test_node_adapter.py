@@ -630,16 +630,25 @@ def test_start_bar_keeps_the_no_ode_start_on_a_validation_tie() -> None:
     assert gap > 0.1, gap
 
 
-def test_start_bar_compares_whole_validation_rows() -> None:
+def test_start_bar_is_a_paired_comparison_of_validation_rows() -> None:
     from clipadapt.methods._node_support import beats_start
 
-    rows = 28
-    one, two = 100.0 * 21 / rows, 100.0 * 22 / rows  # 75.0 and 78.57 vs 20/28 = 71.43
-    start = 100.0 * 20 / rows
-    assert not beats_start(one, start, rows, margin=1)  # one row more: not evidence
-    assert beats_start(two, start, rows, margin=1)
-    assert beats_start(one, start, rows, margin=0)
-    assert not beats_start(start, start, rows, margin=0)  # a tie never beats the start
+    def rows(only_flow: int, only_start: int, both: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+        flow = [True] * only_flow + [False] * only_start + [True] * both + [False] * 5
+        start = [False] * only_flow + [True] * only_start + [True] * both + [False] * 5
+        return torch.tensor(flow), torch.tensor(start)
+
+    # margin only (sigmas=0): the lead b - c must exceed it, whatever the spread
+    assert not beats_start(*rows(1, 0), margin=1, sigmas=0.0)  # one row more: not evidence
+    assert beats_start(*rows(2, 0), margin=1, sigmas=0.0)
+    assert beats_start(*rows(1, 0), margin=0, sigmas=0.0)
+    assert not beats_start(*rows(0, 0), margin=0, sigmas=0.0)  # a tie never beats the start
+    # the same lead of 4 rows: evidence when the two disagree on 4 rows, not on 40
+    assert beats_start(*rows(4, 0), margin=1, sigmas=1.0)  # 4 > sqrt(4)
+    assert not beats_start(*rows(22, 18), margin=1, sigmas=1.0)  # 4 < sqrt(40)
+    assert beats_start(*rows(22, 18), margin=1, sigmas=0.0)
+    # rows both get right (or wrong) do not count
+    assert beats_start(*rows(4, 0, both=1000), margin=1, sigmas=1.0)
 
 
 def test_gradient_term_is_not_searched_below_gradient_min_shots(monkeypatch) -> None:

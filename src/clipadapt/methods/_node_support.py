@@ -232,10 +232,15 @@ def staged_search(
     return {k: float(v) for k, v in point.items()}, best
 
 
-def beats_start(flow: float, start: float, rows: int, margin: int) -> bool:
-    """Whether a validation accuracy ``flow`` (percent of ``rows`` rows) beats ``start`` by more
-    than ``margin`` rows (compared in whole rows, so float rounding cannot decide it)."""
-    return round((flow - start) * rows / 100.0) > margin
+def beats_start(flow_right: Tensor, start_right: Tensor, margin: int, sigmas: float) -> bool:
+    """Whether the flow beats the start on the same validation rows (``*_right``: which rows
+    each gets right): its lead ``b - c`` (rows only the flow gets right minus rows only the
+    start gets right) must exceed ``margin`` rows and ``sigmas`` standard deviations of that
+    lead under "no difference", ``sqrt(b + c)`` (McNemar's paired comparison: rows both get
+    right or wrong say nothing about which is better)."""
+    b = int((flow_right & ~start_right).sum())
+    c = int((start_right & ~flow_right).sum())
+    return b - c > margin and b - c > sigmas * math.sqrt(b + c)
 
 
 def solver_evaluations(
@@ -336,6 +341,7 @@ CONSTRAINTS = {
     "gradient_min_shots": positive_int(),
     "start_bar": flag(),
     "start_margin": count(),
+    "start_sigmas": non_negative(),
     "t_end": non_negative(),
     "solver": one_of(solver_names),
     "solver_options": optional(mapping(), "the defaults for the solver"),
@@ -530,14 +536,17 @@ class NodeOptions:
         shots = int(ctx["support"].shape[1])
         kept: dict[str, Any] = {}
 
-        def score(point: dict[str, Any], val: ValidationSet) -> tuple[float, float]:
-            # the untrained model at this start: uniform shot weights and a constant γ, so this
-            # chooses how far the start leans to the images and how hard g pushes; accuracy
-            # ties go to the lower validation cross-entropy
+        def logits_at(point: dict[str, Any], val: ValidationSet) -> Tensor:
+            # the untrained model at this start: uniform shot weights and a constant γ, so the
+            # search chooses how far the start leans to the images and how hard g pushes
             init = {**self._init_values(), **{k: float(v) for k, v in point.items()}}
             with torch.no_grad():
                 protos = self._untrained_endpoint(ctx, init)
-                logits = self._prototype_logits(val.features, protos, t_bar)
+                return self._prototype_logits(val.features, protos, t_bar)
+
+        def score(point: dict[str, Any], val: ValidationSet) -> tuple[float, float]:
+            # accuracy ties go to the lower validation cross-entropy
+            logits = logits_at(point, val)
             if not torch.isfinite(logits).all():
                 return (-1.0, -math.inf)
             return accuracy(logits, val.labels), -float(F.cross_entropy(logits, val.labels))
@@ -552,7 +561,14 @@ class NodeOptions:
             if start_space:
                 start, start_best = grid_search(score, start_space, val)
                 kept["val"] = start_best[0]
-                if not beats_start(best[0], start_best[0], len(val), int(self.start_margin)):
+                flow_right = logits_at(point, val).argmax(-1) == val.labels
+                start_right = logits_at(start, val).argmax(-1) == val.labels
+                kept["disagree"] = [
+                    int((flow_right & ~start_right).sum()),
+                    int((start_right & ~flow_right).sum()),
+                ]
+                margin, sigmas = int(self.start_margin), float(self.start_sigmas)
+                if not beats_start(flow_right, start_right, margin, sigmas):
                     point, best = {k: float(v) for k, v in start.items()}, start_best
                     kept["start"] = True
             return point, best[0]
@@ -565,4 +581,6 @@ class NodeOptions:
         if "val" in kept:
             self.best_params_["start_val_accuracy"] = kept["val"]
             self.best_params_["start"] = "kept" if kept.get("start") else "beaten"
+            # validation rows only the flow's point / only the start gets right
+            self.best_params_["start_disagreement"] = kept["disagree"]
         return bool(kept.get("start"))
