@@ -86,7 +86,7 @@ NO_SMALL_PROBLEM = {
 #: the batch, which on ImageNet keeps several steps per epoch but here leaves one: 24 / 30
 #: optimisation steps against the paper schedule's 300. Means over seeds 1-3.
 KNOWN_DISAGREEMENT = {
-    "zs_linear_probe": "fast 34.0 vs paper 37.1 (one step per epoch at batch 128 here)",
+    "zs_linear_probe": "fast 39.4 vs paper 37.1 (one step per epoch at batch 128 and lr 0.7 here)",
     "graph_adapter": "fast 29.8 vs paper 34.9 (one step per epoch at batch 128 here)",
 }
 
