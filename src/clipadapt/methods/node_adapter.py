@@ -89,7 +89,8 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             ``gradient_gain_grid`` with each λ and the chosen γ. The first best point by
             validation accuracy wins, accuracy ties going to the lower validation
             cross-entropy; with ``start_bar``, that point must then beat the no-ODE
-            start by more than ``start_margin`` validation rows. Without validation data the
+            start on the validation rows (``start_margin``, ``start_sigmas``). Without
+            validation data the
             options' values are used.
         dynamics: f_θ, ``"metanode"`` (spec §2.6 (★), default) or ``"mlp"`` (the fallback).
         hidden: width H of f_θ (spec: 256).
