@@ -90,8 +90,7 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             validation accuracy wins, accuracy ties going to the lower validation
             cross-entropy; with ``start_bar``, that point must then beat the no-ODE
             start on the validation rows (``start_margin``, ``start_sigmas``). Without
-            validation data the
-            options' values are used.
+            validation data the options' values are used.
         dynamics: f_θ, ``"metanode"`` (spec §2.6 (★), default) or ``"mlp"`` (the fallback).
         hidden: width H of f_θ (spec: 256).
         heads, head_dim: self-attention heads and per-head width (MetaNODE: 8 x 16).
