@@ -519,6 +519,8 @@ def test_support_loss_gradient_equals_autograd_and_paths_agree() -> None:
 
 
 def test_backprop_path_is_chosen_from_memory_estimate_and_recorded() -> None:
+    from clipadapt.methods._node_support import RESIDENT_PER_SAVED_BYTE, loss_bytes
+
     fx = make_fixture(num_classes=4, dim=8, shots=2)
     small = {**FAST, "epochs": 1, "search": False}
     auto = NodeAdapter(**{**small, "adjoint": None}).fit(fx.train, fx.text, fx.val)
@@ -531,15 +533,25 @@ def test_backprop_path_is_chosen_from_memory_estimate_and_recorded() -> None:
     forced = NodeAdapter(**{**tight, "adjoint": False}).fit(fx.train, fx.text, fx.val)
     assert forced.best_params_["adjoint"] is False
     # a budget between one evaluation's activations and all of them: direct, recomputing the
-    # fewest evaluations that fit (the estimate scales with the evaluations kept)
+    # fewest evaluations that fit (the estimate scales with the evaluations kept); the budget
+    # is resident memory, RESIDENT_PER_SAVED_BYTE per byte the estimate counts
     gib = auto.best_params_["activation_gib"]
     evaluations = 4 * small["steps"]  # rk4
-    half = {**small, "adjoint": None, "memory_budget_gb": gib * 0.55}
+    half = {**small, "adjoint": None, "memory_budget_gb": RESIDENT_PER_SAVED_BYTE * gib * 0.55}
     fitted = NodeAdapter(**half).fit(fx.train, fx.text, fx.val)
     assert fitted.best_params_["adjoint"] is False
-    # keep 4.4 evaluations' worth: 8 + 1 - 4.4 -> 5 recomputed
+    # keep 4.4 evaluations' worth (a little less: the loss's bytes come first): 8 + 1 - 4.4 -> 5
     assert fitted.best_params_["recomputed_evaluations"] == math.ceil(evaluations + 1 - 4.4)
     assert auto.best_params_["recomputed_evaluations"] == 0
+    # the same number as saved bytes is half as much resident memory: 8 + 1 - 2.2 -> 7
+    saved = {**half, "memory_budget_gb": gib * 0.55}
+    fitted = NodeAdapter(**saved).fit(fx.train, fx.text, fx.val)
+    assert fitted.best_params_["recomputed_evaluations"] == math.ceil(evaluations + 1 - 2.2)
+    # the loss's rows are counted: one batch of all 8 rows against batches of 2
+    batches = NodeAdapter(**{**small, "batch_size": 2}).fit(fx.train, fx.text, fx.val)
+    rows = loss_bytes(rows=len(fx.train), classes=4, dim=8) - loss_bytes(rows=2, classes=4, dim=8)
+    difference = (gib - batches.best_params_["activation_gib"]) * 2**30
+    assert rows > 0 and abs(difference - rows) < 1e-3 * gib * 2**30, (difference, rows)
     shared = NodeAdapter(**{**half, "recompute": 0.25}).fit(fx.train, fx.text, fx.val)
     assert shared.best_params_["recomputed_evaluations"] == 2  # an explicit share wins
     # adaptive solvers: the number of evaluations is unknown, so the adjoint
@@ -550,8 +562,10 @@ def test_backprop_path_is_chosen_from_memory_estimate_and_recorded() -> None:
 @pytest.mark.parametrize(("classes", "shots", "gain"), [(30, 4, 0.0), (30, 1, 0.0), (40, 3, 3.0)])
 def test_activation_estimate_matches_saved_tensors(classes: int, shots: int, gain: float) -> None:
     """activation_bytes against what autograd actually keeps for one direct solve (measured
-    ratios 1.04-1.06 with K > 1, 0.87-1.39 at K = 1 where the per-class states dominate)."""
-    from clipadapt.methods._node_support import activation_bytes
+    ratios 1.04-1.06 with K > 1, 0.87-1.39 at K = 1 where the per-class states dominate), and
+    loss_bytes against what the training loss keeps on top of it (the rows it scores and their
+    log-softmax and labels; measured 0.97-0.99)."""
+    from clipadapt.methods._node_support import activation_bytes, loss_bytes
 
     fx = make_fixture(classes, 32, shots, views=0, val_per_class=1, test_per_class=1, seed=0)
     method = NodeAdapter(
@@ -562,18 +576,23 @@ def test_activation_estimate_matches_saved_tensors(classes: int, shots: int, gai
         flow.support_term, flow.gain = method._support_term(ctx, 0.5), gain
     support_ptr = ctx["support"].untyped_storage().data_ptr()
     seen: set[int] = set()
-    total = 0
+    total = {"solve": 0, "loss": 0}
+    part = ["solve"]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen and storage.data_ptr() != support_ptr:
             seen.add(storage.data_ptr())
-            total += storage.nbytes()
+            total[part[0]] += storage.nbytes()
         return t
 
+    # as a training step: the loss scores a fresh gather of the rows (one batch, all rows)
+    order = torch.randperm(len(fx.train), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        method._refine(method.model_, ctx["support"], ctx["mask"], ctx["text"])
+        protos = method._refine(method.model_, ctx["support"], ctx["mask"], ctx["text"])
+        part[0] = "loss"
+        logits = method._prototype_logits(fx.train.features[order], protos, ctx["text"])
+        F.cross_entropy(logits, fx.train.labels[order])
     estimate = activation_bytes(
         classes=classes,
         shots=shots,
@@ -583,7 +602,9 @@ def test_activation_estimate_matches_saved_tensors(classes: int, shots: int, gai
         evaluations=12,
         candidates=classes if gain else 0,
     )
-    assert 0.75 < estimate / total < 1.5, (estimate, total)
+    assert 0.75 < estimate / total["solve"] < 1.5, (estimate, total)
+    loss = loss_bytes(rows=len(fx.train), classes=classes, dim=32)
+    assert 0.95 < loss / total["loss"] < 1.05, (loss, total)
 
 
 def test_staged_search_keeps_stage_one_on_ties_and_records_only_what_it_searched() -> None:

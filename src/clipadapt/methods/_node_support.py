@@ -10,9 +10,10 @@ The pieces of :mod:`clipadapt.methods.node_adapter` that are not f_θ itself:
   estimator (★) cannot express.
 - :func:`staged_search`: the validation search of the start (λ, γ) and of η in two stages, and
   :func:`beats_start`, the bar the flow's best point must clear against the no-ODE start.
-- :func:`activation_bytes`: what back-propagating through the solver would keep, so that the
-  method can choose direct back-propagation when it fits a memory budget and the adjoint
-  otherwise.
+- :func:`activation_bytes` and :func:`loss_bytes`: what back-propagating through the solver
+  and the training loss would keep, and :data:`RESIDENT_PER_SAVED_BYTE`, what that costs the
+  process, so that the method can choose direct back-propagation when it fits a memory budget
+  and the adjoint otherwise.
 - :data:`CONSTRAINTS` and :class:`NodeOptions`: the option checks, and the glue from the
   options to the start search, the solver and the back-propagation path.
 """
@@ -59,6 +60,14 @@ LOSS_PROTOTYPES = ("full", "loo")
 
 #: f_θ evaluations per step of the fixed-grid solvers whose count is known.
 EVALUATIONS_PER_STEP = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+
+#: Resident bytes of the process per byte autograd keeps on the direct path, over a fit's
+#: steps: the C allocator keeps the pages of a step's freed activations, and the next step
+#: allocates beside them instead of in them (glibc, 1000 x 16 x 1024, fast preset, 16 of 40
+#: evaluations recomputed: 4.5 GiB live at the peak of each step; resident 6.0 GiB after the
+#: first step, 8.3 GiB in the second, of which 3.9 GiB were free heap; measured 1.9-2.3x the
+#: live bytes at 200 and 1000 classes; docs/methods/node_adapter.md, "Efficiency").
+RESIDENT_PER_SAVED_BYTE = 2.0
 
 
 class _CandidateLogits(torch.autograd.Function):
@@ -198,6 +207,15 @@ def activation_bytes(
     return int(dtype_bytes * evaluations * (rows * per_row + classes * 2 * dim))
 
 
+def loss_bytes(*, rows: int, classes: int, dim: int, dtype_bytes: int = 4) -> int:
+    """Bytes the training loss keeps for back-propagation over ``rows`` scored rows: the rows
+    themselves (a fresh (B, D) gather per step, kept by the logits' matrix product), their
+    (B, C) log-softmax and int64 labels (kept by the cross-entropy). Read off
+    ``torch.autograd.graph.saved_tensors_hooks`` like :func:`activation_bytes` (tested); at
+    1000 x 16 x 1024 with the whole support set in one batch: 0.12 GiB."""
+    return int(rows * (dtype_bytes * (dim + classes) + 8))
+
+
 def staged_search(
     score: Callable[[dict[str, Any], ValidationSet], tuple[float, float]],
     space: dict[str, list[Any]],
@@ -289,18 +307,24 @@ def backprop_estimate(
     )
 
 
-def recomputed_evaluations(estimate: int, evaluations: int, budget: float) -> int | None:
+def recomputed_evaluations(
+    estimate: int, evaluations: int, budget: float, fixed: int = 0
+) -> int | None:
     """How many of a solve's ``evaluations`` must recompute their activations in the backward
-    pass (instead of keeping them) for direct back-propagation to keep at most ``budget``
-    bytes: 0 when the whole ``estimate`` fits, None when not even one evaluation's
-    activations fit (then only the adjoint does). A recomputed evaluation keeps only its
-    inputs; while its backward runs, its activations exist once more, hence the ``+ 1``."""
-    if estimate <= budget:
+    pass (instead of keeping them) for direct back-propagation to take at most ``budget``
+    resident bytes, :data:`RESIDENT_PER_SAVED_BYTE` per byte autograd keeps: 0 when the whole
+    ``estimate`` (saved bytes, of which ``fixed`` do not scale with the evaluations: the
+    loss's) fits, None when not even one evaluation's activations fit (then only the adjoint
+    does). A recomputed evaluation keeps only its inputs; while its backward runs, its
+    activations exist once more, hence the ``+ 1``."""
+    room = budget / RESIDENT_PER_SAVED_BYTE
+    if estimate <= room:
         return 0
-    per_evaluation = estimate / evaluations
-    if per_evaluation > budget:
+    room -= fixed
+    per_evaluation = (estimate - fixed) / evaluations
+    if per_evaluation > room:
         return None
-    return min(evaluations, math.ceil(evaluations + 1 - budget / per_evaluation))
+    return min(evaluations, math.ceil(evaluations + 1 - room / per_evaluation))
 
 
 def recomputing(flow: Callable[[Tensor, Tensor], Tensor], count: int) -> Callable:
@@ -475,10 +499,14 @@ class NodeOptions:
             return bool(self.adjoint)
         return bool(getattr(self, "_auto_adjoint", True))
 
-    def _choose_backprop(self, classes: int, shots: int, dim: int, batch_rows: int) -> None:
-        """Estimate the activations of direct back-propagation, choose the path and how many
-        evaluations recompute their activations, record all three."""
+    def _choose_backprop(
+        self, classes: int, shots: int, dim: int, batch_rows: int, loss_rows: int
+    ) -> None:
+        """Estimate the activations of direct back-propagation (the solve over ``classes`` +
+        ``batch_rows`` prototype instances and the loss over ``loss_rows`` rows), choose the
+        path and how many evaluations recompute their activations, record all three."""
         gain_on = self._init_values()["gradient_gain"] > 0
+        loss = loss_bytes(rows=loss_rows, classes=classes, dim=dim)
         estimate = backprop_estimate(
             solver=self.solver,
             solver_options=self.solver_options,
@@ -494,13 +522,15 @@ class NodeOptions:
             if gain_on
             else 0,
         )
+        if estimate is not None:
+            estimate += loss
         evaluations = solver_evaluations(
             self.solver, self.solver_options, int(self.steps), float(self.t_end)
         )
         needed = None
         if estimate is not None and evaluations:
             needed = recomputed_evaluations(
-                estimate, evaluations, float(self.memory_budget_gb) * 2**30
+                estimate, evaluations, float(self.memory_budget_gb) * 2**30, fixed=loss
             )
         self._auto_adjoint = needed is None
         self._recomputed = 0

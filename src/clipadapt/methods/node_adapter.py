@@ -146,10 +146,10 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
             evaluation's activations fit or the solver's number of evaluations is not known in
             advance (adaptive solvers); the choice is recorded in ``best_params_``
             (``adjoint``, ``activation_gib``).
-        memory_budget_gb: the activation memory (GiB, estimated) direct back-propagation may
-            keep (4: a process's peak runs above the estimate; at 1000 x 16 x 1024 a paper
-            schedule step then peaks at 5.7 GB, the full-batch fast preset at 8.8 GB;
-            docs/methods/node_adapter.md, Benchmarks). When the
+        memory_budget_gb: the resident memory (GiB) direct back-propagation may take,
+            estimated as twice the bytes autograd keeps for the solve and the loss (the C
+            allocator keeps the pages of a step's freed activations while the next step
+            allocates beside them; docs/methods/node_adapter.md, Efficiency). When the
             estimate is above it, the first evaluations of each solve keep only their inputs
             and run again in the backward pass (activation checkpointing: the same gradients
             for one more forward evaluation each), as many as it takes to fit; the adjoint
@@ -341,8 +341,9 @@ class NodeAdapter(NodeOptions, OptimizerParams, Adapter):
         # the no-ODE start kept by the search is the fit: the flow did not earn its place
         train_flow = self.epochs > 0 and not start_kept
         if self.t_end > 0 and train_flow:
-            batch = len(train) if self.loss_prototypes == "loo" else 0
-            self._choose_backprop(num_classes, support.shape[1], dim, min(batch, self.batch_size))
+            rows = min(len(train), self.batch_size)
+            extra = rows if self.loss_prototypes == "loo" else 0
+            self._choose_backprop(num_classes, support.shape[1], dim, extra, rows)
         history = self._train(model, train, ctx, val) if train_flow else None
         if start_kept:
             self.best_params_["epochs_run"] = 0
