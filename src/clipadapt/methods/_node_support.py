@@ -64,9 +64,9 @@ EVALUATIONS_PER_STEP = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4"
 #: Resident bytes of the process per byte autograd keeps on the direct path, over a fit's
 #: steps: the C allocator keeps the pages of a step's freed activations, and the next step
 #: allocates beside them instead of in them (glibc, 1000 x 16 x 1024, fast preset, 16 of 40
-#: evaluations recomputed: 4.5 GiB live at the peak of each step; resident 6.0 GiB after the
-#: first step, 8.3 GiB in the second, of which 3.9 GiB were free heap; measured 1.9-2.3x the
-#: live bytes at 200 and 1000 classes; docs/methods/node_adapter.md, "Efficiency").
+#: evaluations recomputed: 4.5 GiB live at the peak of each step; the process grew by 6.0 GiB
+#: in the first step and 7.6 GiB by the second, 3.1 GiB of it free heap; 2.1x live with 29
+#: recomputed; benchmarks/node_memory.py, docs/methods/node_adapter.md, "Efficiency").
 RESIDENT_PER_SAVED_BYTE = 2.0
 
 
