@@ -652,12 +652,14 @@ def test_start_bar_keeps_the_no_ode_start_on_a_validation_tie() -> None:
 
 
 def test_start_bar_is_a_paired_comparison_of_validation_rows() -> None:
-    from clipadapt.methods._node_support import beats_start
+    from clipadapt.methods._node_support import beats_start, disagreements
 
-    def rows(only_flow: int, only_start: int, both: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(only_flow: int, only_start: int, both: int = 20) -> tuple[int, int]:
         flow = [True] * only_flow + [False] * only_start + [True] * both + [False] * 5
         start = [False] * only_flow + [True] * only_start + [True] * both + [False] * 5
-        return torch.tensor(flow), torch.tensor(start)
+        return disagreements(torch.tensor(flow), torch.tensor(start))
+
+    assert rows(3, 2, both=40) == (3, 2)
 
     # margin only (sigmas=0): the lead b - c must exceed it, whatever the spread
     assert not beats_start(*rows(1, 0), margin=1, sigmas=0.0)  # one row more: not evidence

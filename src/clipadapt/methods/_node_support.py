@@ -9,7 +9,7 @@ The pieces of :mod:`clipadapt.methods.node_adapter` that are not f_θ itself:
   loss gradient (rows of the other classes pull with weight ``-π``), which the per-class
   estimator (★) cannot express.
 - :func:`staged_search`: the validation search of the start (λ, γ) and of η in two stages, and
-  :func:`beats_start`, the bar the flow's best point must clear against the no-ODE start.
+  :func:`beats_start` (from :func:`disagreements`), the bar the flow's best point must clear against the no-ODE start.
 - :func:`activation_bytes` and :func:`loss_bytes`: what back-propagating through the solver
   and the training loss would keep, and :data:`RESIDENT_PER_SAVED_BYTE`, what that costs the
   process, so that the method can choose direct back-propagation when it fits a memory budget
@@ -250,14 +250,18 @@ def staged_search(
     return {k: float(v) for k, v in point.items()}, best
 
 
-def beats_start(flow_right: Tensor, start_right: Tensor, margin: int, sigmas: float) -> bool:
-    """Whether the flow beats the start on the same validation rows (``*_right``: which rows
-    each gets right): its lead ``b - c`` (rows only the flow gets right minus rows only the
-    start gets right) must exceed ``margin`` rows and ``sigmas`` standard deviations of that
-    lead under "no difference", ``sqrt(b + c)`` (McNemar's paired comparison: rows both get
-    right or wrong say nothing about which is better)."""
-    b = int((flow_right & ~start_right).sum())
-    c = int((start_right & ~flow_right).sum())
+def disagreements(flow_right: Tensor, start_right: Tensor) -> tuple[int, int]:
+    """(b, c) of two classifiers on the same rows (``*_right``: which rows each gets right):
+    b rows only the flow gets right, c rows only the start gets right."""
+    return int((flow_right & ~start_right).sum()), int((start_right & ~flow_right).sum())
+
+
+def beats_start(b: int, c: int, margin: int, sigmas: float) -> bool:
+    """Whether the flow beats the start on the same validation rows, from their
+    :func:`disagreements` ``b`` and ``c``: its lead ``b - c`` must exceed ``margin`` rows and
+    ``sigmas`` standard deviations of that lead under "no difference", ``sqrt(b + c)``
+    (McNemar's paired comparison: rows both get right or wrong say nothing about which is
+    better)."""
     return b - c > margin and b - c > sigmas * math.sqrt(b + c)
 
 
@@ -591,14 +595,12 @@ class NodeOptions:
             if start_space:
                 start, start_best = grid_search(score, start_space, val)
                 kept["val"] = start_best[0]
-                flow_right = logits_at(point, val).argmax(-1) == val.labels
-                start_right = logits_at(start, val).argmax(-1) == val.labels
-                kept["disagree"] = [
-                    int((flow_right & ~start_right).sum()),
-                    int((start_right & ~flow_right).sum()),
-                ]
-                margin, sigmas = int(self.start_margin), float(self.start_sigmas)
-                if not beats_start(flow_right, start_right, margin, sigmas):
+                b, c = disagreements(
+                    logits_at(point, val).argmax(-1) == val.labels,
+                    logits_at(start, val).argmax(-1) == val.labels,
+                )
+                kept["disagree"] = [b, c]
+                if not beats_start(b, c, int(self.start_margin), float(self.start_sigmas)):
                     point, best = {k: float(v) for k, v in start.items()}, start_best
                     kept["start"] = True
             return point, best[0]
