@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 import clipadapt
+from benchmarks.measure import _rss_bytes
 from benchmarks.suite import PROFILES, make_problem
 from clipadapt.methods.node_adapter import NodeAdapter
 
@@ -65,8 +66,8 @@ def _mallinfo() -> Callable[[], _MallInfo2]:
 
 
 def _resident() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+    # the page size comes from the system there, not a constant
+    return _rss_bytes() or 0
 
 
 class PhaseMemory:
