@@ -193,15 +193,15 @@ def activation_bytes(
 ) -> int:
     """Bytes autograd keeps to back-propagate through ``evaluations`` evaluations of f_θ.
 
-    Per support row and evaluation: 7 hidden-wide tensors and 4.5 attention-wide ones (q, k, v,
-    the attention output and its copy) when the weight generator runs (K > 1), two hidden-wide
-    ones for γ otherwise, and 3.5 per logit the loss-gradient term keeps (``candidates`` = m + 1
+    Per support row and evaluation: 5 hidden-wide tensors and 4.5 attention-wide ones (q, k, v,
+    the attention output and its copy) when the weight generator runs (K > 1), one hidden-wide
+    one for γ otherwise (each ELU's output is the tensor its next layer keeps too), and 3.5 per logit the loss-gradient term keeps (``candidates`` = m + 1
     with gathered pairs, C with dense logits, 0 when the term is off); per class 2 D-wide states.
     The coefficients were read off ``torch.autograd.graph.saved_tensors_hooks`` on small
     problems; tests/methods/test_node_adapter.py checks the estimate against that count.
     """
     rows = classes * shots
-    per_row = (7 * hidden + 4.5 * attention_width) if shots > 1 else 2 * hidden
+    per_row = (5 * hidden + 4.5 * attention_width) if shots > 1 else hidden
     if candidates:
         per_row += 3.5 * (classes if dense_logits(classes, shots, candidates) else candidates)
     return int(dtype_bytes * evaluations * (rows * per_row + classes * 2 * dim))
