@@ -195,9 +195,10 @@ def activation_bytes(
 
     Per support row and evaluation: 5 hidden-wide tensors and 4.5 attention-wide ones (q, k, v,
     the attention output and its copy) when the weight generator runs (K > 1), one hidden-wide
-    one for γ otherwise (each ELU's output is the tensor its next layer keeps too), and 3.5 per logit the loss-gradient term keeps (``candidates`` = m + 1
-    with gathered pairs, C with dense logits, 0 when the term is off); per class 2 D-wide states.
-    The coefficients were read off ``torch.autograd.graph.saved_tensors_hooks`` on small
+    tensor for γ otherwise (each ELU keeps its output, which its next layer keeps anyway), and
+    3.5 per logit the loss-gradient term keeps (``candidates`` = m + 1 with gathered pairs, C
+    with dense logits, 0 when the term is off); per class 2 D-wide states. The coefficients
+    were read off ``torch.autograd.graph.saved_tensors_hooks`` on small
     problems; tests/methods/test_node_adapter.py checks the estimate against that count.
     """
     rows = classes * shots
