@@ -151,7 +151,7 @@ def _elu_forward(x: Tensor) -> Tensor:
     """ELU as ``max(x, exp(min(x, 0)) - 1)``: ``e^x - 1 ≥ x`` everywhere, so the maximum picks
     x for x > 0 and the exponential branch otherwise. This build's CPU ``expm1`` (behind
     ``F.elu``) is not vectorised and ran about 10x slower than ``exp`` on (16,000 x 256) tensors
-    in one profiled NODE-Adapter step; the difference from ``expm1`` is at most one float32
+    (docs/methods/node_adapter.md); the difference from ``expm1`` is at most one float32
     rounding step of 1 (6e-8), absolute."""
     y = x.clamp_max(0.0).exp_().sub_(1.0)
     return torch.maximum(y, x, out=y)
@@ -188,8 +188,8 @@ class _PairProduct(torch.autograd.Function):
     passes. They are the largest tensors of a step (64 MiB at 1000 x 16 x 1024), and a fresh
     allocation that large is new memory the kernel must fault in page by page: a
     multiplication into a reused buffer ran 5x faster than into a fresh one (7 vs 39 ms,
-    one thread; docs/methods/node_adapter.md). Each pass fills the buffer and consumes it before it returns, so one buffer
-    serves every evaluation of a solve, forward and backward.
+    one thread; docs/methods/node_adapter.md). Each pass fills the buffer and consumes it
+    before it returns, so one buffer serves every evaluation of a solve, forward and backward.
     """
 
     @staticmethod
